@@ -1,0 +1,18 @@
+"""The functions the example app serves, written as plain Python."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from flask_sse_run import SSERun
+
+sse = SSERun()
+
+
+@sse.function
+def run(upper_range: int) -> Iterator[str]:
+    """Count to ``upper_range``, one number a second (the hosted platform's example)."""
+    for i in range(upper_range):
+        yield f"Number {i} "
+        time.sleep(1)

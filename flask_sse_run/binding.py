@@ -1,0 +1,117 @@
+"""Turn a JSON request body into a registered function's keyword arguments.
+
+The function's signature is inspected once, at registration: each parameter becomes a field of
+a pydantic model, so types, defaults, ``Optional``, ``Literal``, enums, nested models and
+``Annotated[..., Field(...)]`` constraints are checked and coerced by pydantic, not by hand.
+A signature that cannot be served raises :class:`RegistrationError` at start-up.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from .errors import RegistrationError, RequestError
+
+__all__ = ["Binder", "inspect_function", "validate_name"]
+
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
+_UNSERVABLE_KINDS = {
+    inspect.Parameter.POSITIONAL_ONLY: "positional-only parameters cannot come from a JSON object",
+    inspect.Parameter.VAR_POSITIONAL: "*args cannot come from a JSON object",
+    inspect.Parameter.VAR_KEYWORD: "**kwargs would accept any key; name each parameter",
+}
+
+
+def validate_name(name: str) -> str:
+    """Check that ``name`` can be a function's URL segment; return it.
+
+    Raises :class:`RegistrationError` for names starting with ``_`` (private) or holding
+    anything but letters, digits, ``_`` and ``-``.
+    """
+    if not isinstance(name, str) or not name:
+        raise RegistrationError("a function name must be a non-empty str")
+    if name.startswith("_"):
+        raise RegistrationError(f"{name!r}: names starting with '_' are private and not served")
+    if not _NAME.match(name):
+        raise RegistrationError(
+            f"{name!r}: a name must start with a letter and hold only letters, digits, '_' and '-'"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Binder:
+    """A registered function's parameters as a pydantic model."""
+
+    name: str
+    model: type[BaseModel]
+    # model field name -> parameter name; fields are named f0, f1, ... and aliased to the
+    # parameter so that a parameter called e.g. ``json`` or ``model_config`` cannot clash
+    # with BaseModel's own attributes.
+    params: tuple[tuple[str, str], ...]
+
+    def bind(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Validate ``payload`` and return the keyword arguments for the function.
+
+        Raises :class:`RequestError` (422) listing every problem, without echoing input values.
+        """
+        try:
+            values = self.model.model_validate(payload)
+        except ValidationError as exc:
+            detail = [
+                {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
+                for err in exc.errors(include_url=False, include_input=False, include_context=False)
+            ]
+            raise RequestError(422, "invalid parameters", detail) from None
+        return {param: getattr(values, field) for field, param in self.params}
+
+    def json_schema(self) -> dict[str, Any]:
+        """The JSON Schema of the request body (parameter names as properties)."""
+        return self.model.model_json_schema(by_alias=True)
+
+
+def inspect_function(func: Callable[..., Any], name: str) -> Binder:
+    """Build the :class:`Binder` for ``func``; raise :class:`RegistrationError` if unservable."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError) as exc:
+        raise RegistrationError(f"{name}: cannot read the signature: {exc}") from exc
+    try:
+        hints = typing.get_type_hints(func, include_extras=True)
+    except Exception as exc:  # NameError for unresolvable forward references, and kin
+        raise RegistrationError(f"{name}: cannot resolve the type hints: {exc}") from exc
+
+    fields: dict[str, Any] = {}
+    params = []
+    for index, param in enumerate(signature.parameters.values()):
+        if param.kind in _UNSERVABLE_KINDS:
+            raise RegistrationError(f"{name}: parameter {param.name}: {_UNSERVABLE_KINDS[param.kind]}")
+        annotation = hints.get(param.name, Any)
+        field_name = f"f{index}"
+        if param.default is inspect.Parameter.empty:
+            info = Field(alias=param.name)
+        else:
+            info = Field(default=param.default, alias=param.name)
+        fields[field_name] = (annotation, info)
+        params.append((field_name, param.name))
+
+    try:
+        model = create_model(
+            f"{name}_parameters",
+            __config__=ConfigDict(extra="forbid", populate_by_name=False),
+            __doc__=inspect.getdoc(func),
+            **fields,
+        )
+        # A schema that pydantic cannot describe would fail for every request (and in the
+        # OpenAPI document): find out now.
+        model.model_json_schema(by_alias=True)
+    except Exception as exc:
+        raise RegistrationError(f"{name}: cannot validate these parameters: {exc}") from exc
+    return Binder(name=name, model=model, params=tuple(params))

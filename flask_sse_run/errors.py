@@ -1,0 +1,52 @@
+"""Exceptions of flask-sse-run, all under one base class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ConfigurationError",
+    "RegistrationError",
+    "RequestError",
+    "SSERunError",
+]
+
+
+class SSERunError(Exception):
+    """Base class of every exception this package raises on purpose."""
+
+
+class ConfigurationError(SSERunError, ValueError):
+    """An ``SSE_RUN_*`` setting is invalid; raised by ``init_app`` at start-up."""
+
+
+class RegistrationError(SSERunError, TypeError):
+    """A function cannot be served (bad name or signature); raised when it is registered."""
+
+
+class RequestError(SSERunError):
+    """A request is rejected before streaming starts; becomes a JSON error response.
+
+    ``status`` is the HTTP status, ``message`` the ``error`` string of the body and
+    ``detail`` an optional list of ``{"loc": [...], "msg": ...}`` problems.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        detail: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.detail = detail
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the error response."""
+        body: dict[str, Any] = {"error": self.message}
+        if self.detail is not None:
+            body["detail"] = self.detail
+        return body

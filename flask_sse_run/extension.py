@@ -1,0 +1,106 @@
+"""The Flask extension: register functions, serve each at ``POST {url_prefix}/{name}``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
+
+from flask import Flask
+
+from .binding import Binder, inspect_function, validate_name
+from .config import Settings
+from .errors import RegistrationError
+from .views import EXTENSION_KEY, call_function
+
+__all__ = ["RegisteredFunction", "SSERun", "State"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+@dataclass(frozen=True)
+class RegisteredFunction:
+    """A served function and its inspected parameters."""
+
+    func: Callable[..., Any]
+    binder: Binder
+
+
+@dataclass(frozen=True)
+class State:
+    """What the extension keeps per app, in ``app.extensions["sse_run"]``."""
+
+    extension: SSERun
+    settings: Settings
+
+
+class SSERun:
+    """Serve plain Python generators as Server-Sent Events endpoints.
+
+    ``SSERun(app)`` or, with an app factory, ``sse = SSERun()`` then ``sse.init_app(app)``.
+    Functions registered with :meth:`function` (before or after ``init_app``) are served at
+    ``POST {url_prefix}/{name}``.
+
+    Config keys read by ``init_app`` (defaults in brackets):
+
+    - ``SSE_RUN_MAX_BODY`` [1048576]: largest request body in bytes (413 above it).
+    - ``SSE_RUN_KEEPALIVE`` [15]: seconds of silence before a ``: ping`` comment; 0 = off.
+    - ``SSE_RUN_END_EVENT`` [None]: name of an empty event ending every finished stream.
+    - ``SSE_RUN_EXPOSE_ERRORS`` [False]: show exception type and message in ``error`` events.
+    - ``SSE_RUN_GZIP`` [True]: gzip streams for clients that accept it.
+    - ``SSE_RUN_SHUTDOWN_EVENT`` ["shutdown"]: event sent to open streams on graceful shutdown.
+    """
+
+    def __init__(self, app: Flask | None = None, *, url_prefix: str = "") -> None:
+        url_prefix = url_prefix.rstrip("/")
+        if url_prefix and not url_prefix.startswith("/"):
+            raise ValueError("url_prefix must start with '/'")
+        self.url_prefix = url_prefix
+        self.functions: dict[str, RegisteredFunction] = {}
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Register the extension on ``app``.
+
+        Raises :class:`RuntimeError` if the extension is already registered on ``app`` and
+        :class:`~flask_sse_run.ConfigurationError` if an ``SSE_RUN_*`` key is invalid.
+        """
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError("flask-sse-run is already registered on this app; call init_app once per app")
+        for key, value in Settings.defaults().items():
+            app.config.setdefault(key, value)
+        settings = Settings.from_config(app.config)
+        app.extensions[EXTENSION_KEY] = State(extension=self, settings=settings)
+        # One rule for every name: functions registered after init_app (even after the first
+        # request) are served without touching the URL map again.
+        app.add_url_rule(
+            f"{self.url_prefix}/<name>",
+            endpoint="sse_run.call",
+            view_func=call_function,
+            methods=_METHODS,
+        )
+
+    @overload
+    def function(self, func: F, /) -> F: ...
+
+    @overload
+    def function(self, func: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
+
+    def function(self, func: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+        """Serve ``func`` at ``POST {url_prefix}/{name}``: ``@sse.function`` or ``@sse.function(name=...)``.
+
+        ``name`` defaults to the function's ``__name__``. Raises
+        :class:`~flask_sse_run.RegistrationError` for a private (``_``-prefixed), malformed or
+        duplicate name, or for a signature that cannot be bound from a JSON object.
+        """
+
+        def register(f: F) -> F:
+            fname = validate_name(name if name is not None else f.__name__)
+            if fname in self.functions:
+                raise RegistrationError(f"{fname!r} is already registered")
+            self.functions[fname] = RegisteredFunction(func=f, binder=inspect_function(f, fname))
+            return f
+
+        return register(func) if func is not None else register

@@ -1,0 +1,116 @@
+"""What a request asks for: its JSON arguments, the response format, its request id.
+
+Everything here runs before the response starts, so every problem becomes a
+:class:`RequestError` with a 4xx status and a JSON body. Messages name the problem but never
+echo the input back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import IO, Any
+
+from werkzeug.datastructures import MIMEAccept
+
+from .errors import RequestError
+
+__all__ = ["read_json_object", "request_id", "wants_stream"]
+
+#: Deeper JSON is refused: nothing a function takes needs it, and validating or logging very deep
+#: structures recurses.
+MAX_DEPTH = 64
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}\Z")
+STREAM = "text/event-stream"
+JSON = "application/json"
+
+
+def _no_constants(name: str) -> Any:
+    raise RequestError(400, f"body is not valid JSON: {name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise RequestError(400, "body is not valid JSON for this API: an object has a duplicate key")
+    return result
+
+
+def _too_deep(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        if depth > MAX_DEPTH:
+            return True
+        stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return False
+
+
+def _is_json(mimetype: str) -> bool:
+    return mimetype == JSON or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+def read_json_object(
+    stream: IO[bytes], mimetype: str, content_length: int | None, max_body: int
+) -> dict[str, Any]:
+    """Read and parse the request body; it must be a JSON object (an empty body means ``{}``).
+
+    Raises :class:`RequestError`: 413 over ``max_body`` bytes, 415 for a non-JSON
+    Content-Type, 400 for invalid UTF-8 or JSON, NaN/Infinity, duplicate keys, nesting too
+    deep (over ``MAX_DEPTH``), or JSON that is not an object.
+    """
+    if content_length is not None and content_length > max_body:
+        raise RequestError(413, f"body is larger than {max_body} bytes")
+    raw = stream.read(max_body + 1)
+    if len(raw) > max_body:
+        raise RequestError(413, f"body is larger than {max_body} bytes")
+    if not raw.strip():
+        return {}
+    if not _is_json(mimetype):
+        raise RequestError(415, "Content-Type must be application/json")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(400, "body is not valid UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise RequestError(
+            400, f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise RequestError(400, "body is not valid JSON for this API: nested too deeply") from None
+    except ValueError:  # an integer longer than Python's int parsing limit
+        raise RequestError(400, "body is not valid JSON for this API: a number is too large") from None
+    if not isinstance(value, dict):
+        raise RequestError(400, "body must be a JSON object of the function's parameters")
+    if _too_deep(value):
+        raise RequestError(400, f"body is not valid JSON for this API: nested deeper than {MAX_DEPTH}")
+    return value
+
+
+def wants_stream(accept: MIMEAccept) -> bool:
+    """Whether to answer with an event stream (True) or one JSON document (False).
+
+    No Accept header, ``*/*`` or ``text/event-stream`` mean a stream; a client that accepts
+    ``application/json`` but not ``text/event-stream`` gets JSON. Raises :class:`RequestError`
+    (406) when it accepts neither.
+    """
+    if not accept:
+        return True
+    best = accept.best_match([STREAM, JSON])
+    if best is None:
+        raise RequestError(406, f"this endpoint answers {STREAM} or {JSON}")
+    return best == STREAM
+
+
+def request_id(header: str | None) -> str:
+    """The client's ``X-Request-ID`` if it is short and plain, else a new UUID."""
+    if header and _REQUEST_ID.match(header):
+        return header
+    return uuid.uuid4().hex

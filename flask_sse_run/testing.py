@@ -1,0 +1,113 @@
+"""Helpers for testing streaming endpoints: an SSE parser written to the spec.
+
+:class:`SSEParser` follows the WHATWG HTML "server-sent events" parsing rules (line ends CR,
+LF or CRLF, even split across chunks; one leading space stripped from values; ``id`` with NUL
+ignored; ``retry`` only when all ASCII digits; an event without data is not dispatched). It is
+written independently of :mod:`flask_sse_run.events` so each can check the other.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+__all__ = ["SSEParser", "ServerSentEvent", "parse_events"]
+
+
+@dataclass(frozen=True)
+class ServerSentEvent:
+    """One dispatched event, as a browser's ``EventSource`` would see it."""
+
+    data: str
+    event: str = "message"
+    id: str = ""
+    retry: int | None = None
+
+
+@dataclass
+class SSEParser:
+    """Incremental parser: :meth:`feed` bytes as they arrive, get the events they complete."""
+
+    comments: list[str] = field(default_factory=list)
+    _decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+    _buffer: str = ""
+    _started: bool = False
+    _skip_lf: bool = False
+    _data: list[str] = field(default_factory=list)
+    _event: str = ""
+    _last_id: str = ""
+    _retry: int | None = None
+
+    def feed(self, chunk: bytes) -> list[ServerSentEvent]:
+        """Parse ``chunk``; return the events it completed."""
+        text = self._decoder.decode(chunk)
+        if not self._started and text:
+            self._started = True
+            if text.startswith("\ufeff"):
+                text = text[1:]
+        if self._skip_lf and text.startswith("\n"):
+            text = text[1:]
+        self._skip_lf = False
+        self._buffer += text
+        events: list[ServerSentEvent] = []
+        while True:
+            cr, lf = self._buffer.find("\r"), self._buffer.find("\n")
+            ends = [i for i in (cr, lf) if i >= 0]
+            if not ends:
+                break
+            end = min(ends)
+            line = self._buffer[:end]
+            if self._buffer[end] == "\r":
+                if end + 1 < len(self._buffer):
+                    skip = 2 if self._buffer[end + 1] == "\n" else 1
+                else:  # a CR at the end of a chunk: the LF of its CRLF may come next
+                    skip, self._skip_lf = 1, True
+            else:
+                skip = 1
+            self._buffer = self._buffer[end + skip :]
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _line(self, line: str) -> ServerSentEvent | None:
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            self.comments.append(line[1:].removeprefix(" "))
+            return None
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+        elif name == "id":
+            if "\0" not in value:
+                self._last_id = value
+        elif name == "retry":
+            if value and value.isascii() and value.isdigit():
+                self._retry = int(value)
+        return None
+
+    def _dispatch(self) -> ServerSentEvent | None:
+        if not self._data:
+            self._event = ""
+            return None
+        event = ServerSentEvent(
+            data="\n".join(self._data), event=self._event or "message", id=self._last_id, retry=self._retry
+        )
+        self._data, self._event = [], ""
+        return event
+
+
+def parse_events(chunks: bytes | Iterable[bytes]) -> list[ServerSentEvent]:
+    """Parse a whole stream (bytes, or an iterable of chunks) into its events."""
+    parser = SSEParser()
+    if isinstance(chunks, bytes):
+        chunks = [chunks]
+    return [event for chunk in chunks for event in parser.feed(chunk)]

@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="flask-sse-run",
+    version="0.1.0",
+    description="Serve plain Python generators as Server-Sent Events endpoints from Flask.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["flask_sse_run", "flask_sse_run.*", "example_app", "example_app.*"]),
+    package_data={"flask_sse_run": ["py.typed"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "flask>=3.0",
+        "pydantic>=2.6",
+        "gunicorn>=23",
+        "gevent>=24.2",
+        # gunicorn's gevent worker imports packaging at run time; without it the worker
+        # class fails to load ("class uri 'gevent' invalid").
+        "packaging>=23",
+    ],
+    extras_require={
+        # torch first: `pip install torch==2.13.0` before this extra takes the local CPU wheel.
+        "llm": ["torch>=2.1", "transformers>=5", "tokenizers>=0.20"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "requests>=2.31",
+        ],
+        "dev": ["ruff>=0.6", "mypy>=1.10", "types-requests"],
+    },
+    classifiers=[
+        "Framework :: Flask",
+        "Programming Language :: Python :: 3",
+        "Typing :: Typed",
+    ],
+)

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated, Any, Literal, Optional
+
+import pytest
+from pydantic import BaseModel, Field
+
+from flask_sse_run.binding import inspect_function, validate_name
+from flask_sse_run.errors import RegistrationError, RequestError
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Options(BaseModel):
+    depth: int
+    label: str = "x"
+
+
+def everything(
+    text: str,
+    number: int,
+    ratio: float,
+    flag: bool,
+    items: list[int],
+    weights: dict[str, float],
+    maybe: Optional[str] = None,  # noqa: UP045 - the Optional spelling is what users write
+    mode: Literal["fast", "slow"] = "fast",
+    color: Color = Color.RED,
+    options: Options | None = None,
+    bounded: Annotated[int, Field(ge=1, le=1000)] = 10,
+    json: str = "a parameter named like a BaseModel attribute",
+) -> None:
+    pass
+
+
+binder = inspect_function(everything, "everything")
+VALID = {"text": "t", "number": 1, "ratio": 0.5, "flag": True, "items": [1], "weights": {"a": 1.0}}
+
+
+def test_binds_and_coerces_every_supported_type() -> None:
+    kwargs = binder.bind(
+        {
+            **VALID,
+            "number": "42",
+            "ratio": 3,
+            "maybe": "m",
+            "mode": "slow",
+            "color": "blue",
+            "options": {"depth": 2},
+            "bounded": 1000,
+            "json": "j",
+        }
+    )
+    assert kwargs["number"] == 42
+    assert kwargs["ratio"] == 3.0 and isinstance(kwargs["ratio"], float)
+    assert kwargs["color"] is Color.BLUE
+    assert kwargs["options"] == Options(depth=2)
+    assert kwargs["json"] == "j"
+    assert kwargs["mode"] == "slow"
+
+
+def test_defaults_fill_missing_optional_parameters() -> None:
+    kwargs = binder.bind(dict(VALID))
+    assert kwargs["maybe"] is None and kwargs["mode"] == "fast" and kwargs["color"] is Color.RED
+    assert kwargs["bounded"] == 10
+
+
+def test_every_problem_is_listed_without_echoing_values() -> None:
+    secret = "s3cr3t-value-" * 20
+    with pytest.raises(RequestError) as info:
+        binder.bind(
+            {"number": secret, "ratio": "x", "flag": "maybe", "items": [secret], "bounded": 0, "nope": 1}
+        )
+    error = info.value
+    assert error.status == 422
+    locs = {tuple(d["loc"]) for d in error.detail or []}
+    assert locs == {
+        ("text",),
+        ("number",),
+        ("ratio",),
+        ("flag",),
+        ("items", 0),
+        ("weights",),
+        ("bounded",),
+        ("nope",),
+    }
+    assert secret not in repr(error.body())
+    assert all(set(d) == {"loc", "msg", "type"} for d in error.detail or [])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"mode": "medium"}, {"color": "green"}, {"options": {"depth": "deep"}}, {"bounded": 1001}, {"maybe": 5}],
+)
+def test_constraints_reject_bad_values(body: dict[str, Any]) -> None:
+    with pytest.raises(RequestError) as info:
+        binder.bind({**VALID, **body})
+    assert info.value.status == 422
+
+
+def test_unannotated_parameters_accept_any_json() -> None:
+    def loose(x, y=1):  # type: ignore[no-untyped-def]
+        pass
+
+    assert inspect_function(loose, "loose").bind({"x": [1, {"a": None}]}) == {"x": [1, {"a": None}], "y": 1}
+
+
+def _args(*args: int) -> None: ...
+def _kwargs(**kwargs: int) -> None: ...
+def _positional(a: int, /) -> None: ...
+def _unknown_type(a: object.__class__) -> None: ...  # type: ignore[valid-type]
+def _forward(a: DoesNotExist) -> None: ...  # type: ignore[name-defined]  # noqa: F821
+
+
+class Opaque:
+    pass
+
+
+def _opaque(a: Opaque) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("func", "reason"),
+    [
+        (_args, "*args"),
+        (_kwargs, "**kwargs"),
+        (_positional, "positional-only"),
+        (_forward, "type hints"),
+        (_opaque, "cannot validate"),
+    ],
+)
+def test_unservable_signatures_fail_at_registration(func: Any, reason: str) -> None:
+    with pytest.raises(RegistrationError, match=re.escape(reason)):
+        inspect_function(func, "f")
+
+
+@pytest.mark.parametrize(
+    "name", ["_private", "", "has space", "slash/name", "1starts-with-digit", "dot.name"]
+)
+def test_bad_names_are_refused(name: str) -> None:
+    with pytest.raises(RegistrationError):
+        validate_name(name)
+
+
+def test_good_names_pass() -> None:
+    assert validate_name("run") == "run"
+    assert validate_name("run-2_b") == "run-2_b"
+
+
+def test_json_schema_uses_parameter_names_and_defaults() -> None:
+    schema = binder.json_schema()
+    assert schema["required"] == ["text", "number", "ratio", "flag", "items", "weights"]
+    assert schema["properties"]["bounded"]["maximum"] == 1000
+    assert schema["properties"]["mode"]["default"] == "fast"
+    assert schema["additionalProperties"] is False

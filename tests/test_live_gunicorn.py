@@ -1,0 +1,124 @@
+"""The seed's example against real gunicorn with the gevent worker, read by real clients."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from flask_sse_run.testing import SSEParser
+from tests.live import Server, gunicorn
+
+SEED_BODY = b"data: Number 0 \n\ndata: Number 1 \n\ndata: Number 2 \n\n"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with gunicorn(tmp_path=tmp_path_factory.mktemp("live")) as srv:
+        yield srv
+
+
+def timed_events(response: requests.Response) -> list[tuple[float, str]]:
+    parser, out = SSEParser(), []
+    for chunk in response.raw.stream(1024, decode_content=True):
+        now = time.monotonic()
+        out.extend((now, event.data) for event in parser.feed(chunk))
+    return out
+
+
+def test_the_seed_example_streams_one_event_a_second_with_requests(server: Server) -> None:
+    started = time.monotonic()
+    with requests.post(
+        f"{server.url}/run",
+        json={"upper_range": 3},
+        headers={"Accept": "text/event-stream", "Accept-Encoding": "identity"},
+        stream=True,
+        timeout=10,
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        assert response.headers["Transfer-Encoding"] == "chunked"
+        events = timed_events(response)
+    assert [data for _, data in events] == ["Number 0 ", "Number 1 ", "Number 2 "]
+    # The first event is sent before the generator sleeps, so before the second is yielded.
+    assert events[0][0] - started < 0.9
+    for (before, _), (after, _) in itertools.pairwise(events):
+        assert after - before >= 0.9
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_seed_curl_call_prints_the_seed_output_progressively(server: Server) -> None:
+    command = [
+        "curl", "-sS", "-N", "-X", "POST", f"{server.url}/run",
+        "-H", "Content-Type: application/json", "-H", "Accept: text/event-stream",
+        "--data", '{"upper_range": 3}',
+    ]  # fmt: skip
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    arrivals, output = [], b""
+    try:
+        while len(output) < len(SEED_BODY):
+            chunk = process.stdout.read1(4096)
+            if not chunk:
+                break
+            output += chunk
+            arrivals.append((time.monotonic() - started, output.count(b"\n\n")))
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()
+    assert output == SEED_BODY
+    first = next(t for t, n in arrivals if n >= 1)
+    second = next(t for t, n in arrivals if n >= 2)
+    third = next(t for t, n in arrivals if n >= 3)
+    assert first < 0.9 and second - first >= 0.9 and third - second >= 0.9
+
+
+def raw_request(server: Server, body: bytes, path: str = "/fail_after") -> bytes:
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def test_a_failing_generator_ends_the_http_body_properly(server: Server) -> None:
+    raw = raw_request(server, b'{"n": 2}')
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert body.endswith(b"0\r\n\r\n")  # the final chunk: the body was ended, not cut
+    assert b"event: error\ndata: {" in body
+    # The worker goes on serving.
+    assert requests.post(f"{server.url}/count", json={"n": 1}, timeout=5).text == 'data: {"i":0}\n\n'
+    assert "Traceback" in server.log() and "ValueError: boom at the end" in server.log()
+
+
+def test_bad_input_is_json_under_gunicorn_too(server: Server) -> None:
+    response = requests.post(
+        f"{server.url}/run", data=b"{", headers={"Content-Type": "application/json"}, timeout=5
+    )
+    assert response.status_code == 400
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json()["error"].startswith("body is not valid JSON")
+
+
+def test_example_app_serves_the_seed_function(tmp_path: Path) -> None:
+    with gunicorn("wsgi:app", tmp_path=tmp_path) as srv:
+        assert requests.get(f"{srv.url}/health", timeout=5).json() == {"status": "ok"}
+        response = requests.post(
+            f"{srv.url}/run", json={"upper_range": 1}, headers={"Accept-Encoding": "identity"}, timeout=10
+        )
+        assert response.content == b"data: Number 0 \n\n"
+        assert "Using worker: gevent" in srv.log()

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import io
+
+import pytest
+from werkzeug.datastructures import MIMEAccept
+from werkzeug.http import parse_accept_header
+
+from flask_sse_run.errors import RequestError
+from flask_sse_run.payload import read_json_object, request_id, wants_stream
+
+
+def read(
+    body: bytes, mimetype: str = "application/json", length: int | None = None, limit: int = 1000
+) -> object:
+    return read_json_object(io.BytesIO(body), mimetype, length, limit)
+
+
+def test_reads_a_json_object() -> None:
+    assert read(b'{"a": [1, 2]}') == {"a": [1, 2]}
+    assert read(b'{"a": 1}', "application/vnd.api+json") == {"a": 1}
+
+
+def test_nesting_up_to_the_limit_is_accepted() -> None:
+    assert read(b'{"a":' + b"[" * 63 + b"]" * 63 + b"}")
+
+
+def test_an_empty_body_means_no_arguments() -> None:
+    assert read(b"", "") == {}
+    assert read(b"  \n", "text/plain") == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "mimetype", "length", "status", "fragment"),
+    [
+        (b"x" * 1001, "application/json", None, 413, "larger than 1000"),
+        (b"{}", "application/json", 5000, 413, "larger than 1000"),
+        (b"{}", "text/plain", None, 415, "application/json"),
+        (b"{", "application/json", None, 400, "not valid JSON"),
+        (b'"a"', "application/json", None, 400, "JSON object"),
+        (b"\xff", "application/json", None, 400, "UTF-8"),
+        (b'{"a": NaN}', "application/json", None, 400, "NaN"),
+        (b'{"a": -Infinity}', "application/json", None, 400, "-Infinity"),
+        (b'{"a": 1, "a": 2}', "application/json", None, 400, "duplicate"),
+        (b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json", None, 400, "nested"),
+        (b'{"a":' + b"[" * 64 + b"]" * 64 + b"}", "application/json", None, 400, "nested deeper than 64"),
+        (b'{"a": 1' + b"0" * 5000 + b"}", "application/json", None, 400, "too large"),
+    ],
+    ids=lambda value: value[:20] if isinstance(value, bytes) else None,
+)
+def test_bad_bodies_are_rejected(
+    body: bytes, mimetype: str, length: int | None, status: int, fragment: str
+) -> None:
+    with pytest.raises(RequestError) as info:
+        read(body, mimetype, length, limit=1000 if status == 413 else 1_000_000)
+    assert info.value.status == status
+    assert fragment in info.value.message
+
+
+def accept(header: str | None) -> MIMEAccept:
+    return parse_accept_header(header, MIMEAccept)
+
+
+@pytest.mark.parametrize(
+    ("header", "stream"),
+    [
+        (None, True),
+        ("*/*", True),
+        ("text/event-stream", True),
+        ("application/json", False),
+        ("application/json, text/event-stream;q=0.5", False),
+        ("text/event-stream, application/json;q=0.9", True),
+        ("text/*", True),
+    ],
+)
+def test_negotiates_stream_or_json(header: str | None, stream: bool) -> None:
+    assert wants_stream(accept(header)) is stream
+
+
+def test_accepting_neither_is_406() -> None:
+    with pytest.raises(RequestError) as info:
+        wants_stream(accept("text/html"))
+    assert info.value.status == 406
+
+
+def test_request_id_keeps_a_sane_client_id() -> None:
+    assert request_id("abc-123_x.y:z") == "abc-123_x.y:z"
+
+
+@pytest.mark.parametrize("header", [None, "", "a\r\nSet-Cookie: x=1", "x" * 129, "spaces are odd", "\u00e9"])
+def test_request_id_replaces_anything_else(header: str | None) -> None:
+    rid = request_id(header)
+    assert rid != header and len(rid) == 32 and rid.isalnum()

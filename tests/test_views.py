@@ -1,0 +1,276 @@
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from flask_sse_run import SSERun
+from flask_sse_run.testing import ServerSentEvent, parse_events
+from tests.apps import create_app
+
+
+def error_body(response: object) -> dict[str, object]:
+    assert response.content_type == "application/json"  # type: ignore[attr-defined]
+    return response.get_json()  # type: ignore[attr-defined,no-any-return]
+
+
+# --- bad input: one test each, status and body -------------------------------------------------
+
+
+def test_non_json_body_is_400(client: FlaskClient) -> None:
+    response = client.post("/run", data="upper_range=3", content_type="application/json")
+    assert response.status_code == 400
+    assert error_body(response)["error"].startswith("body is not valid JSON")
+
+
+def test_json_that_is_not_an_object_is_400(client: FlaskClient) -> None:
+    response = client.post("/run", json=[3])
+    assert response.status_code == 400
+    assert error_body(response) == {"error": "body must be a JSON object of the function's parameters"}
+
+
+def test_missing_parameter_is_422(client: FlaskClient) -> None:
+    response = client.post("/run", json={})
+    assert response.status_code == 422
+    assert error_body(response) == {
+        "error": "invalid parameters",
+        "detail": [{"loc": ["upper_range"], "msg": "Field required", "type": "missing"}],
+    }
+
+
+def test_unknown_parameter_is_422(client: FlaskClient) -> None:
+    response = client.post("/run", json={"upper_range": 1, "lower_range": 0})
+    assert response.status_code == 422
+    assert error_body(response)["detail"] == [
+        {"loc": ["lower_range"], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}
+    ]
+
+
+def test_mistyped_parameter_is_422_and_not_echoed(client: FlaskClient) -> None:
+    response = client.post("/run", json={"upper_range": "three-thousand-and-" + "x" * 5000})
+    assert response.status_code == 422
+    body = error_body(response)
+    assert body["detail"][0]["loc"] == ["upper_range"]  # type: ignore[index]
+    assert body["detail"][0]["type"] == "int_parsing"  # type: ignore[index]
+    assert b"three-thousand" not in response.data and len(response.data) < 300
+
+
+def test_every_problem_is_listed_in_one_422(client: FlaskClient) -> None:
+    response = client.post("/count", json={"n": "x", "delay": "y", "extra": 1})
+    assert response.status_code == 422
+    assert [d["loc"] for d in error_body(response)["detail"]] == [["n"], ["delay"], ["extra"]]  # type: ignore[union-attr]
+
+
+def test_wrong_content_type_is_415(client: FlaskClient) -> None:
+    response = client.post("/run", data='{"upper_range": 1}', content_type="text/plain")
+    assert response.status_code == 415
+    assert error_body(response) == {"error": "Content-Type must be application/json"}
+
+
+def test_body_over_max_body_is_413() -> None:
+    client = create_app(SSE_RUN_MAX_BODY=100).test_client()
+    response = client.post("/run", json={"upper_range": 1, "pad": "x" * 200})
+    assert response.status_code == 413
+    assert error_body(response) == {"error": "body is larger than 100 bytes"}
+
+
+def test_unknown_function_is_404(client: FlaskClient) -> None:
+    response = client.post("/walk", json={})
+    assert response.status_code == 404
+    assert error_body(response) == {"error": "no function named 'walk'"}
+
+
+def test_unknown_function_name_is_not_echoed_when_odd(client: FlaskClient) -> None:
+    response = client.post("/" + "%3Cscript%3E" * 3, json={})
+    assert response.status_code == 404
+    assert error_body(response) == {"error": "no such function"}
+
+
+@pytest.mark.parametrize("method", ["get", "put", "patch", "delete"])
+def test_wrong_method_is_405(client: FlaskClient, method: str) -> None:
+    response = getattr(client, method)("/run")
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
+    assert error_body(response) == {"error": "this endpoint accepts POST only"}
+
+
+def test_accepting_neither_stream_nor_json_is_406(client: FlaskClient) -> None:
+    response = client.post("/run", json={"upper_range": 1}, headers={"Accept": "text/html"})
+    assert response.status_code == 406
+    assert "text/event-stream" in error_body(response)["error"]  # type: ignore[operator]
+
+
+def test_errors_carry_the_request_id(client: FlaskClient) -> None:
+    response = client.post("/run", json={}, headers={"X-Request-ID": "req-42"})
+    assert response.headers["X-Request-ID"] == "req-42"
+
+
+# --- streaming ---------------------------------------------------------------------------------
+
+
+def test_stream_headers(client: FlaskClient) -> None:
+    response = client.post(
+        "/count", json={"n": 1}, headers={"Accept": "text/event-stream", "X-Request-ID": "abc"}
+    )
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert response.headers["X-Request-ID"] == "abc"
+    assert "Content-Length" not in response.headers
+
+
+def test_insane_request_ids_are_replaced(client: FlaskClient) -> None:
+    response = client.post("/count", json={"n": 1}, headers={"X-Request-ID": "x" * 500})
+    assert len(response.headers["X-Request-ID"]) == 32
+
+
+@pytest.mark.parametrize("accept", [None, "*/*", "text/event-stream"])
+def test_streams_for_event_stream_any_or_no_accept(client: FlaskClient, accept: str | None) -> None:
+    headers = {"Accept": accept} if accept else {}
+    response = client.post("/count", json={"n": 2}, headers=headers)
+    assert response.data == b'data: {"i":0}\n\ndata: {"i":1}\n\n'
+
+
+def test_every_kind_of_item_is_written_exactly(client: FlaskClient) -> None:
+    response = client.post("/events")
+    assert response.data == (
+        b"event: greeting\nid: 1\nretry: 5000\ndata: hello\n\n"
+        b": just a comment\n\n"
+        b"data: \n\n"
+        b"data: two\ndata: lines\n\n"
+        b"data: bytes \xc3\xa9\n\n"
+        b"data: null\n\n"
+        b"data: [1,2.5,true]\n\n"
+    )
+
+
+def test_events_arrive_as_they_are_yielded() -> None:
+    app = Flask(__name__)
+    sse = SSERun(app)
+    released = threading.Event()
+
+    @sse.function
+    def gated() -> Iterator[str]:
+        yield "first"
+        # Only the client can release this: if the body were buffered the test would
+        # never see "first" before the wait, and would read "timed out".
+        yield "second" if released.wait(5) else "timed out"
+
+    response = app.test_client().post("/gated", buffered=False)
+    chunks = iter(response.response)
+    assert next(chunks) == b"data: first\n\n"
+    released.set()
+    assert next(chunks) == b"data: second\n\n"
+
+
+def test_the_request_context_is_available_while_streaming(client: FlaskClient) -> None:
+    response = client.post("/whoami", headers={"X-Caller": "alice"})
+    assert response.data == b"data: alice\n\n"
+
+
+def test_an_exception_ends_the_stream_with_one_error_event(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR):
+        response = client.post("/fail_after", json={"n": 2}, headers={"X-Request-ID": "rid-7"})
+    events = parse_events(response.data)
+    assert [e.data for e in events[:2]] == ["item 0", "item 1"]
+    assert events[2].event == "error"
+    assert json.loads(events[2].data) == {
+        "type": "InternalError",
+        "message": "the stream failed (request id rid-7)",
+    }
+    assert len(events) == 3
+    assert response.data.endswith(b"\n\n")
+    record = next(r for r in caplog.records if "rid-7" in r.getMessage())
+    assert record.exc_info is not None and "boom at the end" in str(record.exc_info[1])
+
+
+def test_expose_errors_shows_type_and_message() -> None:
+    client = create_app(SSE_RUN_EXPOSE_ERRORS=True).test_client()
+    events = parse_events(client.post("/fail_after", json={"n": 0}).data)
+    assert events == [
+        ServerSentEvent(data='{"type":"ValueError","message":"boom at the end"}', event="error")
+    ]
+
+
+def test_an_unencodable_item_becomes_an_error_event() -> None:
+    app = Flask(__name__)
+    sse = SSERun(app)
+
+    @sse.function
+    def nan() -> Iterator[float]:
+        yield 1.0
+        yield float("nan")
+
+    events = parse_events(app.test_client().post("/nan").data)
+    assert [e.event for e in events] == ["message", "error"]
+
+
+def test_the_worker_serves_the_next_request_after_a_failed_stream(client: FlaskClient) -> None:
+    client.post("/fail_after", json={"n": 1})
+    assert client.post("/count", json={"n": 1}).data == b'data: {"i":0}\n\n'
+
+
+def test_end_event_is_off_by_default(client: FlaskClient) -> None:
+    assert client.post("/count", json={"n": 1}).data == b'data: {"i":0}\n\n'
+
+
+def test_end_event_marks_a_finished_stream() -> None:
+    client = create_app(SSE_RUN_END_EVENT="done").test_client()
+    assert client.post("/count", json={"n": 1}).data == b'data: {"i":0}\n\nevent: done\ndata: \n\n'
+    failed = parse_events(client.post("/fail_after", json={"n": 0}).data)
+    assert [e.event for e in failed] == ["error"]  # a failed stream is not "done"
+
+
+def test_closing_the_response_closes_the_generator() -> None:
+    app = Flask(__name__)
+    sse = SSERun(app)
+    closed = threading.Event()
+
+    @sse.function
+    def endless() -> Iterator[int]:
+        try:
+            while True:
+                yield 1
+        finally:
+            closed.set()
+
+    response = app.test_client().post("/endless", buffered=False)
+    assert next(iter(response.response)) == b"data: 1\n\n"
+    response.close()
+    assert closed.is_set()
+
+
+# --- JSON for clients that ask for it -----------------------------------------------------------
+
+
+def test_json_clients_get_the_collected_items(client: FlaskClient) -> None:
+    response = client.post(
+        "/count", json={"n": 3}, headers={"Accept": "application/json", "X-Request-ID": "j1"}
+    )
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["run_id"] == "j1"
+    assert body["result"] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert isinstance(body["run_time_ms"], float) and body["run_time_ms"] >= 0
+
+
+def test_a_plain_return_value_is_answered_as_json(client: FlaskClient) -> None:
+    response = client.post("/plain", json={"a": 1})
+    assert response.status_code == 200
+    assert response.get_json()["result"] == {"sum": 3}
+
+
+def test_a_failing_json_call_is_a_500_json_body(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = client.post("/fail_after", json={"n": 1}, headers={"Accept": "application/json"})
+    assert response.status_code == 500
+    assert error_body(response) == {"error": "the function failed; see the server log"}
