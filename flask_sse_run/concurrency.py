@@ -1,0 +1,63 @@
+"""Where code really runs: gevent's hub or plain threads, and the thread executors we use.
+
+Under gunicorn's gevent worker ``threading`` is monkey-patched: a ``threading.Thread`` is a
+greenlet, ``threading.Lock`` is a gevent lock and ``queue.Queue`` blocks greenlets. Code that
+must run in a real OS thread, or synchronise with one, takes the originals from here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import sys
+import threading
+from typing import Any
+
+__all__ = ["default_executor", "gevent_patched", "raw_lock", "thread_executor"]
+
+
+def gevent_patched() -> bool:
+    """Whether ``threading`` is monkey-patched by gevent (gunicorn ``-k gevent``)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("threading"))
+
+
+def raw_lock() -> Any:
+    """A lock of the OS, usable between native threads even when gevent has patched them."""
+    if gevent_patched():
+        from gevent import monkey
+
+        return monkey.get_original("_thread", "allocate_lock")()
+    import _thread
+
+    return _thread.allocate_lock()
+
+
+def thread_executor(max_workers: int, name: str = "sse-run") -> concurrent.futures.Executor:
+    """An executor whose workers are real OS threads, also under gevent's monkey-patching.
+
+    Create it in the process that uses it (after gunicorn forks): threads do not survive a fork.
+    """
+    if gevent_patched():
+        from gevent.threadpool import ThreadPoolExecutor
+
+        return ThreadPoolExecutor(max_workers=max_workers)  # type: ignore[no-any-return]
+    return concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name)
+
+
+_default: tuple[int, concurrent.futures.Executor] | None = None
+_default_lock = threading.Lock()
+DEFAULT_MAX_WORKERS = 32
+
+
+def default_executor() -> concurrent.futures.Executor:
+    """The process's shared executor for :func:`~flask_sse_run.iterate_in_thread` (32 threads).
+
+    Made lazily and again after a fork, so a ``--preload``-ed master never hands its threads
+    (which the child would not have) to a worker.
+    """
+    global _default
+    with _default_lock:
+        if _default is None or _default[0] != os.getpid():
+            _default = (os.getpid(), thread_executor(DEFAULT_MAX_WORKERS))
+        return _default[1]
