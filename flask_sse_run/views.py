@@ -72,6 +72,8 @@ def call_function(name: str) -> Response:
     started = time.perf_counter()
     try:
         result = registered.func(**kwargs)
+    except RequestError as exc:  # the function's own refusal (503 when busy, 422 ...)
+        return error_response(exc, rid)
     except Exception:
         logger.exception("function %s failed (request id %s)", name, rid)
         return error_response(RequestError(500, "the function failed; see the server log"), rid)

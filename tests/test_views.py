@@ -9,7 +9,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from flask_sse_run import SSERun
+from flask_sse_run import RequestError, SSERun
 from flask_sse_run.testing import ServerSentEvent, parse_events
 from tests.apps import create_app
 
@@ -274,3 +274,17 @@ def test_a_failing_json_call_is_a_500_json_body(
     response = client.post("/fail_after", json={"n": 1}, headers={"Accept": "application/json"})
     assert response.status_code == 500
     assert error_body(response) == {"error": "the function failed; see the server log"}
+
+
+def test_a_function_may_refuse_a_request_with_its_own_status_before_streaming() -> None:
+    app = Flask(__name__)
+    sse = SSERun(app)
+
+    @sse.function
+    def busy() -> Iterator[str]:
+        raise RequestError(503, "the model is busy", headers={"Retry-After": "3"})
+
+    response = app.test_client().post("/busy")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "3"
+    assert error_body(response) == {"error": "the model is busy"}
