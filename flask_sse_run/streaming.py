@@ -1,19 +1,47 @@
 """The body of a streaming response: each yielded item goes out as one SSE event.
 
-The body is a plain WSGI iterable of bytes. It never buffers between the generator's yield and
-the server's write; an exception in the generator becomes one ``error`` event and a clean end
-of the body; closing the body (client gone) closes the generator.
+Two bodies share these rules. Under gevent (gunicorn ``-k gevent``) it is
+:class:`~flask_sse_run.gevent_stream.GeventStream`: the generator runs in its own greenlet,
+with keep-alive, instant disconnect detection and graceful shutdown. Anywhere else (gunicorn's
+sync and gthread workers, the Flask development server, the test client) it is
+:func:`inline_body`: the generator runs in the request's own thread, each item is written as
+it is yielded, but no ``: ping`` is sent while the generator blocks and a vanished client is
+only noticed at the next write.
+
+Either way nothing buffers between the yield and the server's write; an exception in the
+generator becomes one ``error`` event and a clean end of the body; closing the body (client
+gone) closes the generator.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+from .cancellation import CancelToken, bind_token
+from .compression import GzipStream
 from .events import Event, encode
 
-__all__ = ["error_event", "sse_body"]
+__all__ = ["StreamOptions", "close_iterator", "closing_events", "error_event", "inline_body"]
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """What a stream needs to know from the settings and the request."""
+
+    request_id: str
+    logger: logging.Logger
+    expose_errors: bool = False
+    end_event: str | None = None
+    shutdown_event: str = "shutdown"
+    keepalive: float = 0.0
+    gzip: bool = False
+
+    def new_gzip(self) -> GzipStream | None:
+        """A compressor for this stream, if it is gzipped."""
+        return GzipStream() if self.gzip else None
 
 
 def error_event(exc: BaseException, *, expose: bool, request_id: str) -> bytes:
@@ -25,6 +53,17 @@ def error_event(exc: BaseException, *, expose: bool, request_id: str) -> bytes:
     return Event(data=data, event="error").encode()
 
 
+def closing_events(options: StreamOptions, error: BaseException | None, *, shutdown: bool = False) -> bytes:
+    """What ends a stream: its shutdown event, its error event, its end event, or nothing."""
+    if shutdown:
+        return Event(data="", event=options.shutdown_event).encode()
+    if error is not None:
+        return error_event(error, expose=options.expose_errors, request_id=options.request_id)
+    if options.end_event is not None:
+        return Event(data="", event=options.end_event).encode()
+    return b""
+
+
 def close_iterator(source: Any) -> None:
     """Close a generator (or any iterator with ``close``) so its ``finally`` blocks run."""
     close = getattr(source, "close", None)
@@ -32,23 +71,29 @@ def close_iterator(source: Any) -> None:
         close()
 
 
-def sse_body(
-    source: Iterator[Any],
-    *,
-    request_id: str,
-    logger: logging.Logger,
-    expose_errors: bool = False,
-    end_event: str | None = None,
-) -> Iterator[bytes]:
-    """Encode ``source`` as an event stream, one chunk per event."""
+def inline_body(source: Iterator[Any], options: StreamOptions, *, token: CancelToken) -> Iterator[bytes]:
+    """Encode ``source`` in the calling thread, one write per event."""
+    gzip = options.new_gzip()
+    write = gzip.write if gzip is not None else bytes
+    error: BaseException | None = None
     try:
-        for item in source:
-            yield encode(item)
+        while True:
+            # The token is bound around each step only: a context variable set across a yield
+            # would leak into, and have to be reset from, whatever context the server is in.
+            with bind_token(token):
+                try:
+                    item = next(source)
+                except StopIteration:
+                    break
+            yield write(encode(item))
     except Exception as exc:
-        logger.error("stream %s failed", request_id, exc_info=exc)
-        yield error_event(exc, expose=expose_errors, request_id=request_id)
-        return
+        error = exc
+        options.logger.error("stream %s failed", options.request_id, exc_info=exc)
     finally:
         close_iterator(source)
-    if end_event is not None:
-        yield Event(data="", event=end_event).encode()
+        token.cancel("closed")
+    tail = closing_events(options, error)
+    if tail:
+        yield write(tail)
+    if gzip is not None:
+        yield gzip.finish()

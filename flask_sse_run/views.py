@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from flask import Response, current_app, request, stream_with_context
+from flask import Response, copy_current_request_context, current_app, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
 from .binding import _NAME
+from .cancellation import CancelToken
+from .concurrency import gevent_patched
 from .errors import RequestError
 from .events import json_value
 from .payload import read_json_object, request_id, wants_stream
-from .streaming import close_iterator, sse_body
+from .streaming import StreamOptions, close_iterator, inline_body
 
 if TYPE_CHECKING:
+    from .config import Settings
     from .extension import State
 
 __all__ = ["EXTENSION_KEY", "call_function", "error_response"]
@@ -44,6 +47,48 @@ def error_response(exc: RequestError, rid: str) -> Response:
 def _unknown(name: str) -> RequestError:
     shown = f" {name!r}" if len(name) <= 64 and _NAME.match(name) else ""
     return RequestError(404, f"no function named{shown}" if shown else "no such function")
+
+
+def _accepts_gzip() -> bool:
+    return request.accept_encodings.best_match(["gzip", "identity"]) == "gzip"
+
+
+def _stream_response(result: Iterator[Any], settings: Settings, rid: str) -> Response:
+    gzip = settings.gzip and _accepts_gzip()
+    options = StreamOptions(
+        request_id=rid,
+        logger=current_app.logger,
+        expose_errors=settings.expose_errors,
+        end_event=settings.end_event,
+        shutdown_event=settings.shutdown_event,
+        keepalive=settings.keepalive,
+        gzip=gzip,
+    )
+    token = CancelToken()
+    body: Iterable[bytes]
+    if gevent_patched():
+        from .gevent_stream import GeventStream
+
+        @copy_current_request_context
+        def in_context(work: Callable[[], None]) -> None:
+            work()
+
+        body = GeventStream(
+            result, options, token=token, in_context=in_context, sock=request.environ.get("gunicorn.socket")
+        )
+    else:
+        body = inline_body(stream_with_context(result), options, token=token)
+    response = Response(
+        body, status=200, content_type="text/event-stream; charset=utf-8", direct_passthrough=True
+    )
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    response.headers["X-Request-ID"] = rid
+    if settings.gzip:
+        response.headers["Vary"] = "Accept-Encoding"
+    if gzip:
+        response.headers["Content-Encoding"] = "gzip"
+    return response
 
 
 def call_function(name: str) -> Response:
@@ -79,20 +124,7 @@ def call_function(name: str) -> Response:
         return error_response(RequestError(500, "the function failed; see the server log"), rid)
 
     if stream and isinstance(result, Iterator):
-        body = sse_body(
-            stream_with_context(result),
-            request_id=rid,
-            logger=logger,
-            expose_errors=settings.expose_errors,
-            end_event=settings.end_event,
-        )
-        response = Response(
-            body, status=200, content_type="text/event-stream; charset=utf-8", direct_passthrough=True
-        )
-        response.headers["Cache-Control"] = "no-cache"
-        response.headers["X-Accel-Buffering"] = "no"
-        response.headers["X-Request-ID"] = rid
-        return response
+        return _stream_response(result, settings, rid)
 
     try:
         if isinstance(result, Iterator):

@@ -10,9 +10,16 @@ from typing import Any
 
 from flask import Flask, request
 
-from flask_sse_run import Event, SSERun
+from flask_sse_run import Event, SSERun, ThreadChannel, disconnected, run_in_thread
 
 sse = SSERun()
+
+try:  # a sleep that really blocks its OS thread, also under gevent's monkey-patching
+    from gevent.monkey import get_original
+
+    blocking_sleep = get_original("time", "sleep")
+except ImportError:  # pragma: no cover
+    blocking_sleep = time.sleep
 
 
 @sse.function
@@ -64,6 +71,53 @@ def big(size: int) -> Iterator[str]:
     yield "x" * size
 
 
+# Counters the live tests read through GET /stats: they show from outside the server that a
+# generator's finally ran (and when).
+STATS: dict[str, Any] = {"started": 0, "finally": 0, "cancelled_seen": 0, "last_finally": 0.0}
+
+
+@sse.function
+def sleeper(seconds: float) -> Iterator[str]:
+    STATS["started"] += 1
+    try:
+        yield "start"
+        time.sleep(seconds)
+        yield "end"
+    finally:
+        STATS["finally"] += 1
+        STATS["last_finally"] = time.time()
+
+
+@sse.function
+def watcher(seconds: float) -> Iterator[str]:
+    """Blocking work in a real thread that polls disconnected(), the way a GPU loop would."""
+
+    def work(channel: ThreadChannel[str]) -> None:
+        channel.send("watching")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if disconnected():
+                STATS["cancelled_seen"] += 1
+                return
+            blocking_sleep(0.02)
+        channel.send("done")
+
+    yield from run_in_thread(work)
+
+
+@sse.function
+def firehose(n: int) -> Iterator[int]:
+    # Never blocks: without the runtime's fair slices it would starve the worker.
+    yield from range(n)
+
+
+@sse.function
+def ticks(n: int, interval: float = 1.0) -> Iterator[float]:
+    for _ in range(n):
+        yield time.time()
+        time.sleep(interval)
+
+
 def create_app(**config: Any) -> Flask:
     """The test app; ``TEST_APP_CONFIG`` (JSON) adds config when gunicorn builds it."""
     app = Flask(__name__)
@@ -73,6 +127,10 @@ def create_app(**config: Any) -> Flask:
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/stats")
+    def stats() -> dict[str, Any]:
+        return {**STATS, "pid": os.getpid()}
 
     sse.init_app(app)
     return app

@@ -1,0 +1,205 @@
+"""The gevent runtime against real gunicorn: keep-alive, disconnects, fairness, gzip, shutdown."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from bench.clients import run_streams
+from flask_sse_run.testing import SSEParser
+from tests.live import Server, gunicorn
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with gunicorn(tmp_path=tmp_path_factory.mktemp("runtime"), config={"SSE_RUN_KEEPALIVE": 0.5}) as srv:
+        yield srv
+
+
+def stats(server: Server) -> dict[str, float]:
+    return requests.get(f"{server.url}/stats", timeout=5).json()  # type: ignore[no-any-return]
+
+
+def open_stream(server: Server, path: str, body: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def wait_for(condition: object, timeout: float) -> float:
+    """Poll ``condition()`` until true; return the seconds it took."""
+    started = time.monotonic()
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() - started > timeout:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_keepalive_pings_while_the_generator_blocks(server: Server) -> None:
+    parser = SSEParser()
+    arrivals: list[tuple[float, str]] = []
+    started = time.monotonic()
+    with requests.post(
+        f"{server.url}/sleeper",
+        json={"seconds": 1.8},
+        stream=True,
+        timeout=10,
+        headers={"Accept-Encoding": "identity"},
+    ) as response:
+        for chunk in response.raw.stream(1024):
+            seen = len(parser.comments)
+            events = parser.feed(chunk)
+            now = time.monotonic() - started
+            arrivals += [(now, "ping")] * (len(parser.comments) - seen) + [(now, e.data) for e in events]
+    labels = [label for _, label in arrivals]
+    assert labels[0] == "start" and labels[-1] == "end"
+    pings = [t for t, label in arrivals if label == "ping"]
+    assert len(pings) == 3  # at 0.5, 1.0 and 1.5 s of silence
+    assert all(abs(b - a - 0.5) < 0.2 for a, b in itertools.pairwise(pings))
+
+
+def test_a_disconnect_closes_a_blocked_generator_at_once(server: Server) -> None:
+    before = stats(server)["finally"]
+    sock = open_stream(server, "/sleeper", b'{"seconds": 60}')
+    assert b"data: start" in read_until(sock, b"data: start")
+    sock.close()
+    left = time.time()
+    wait_for(lambda: stats(server)["finally"] == before + 1, timeout=2)
+    # Far sooner than the next keep-alive write (0.5 s) would have noticed.
+    assert stats(server)["last_finally"] - left < 0.3
+
+
+def test_long_running_work_learns_its_client_left(server: Server) -> None:
+    before = stats(server)["cancelled_seen"]
+    sock = open_stream(server, "/watcher", b'{"seconds": 30}')
+    read_until(sock, b"data: watching")
+    sock.close()
+    assert wait_for(lambda: stats(server)["cancelled_seen"] == before + 1, timeout=2) < 1
+
+
+def test_hundreds_of_dropped_clients_leave_nothing_behind(server: Server) -> None:
+    before = stats(server)
+    results = run_streams(server.port, "/sleeper", {"seconds": 60}, 300, timeout=20, drop_after_events=1)
+    assert all(len(r.event_times) >= 1 for r in results)
+    dropped_at = time.time()
+    wait_for(lambda: stats(server)["finally"] == before["finally"] + 300, timeout=1.5)
+    assert stats(server)["last_finally"] - dropped_at < 1.5  # within keep-alive (0.5 s) + 1 s
+    assert stats(server)["pid"] == before["pid"]
+
+
+def test_a_never_blocking_stream_does_not_starve_the_others(tmp_path: Path) -> None:
+    # --timeout 3: a worker whose hub never ran for 3 s would be killed mid-stream.
+    with gunicorn(tmp_path=tmp_path, env={"GUNICORN_TIMEOUT": "3"}) as srv:
+        firehose = subprocess.Popen(
+            ["curl", "-sS", "-N", "-X", "POST", f"{srv.url}/firehose", "-H", "Content-Type: application/json",
+             "--data", '{"n": 6000000}', "-o", str(tmp_path / "fire.out")]
+        )  # fmt: skip
+        try:
+            time.sleep(0.3)
+            slow = run_streams(srv.port, "/ticks", {"n": 4}, 200, timeout=20)
+            assert firehose.wait(timeout=60) == 0
+        finally:
+            firehose.kill()
+        fast_events = (tmp_path / "fire.out").read_bytes().count(b"\n\n")
+        assert fast_events == 6_000_000
+        assert all(r.status == 200 and r.complete and len(r.event_times) == 4 for r in slow)
+        worst = max(r.max_gap() for r in slow)
+        assert worst <= 1.2, worst
+        assert "WORKER TIMEOUT" not in srv.log()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_gzip_streams_decode_event_by_event_with_curl(server: Server) -> None:
+    process = subprocess.Popen(
+        ["curl", "-sS", "-N", "--compressed", "-X", "POST", f"{server.url}/ticks",
+         "-H", "Content-Type: application/json", "--data", '{"n": 3, "interval": 1.0}'],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    started, arrivals, output = time.monotonic(), [], b""
+    while chunk := process.stdout.read1(4096):
+        output += chunk
+        arrivals.append((time.monotonic() - started, output.count(b"data: ")))
+    assert process.wait(timeout=10) == 0
+    firsts = [next(t for t, n in arrivals if n >= k) for k in (1, 2, 3)]
+    assert firsts[0] < 0.9 and firsts[1] - firsts[0] >= 0.9 and firsts[2] - firsts[1] >= 0.9
+
+
+def test_gzip_streams_decode_event_by_event_with_requests(server: Server) -> None:
+    started, times = time.monotonic(), []
+    with requests.post(
+        f"{server.url}/ticks", json={"n": 3, "interval": 1.0}, stream=True, timeout=10,
+        headers={"Accept-Encoding": "gzip"},
+    ) as response:  # fmt: skip
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert response.headers["Vary"] == "Accept-Encoding"
+        parser = SSEParser()
+        for chunk in response.raw.stream(1024, decode_content=True):
+            times += [time.monotonic() - started for _ in parser.feed(chunk)]
+    assert len(times) == 3
+    assert times[0] < 0.9 and times[1] - times[0] >= 0.9 and times[2] - times[1] >= 0.9
+
+
+def test_gzip_body_is_one_complete_gzip_member(server: Server) -> None:
+    response = requests.post(
+        f"{server.url}/count", json={"n": 3}, headers={"Accept-Encoding": "gzip"}, stream=True, timeout=10
+    )
+    raw = response.raw.read(decode_content=False)
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert decompressor.decompress(raw) == b'data: {"i":0}\n\ndata: {"i":1}\n\ndata: {"i":2}\n\n'
+    assert decompressor.eof  # the trailer was written: not a truncated member
+
+
+def test_gzip_can_be_turned_off(tmp_path: Path) -> None:
+    with gunicorn(tmp_path=tmp_path, config={"SSE_RUN_GZIP": False}) as srv:
+        response = requests.post(
+            f"{srv.url}/count", json={"n": 1}, headers={"Accept-Encoding": "gzip"}, timeout=5
+        )
+        assert "Content-Encoding" not in response.headers
+        assert response.content == b'data: {"i":0}\n\n'
+
+
+def test_streams_reuse_a_keep_alive_connection(server: Server) -> None:
+    with requests.Session() as session:
+        for _ in range(3):
+            response = session.post(f"{server.url}/count", json={"n": 2}, timeout=5)
+            assert response.content == b'data: {"i":0}\n\ndata: {"i":1}\n\n'
+
+
+def test_sigterm_ends_open_streams_with_the_shutdown_event(tmp_path: Path) -> None:
+    with gunicorn(tmp_path=tmp_path, env={"GUNICORN_GRACEFUL_TIMEOUT": "20"}) as srv:
+        sock = open_stream(srv, "/sleeper", b'{"seconds": 60}')
+        read_until(sock, b"data: start")
+        os.kill(srv.process.pid, signal.SIGTERM)
+        signalled = time.monotonic()
+        rest = read_until(sock, b"0\r\n\r\n")
+        assert time.monotonic() - signalled < 3  # not the 20 s graceful timeout
+        assert b"event: shutdown\ndata: \n\n" in rest
+        assert rest.endswith(b"0\r\n\r\n")  # the body was ended, not cut
+        assert srv.process.wait(timeout=10) == 0
