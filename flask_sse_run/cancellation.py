@@ -53,6 +53,8 @@ class CancelToken:
 
 
 _current: ContextVar[CancelToken | None] = ContextVar("flask_sse_run_token", default=None)
+#: The variable itself, for the streaming hot path (set and reset around each step).
+TOKEN_VAR = _current
 
 
 def current_token() -> CancelToken | None:

@@ -1,159 +1,266 @@
-"""The streaming body under gevent: the generator runs in a greenlet of its own.
+"""The streaming body under gevent (gunicorn ``-k gevent``).
 
-The user's generator (the producer) runs in its own greenlet and appends encoded events to a
-bounded buffer; the response body (the consumer, run by the server's request greenlet) writes
-whatever is in the buffer in one write, waits for more with a timeout, and writes a ``: ping``
-comment when the timeout passes. So:
+The generator runs in the request's own greenlet, as with plain Flask streaming, so a stream
+costs no more memory than one (measured: a second greenlet per stream, fed through a buffer,
+cost 5.5 KiB more per stream). What plain Flask cannot do is done from the gevent hub, with
+the WSGI ``write`` callable that ``start_response`` returns (:class:`StreamResponse` keeps it):
 
-* keep-alive needs no cooperation from the generator, even while it blocks;
-* events that pile up while the socket is busy go out together (write coalescing), and an
-  event is never held back when the generator is slow;
-* a generator that never blocks still gives the hub a turn every ``FAIR_SLICE`` seconds, so it
-  cannot starve the worker's other streams or gunicorn's heartbeat;
-* when the client disconnects (seen at once by a read watcher on the socket) or the worker
-  shuts down, the producer greenlet is killed: its generator's ``finally`` blocks run and its
-  :class:`~flask_sse_run.CancelToken` is cancelled.
+* **keep-alive**: a timer re-armed at every write; when it fires while the generator is
+  blocked, a short-lived greenlet writes ``: ping``. The generator does not cooperate.
+* **disconnects**: a read watcher on the socket sees the client's FIN/RST at once. If the
+  generator is blocked, :class:`Interrupted` is thrown into it where it waits, so its
+  ``finally`` blocks run now, not at the next write; its :class:`~flask_sse_run.CancelToken`
+  is cancelled first, so threads working for it (``iterate_in_thread``) stop too.
+* **write coalescing**: while the generator returns items without blocking, they are held and
+  sent together (at most ``BATCH_EVENTS`` or ``FAIR_SLICE`` seconds' worth). The moment the
+  generator blocks with events held, a hub callback sends them: an event is never delayed by
+  a slow generator.
+* **fairness**: a generator that never blocks still gives the hub a turn every ``FAIR_SLICE``
+  seconds, so other streams and gunicorn's heartbeat keep running.
+* **graceful shutdown**: :func:`~flask_sse_run.shutdown.begin_shutdown` interrupts the stream
+  like a disconnect, then the shutdown event is written and the body ends properly.
+
+Writes never overlap: a helper greenlet writes only while the request greenlet is inside the
+generator, and the request greenlet waits for it before writing itself. Without a ``write``
+callable (an ``after_request`` hook replaced the response), every event is sent at once and
+no ping is sent while the generator blocks.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterator
 from time import perf_counter
 from typing import Any
 
 import gevent
-from gevent.event import Event as GEvent
+from gevent import GreenletExit
 
 from . import shutdown
-from .cancellation import CancelToken, bind_token
+from .cancellation import TOKEN_VAR, CancelToken
 from .disconnect import watch_for_disconnect
 from .events import KEEPALIVE, encode
 from .streaming import StreamOptions, close_iterator, closing_events
 
-__all__ = ["BUFFER_EVENTS", "FAIR_SLICE", "GeventStream"]
+__all__ = ["BATCH_EVENTS", "FAIR_SLICE", "GeventStream", "Interrupted"]
 
 #: Longest a never-blocking generator runs before the hub gets a turn (seconds).
 FAIR_SLICE = 0.005
-#: Most encoded events waiting for the socket before the generator is paused.
-BUFFER_EVENTS = 256
+#: Most events sent in one write.
+BATCH_EVENTS = 64
+
+
+class Interrupted(GreenletExit):  # type: ignore[misc]
+    """Thrown into a blocked generator when its client leaves or the worker shuts down.
+
+    A ``GreenletExit`` so that ``except Exception`` in user code does not swallow it.
+    """
 
 
 class GeventStream:
     """A WSGI body iterable; see the module docstring."""
 
+    __slots__ = (
+        "__weakref__",
+        "_ended_by",
+        "_greenlet",
+        "_gzip",
+        "_helper_done",
+        "_in_generator",
+        "_interrupting",
+        "_options",
+        "_pending",
+        "_scheduled",
+        "_sock",
+        "_source",
+        "_timer",
+        "_token",
+        "_watcher",
+        "_write",
+        "_writing",
+    )
+
     def __init__(
-        self,
-        source: Iterator[Any],
-        options: StreamOptions,
-        *,
-        token: CancelToken,
-        in_context: Callable[[Callable[[], None]], None],
-        sock: Any = None,
+        self, source: Iterator[Any], options: StreamOptions, *, token: CancelToken, sock: Any
     ) -> None:
         self._source = source
         self._options = options
         self._token = token
-        self._in_context = in_context
         self._sock = sock
-        self._buffer: deque[bytes] = deque()
-        self._ready = GEvent()  # set by the producer when the buffer gets an event or it ends
-        self._space = GEvent()  # set by the consumer when a full buffer has been drained
-        self._producer: Any = None
-        self._done = False
-        self._error: BaseException | None = None
+        self._write: Callable[[bytes], Any] | None = None
+        self._gzip = options.new_gzip()
+        self._pending: list[bytes] = []
+        self._in_generator = False
+        self._writing = False
+        self._scheduled = False
+        self._interrupting = False
         self._ended_by: str | None = None  # "disconnect" or "shutdown"
+        self._greenlet: Any = None
+        self._timer: Any = None
+        self._watcher: Any = None
+        self._helper_done: Any = None
+
+    def attach_writer(self, write: Callable[[bytes], Any]) -> None:
+        """Give the body the server's WSGI ``write`` callable (see :class:`StreamResponse`)."""
+        self._write = write
 
     def __iter__(self) -> Iterator[bytes]:
-        return self._consume()
+        return self._run()
 
-    # -- the producer greenlet ---------------------------------------------------------------
+    # -- the request greenlet ---------------------------------------------------------------
 
-    def _produce(self) -> None:
-        try:
-            self._in_context(self._iterate)
-        finally:
-            self._done = True
-            self._ready.set()
-
-    def _iterate(self) -> None:
-        source, buffer, ready = self._source, self._buffer, self._ready
-        loop = gevent.get_hub().loop
-        try:
-            with bind_token(self._token):
-                turn, started = loop.iteration, perf_counter()
-                for item in source:
-                    buffer.append(encode(item))
-                    ready.set()
-                    if len(buffer) >= BUFFER_EVENTS:
-                        self._space.clear()
-                        self._space.wait()
-                    elif loop.iteration != turn:  # the generator blocked: the hub has run
-                        turn, started = loop.iteration, perf_counter()
-                        continue
-                    elif perf_counter() - started < FAIR_SLICE:
-                        continue
-                    else:
-                        gevent.sleep(0)
-                    turn, started = loop.iteration, perf_counter()
-        except Exception as exc:
-            self._error = exc
-            self._options.logger.error("stream %s failed", self._options.request_id, exc_info=exc)
-        finally:
-            close_iterator(source)
-
-    # -- the consumer: the body the server writes ----------------------------------------------
-
-    def _consume(self) -> Iterator[bytes]:
+    def _run(self) -> Iterator[bytes]:
         options = self._options
-        gzip = options.new_gzip()
-        write: Callable[[bytes], bytes] = gzip.write if gzip is not None else bytes
-        timeout = options.keepalive or None
-        buffer, ready = self._buffer, self._ready
-        self._producer = gevent.spawn_raw(self._produce)
-        watcher = watch_for_disconnect(self._sock, self._disconnected) if self._sock is not None else None
-        shutdown.register(self)
+        loop = gevent.get_hub().loop
+        self._greenlet = gevent.getcurrent()
+        helpers = self._write is not None
+        # Watchers are armed at the hub's first turn: only a stream whose generator blocks (or
+        # whose client reads slowly) needs them, and most short streams end before that.
+        loop.run_callback(self._arm)
+        source, pending, token = self._source, self._pending, self._token
+        error: BaseException | None = None
         try:
-            while True:
-                if buffer:
-                    chunk = b"".join(buffer)
-                    buffer.clear()
-                    self._space.set()
-                    yield write(chunk)
-                    continue
-                if self._done or self._ended_by is not None:
+            turn, started = loop.iteration, perf_counter()
+            while self._ended_by is None:
+                if pending and not self._scheduled:
+                    self._scheduled = True
+                    loop.run_callback(self._hub_turn)
+                before = loop.iteration
+                self._in_generator = True
+                bound = TOKEN_VAR.set(token)
+                try:
+                    item = next(source)
+                except StopIteration:
                     break
-                ready.clear()
-                if not ready.wait(timeout):
-                    yield write(KEEPALIVE)
+                except Interrupted:
+                    break
+                except Exception as exc:
+                    error = exc
+                    options.logger.error("stream %s failed", options.request_id, exc_info=exc)
+                    break
+                finally:
+                    self._in_generator = False
+                    TOKEN_VAR.reset(bound)
+                if self._writing:
+                    self._wait_for_helper()
+                try:
+                    pending.append(encode(item))
+                except Exception as exc:
+                    error = exc
+                    options.logger.error("stream %s failed", options.request_id, exc_info=exc)
+                    break
+                blocked = loop.iteration != before
+                if blocked or not helpers or len(pending) >= BATCH_EVENTS:
+                    # A generator that blocked is slow: what it made goes out now. Without a
+                    # helper to send held events, nothing may be held.
+                    yield self._take()
+                if loop.iteration != turn:  # the hub ran (in the generator or the write)
+                    turn, started = loop.iteration, perf_counter()
+                elif perf_counter() - started >= FAIR_SLICE:
+                    if pending:
+                        yield self._take()
+                    gevent.sleep(0)  # the generator never blocks: let the others run
+                    turn, started = loop.iteration, perf_counter()
+            if self._writing:
+                self._wait_for_helper()
             if self._ended_by == "disconnect":
                 return
-            tail = closing_events(options, self._error, shutdown=self._ended_by == "shutdown")
-            if tail:
-                yield write(tail)
-            if gzip is not None:
-                yield gzip.finish()
+            tail = closing_events(options, error, shutdown=self._ended_by == "shutdown")
+            data = self._take(tail)
+            if self._gzip is not None:
+                data += self._gzip.finish()
+            if data:
+                yield data
         finally:
-            if watcher is not None:
-                watcher.close()
-            shutdown.unregister(self)
-            self._stop_producer("closed")
+            self._ended_by = self._ended_by or "closed"
+            if self._watcher is not None:
+                self._watcher.close()
+            if self._timer is not None:
+                self._timer.close()
+                shutdown.unregister(self)
+            if self._writing:
+                self._wait_for_helper()
+            token.cancel(self._ended_by)
+            close_iterator(source)
 
-    def _stop_producer(self, reason: str) -> None:
-        self._token.cancel(reason)
-        if not self._done and self._producer is not None:
-            # Raises GreenletExit where the generator waits: its finally blocks run.
-            gevent.kill(self._producer)
+    def _take(self, tail: bytes = b"") -> bytes:
+        """Everything held, plus ``tail``, ready for the socket (gzipped if need be)."""
+        data = b"".join(self._pending) + tail if self._pending else tail
+        self._pending.clear()
+        if self._timer is not None and self._timer.active:
+            self._timer.again(self._keepalive_due)
+        if data and self._gzip is not None:
+            return self._gzip.write(data)
+        return data
+
+    def _wait_for_helper(self) -> None:
+        from gevent.event import Event
+
+        if self._helper_done is None:
+            self._helper_done = Event()
+        while self._writing:
+            self._helper_done.clear()
+            self._helper_done.wait()
+
+    # -- the hub: callbacks and short-lived helper greenlets ----------------------------------
+
+    def _arm(self) -> None:
+        if self._ended_by is not None or self._timer is not None:
+            return
+        loop = gevent.get_hub().loop
+        if self._sock is not None:
+            self._watcher = watch_for_disconnect(self._sock, self._disconnected)
+        # A timer is made even without keep-alive: it marks the stream as armed.
+        keepalive = self._options.keepalive if self._write is not None else 0.0
+        self._timer = loop.timer(keepalive or 86400.0, keepalive or 86400.0)
+        if keepalive:
+            self._timer.start(self._keepalive_due)
+        shutdown.register(self)
+
+    def _hub_turn(self) -> None:
+        self._scheduled = False
+        if self._in_generator and self._pending and not self._writing:
+            gevent.spawn_raw(self._helper_write, False)
+
+    def _keepalive_due(self) -> None:
+        if self._in_generator and not self._writing:
+            gevent.spawn_raw(self._helper_write, True)
+
+    def _helper_write(self, ping: bool) -> None:
+        # Checked again here: between the spawn and now the request greenlet may have left the
+        # generator and be writing itself.
+        if not self._in_generator or self._writing or self._ended_by is not None or self._write is None:
+            return
+        data = self._take(KEEPALIVE if ping and not self._pending else b"")
+        if not data:
+            return
+        self._writing = True
+        try:
+            self._write(data)
+        except OSError:
+            self._end("disconnect")
+        finally:
+            self._writing = False
+            if self._helper_done is not None:
+                self._helper_done.set()
 
     def _disconnected(self) -> None:
         self._end("disconnect")
 
     def shutdown(self) -> None:
-        """End the stream with the shutdown event (worker going down)."""
+        """End the stream with the shutdown event (the worker is going down)."""
         self._end("shutdown")
 
     def _end(self, why: str) -> None:
-        if self._ended_by is None and not self._done:
-            self._ended_by = why
-            self._stop_producer(why)
-            self._ready.set()
+        if self._ended_by is not None:
+            return
+        self._ended_by = why
+        self._token.cancel(why)
+        if self._in_generator and not self._interrupting:
+            self._interrupting = True
+            gevent.get_hub().loop.run_callback(self._interrupt)
+
+    def _interrupt(self) -> None:
+        # Only while the greenlet is blocked inside the generator: anywhere else (a write) it
+        # sees _ended_by when it next looks.
+        if self._in_generator and self._greenlet is not None and not self._greenlet.dead:
+            self._greenlet.throw(Interrupted(self._ended_by))

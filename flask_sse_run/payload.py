@@ -8,11 +8,13 @@ echo the input back.
 from __future__ import annotations
 
 import json
+import os
 import re
-import uuid
 from typing import IO, Any
 
 from werkzeug.datastructures import MIMEAccept
+from werkzeug.http import parse_accept_header
+from werkzeug.wrappers import Request
 
 from .errors import RequestError
 
@@ -24,6 +26,7 @@ MAX_DEPTH = 64
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}\Z")
 STREAM = "text/event-stream"
 JSON = "application/json"
+_STREAM_ACCEPTS = frozenset({"*/*", STREAM, f"{STREAM}, */*"})
 
 
 def _no_constants(name: str) -> Any:
@@ -94,15 +97,19 @@ def read_json_object(
     return value
 
 
-def wants_stream(accept: MIMEAccept) -> bool:
+def wants_stream(header: str | None, req: Request | None = None) -> bool:
     """Whether to answer with an event stream (True) or one JSON document (False).
 
-    No Accept header, ``*/*`` or ``text/event-stream`` mean a stream; a client that accepts
-    ``application/json`` but not ``text/event-stream`` gets JSON. Raises :class:`RequestError`
-    (406) when it accepts neither.
+    ``header`` is the raw Accept header (``req.accept_mimetypes`` is parsed only when it is not
+    one of the common exact values). No Accept header, ``*/*`` or ``text/event-stream`` mean a
+    stream; a client that accepts ``application/json`` but not ``text/event-stream`` gets JSON.
+    Raises :class:`RequestError` (406) when it accepts neither.
     """
-    if not accept:
+    if not header or header in _STREAM_ACCEPTS:
         return True
+    if header == JSON:
+        return False
+    accept = req.accept_mimetypes if req is not None else parse_accept_header(header, MIMEAccept)
     best = accept.best_match([STREAM, JSON])
     if best is None:
         raise RequestError(406, f"this endpoint answers {STREAM} or {JSON}")
@@ -113,4 +120,4 @@ def request_id(header: str | None) -> str:
     """The client's ``X-Request-ID`` if it is short and plain, else a new UUID."""
     if header and _REQUEST_ID.match(header):
         return header
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as random as uuid4().hex, without building a UUID

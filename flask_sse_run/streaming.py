@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from flask import Response
+
 from .cancellation import CancelToken, bind_token
 from .compression import GzipStream
 from .events import Event, encode
@@ -27,7 +29,7 @@ from .events import Event, encode
 __all__ = ["StreamOptions", "close_iterator", "closing_events", "error_event", "inline_body"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StreamOptions:
     """What a stream needs to know from the settings and the request."""
 
@@ -97,3 +99,19 @@ def inline_body(source: Iterator[Any], options: StreamOptions, *, token: CancelT
         yield write(tail)
     if gzip is not None:
         yield gzip.finish()
+
+
+class StreamResponse(Response):
+    """A ``text/event-stream`` response that hands the server's ``write`` callable to its body.
+
+    ``start_response`` returns the WSGI ``write`` callable; the gevent body uses it to send
+    keep-alive comments and held events while the generator is blocked.
+    """
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        app_iter, status, headers = self.get_wsgi_response(environ)
+        write = start_response(status, headers)
+        attach = getattr(self.response, "attach_writer", None)
+        if attach is not None and callable(write):
+            attach(write)
+        return app_iter

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from flask import Response, copy_current_request_context, current_app, request, stream_with_context
+from flask import Request, Response, current_app, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
 from .binding import _NAME
@@ -20,7 +20,7 @@ from .concurrency import gevent_patched
 from .errors import RequestError
 from .events import json_value
 from .payload import read_json_object, request_id, wants_stream
-from .streaming import StreamOptions, close_iterator, inline_body
+from .streaming import StreamOptions, StreamResponse, close_iterator, inline_body
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -49,12 +49,14 @@ def _unknown(name: str) -> RequestError:
     return RequestError(404, f"no function named{shown}" if shown else "no such function")
 
 
-def _accepts_gzip() -> bool:
-    return request.accept_encodings.best_match(["gzip", "identity"]) == "gzip"
+def _accepts_gzip(req: Request) -> bool:
+    if "HTTP_ACCEPT_ENCODING" not in req.environ:
+        return False
+    return req.accept_encodings.best_match(["gzip", "identity"]) == "gzip"
 
 
-def _stream_response(result: Iterator[Any], settings: Settings, rid: str) -> Response:
-    gzip = settings.gzip and _accepts_gzip()
+def _stream_response(result: Iterator[Any], req: Request, settings: Settings, rid: str) -> Response:
+    gzip = settings.gzip and _accepts_gzip(req)
     options = StreamOptions(
         request_id=rid,
         logger=current_app.logger,
@@ -69,43 +71,38 @@ def _stream_response(result: Iterator[Any], settings: Settings, rid: str) -> Res
     if gevent_patched():
         from .gevent_stream import GeventStream
 
-        @copy_current_request_context
-        def in_context(work: Callable[[], None]) -> None:
-            work()
-
         body = GeventStream(
-            result, options, token=token, in_context=in_context, sock=request.environ.get("gunicorn.socket")
+            stream_with_context(result), options, token=token, sock=req.environ.get("gunicorn.socket")
         )
     else:
         body = inline_body(stream_with_context(result), options, token=token)
-    response = Response(
-        body, status=200, content_type="text/event-stream; charset=utf-8", direct_passthrough=True
-    )
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    response.headers["X-Request-ID"] = rid
+    headers = [
+        ("Content-Type", "text/event-stream; charset=utf-8"),
+        ("Cache-Control", "no-cache"),
+        ("X-Accel-Buffering", "no"),
+        ("X-Request-ID", rid),
+    ]
     if settings.gzip:
-        response.headers["Vary"] = "Accept-Encoding"
+        headers.append(("Vary", "Accept-Encoding"))
     if gzip:
-        response.headers["Content-Encoding"] = "gzip"
-    return response
+        headers.append(("Content-Encoding", "gzip"))
+    return StreamResponse(body, status=200, headers=headers, direct_passthrough=True)
 
 
 def call_function(name: str) -> Response:
     """Validate the request, call the function ``name`` and answer with a stream or JSON."""
     state: State = current_app.extensions[EXTENSION_KEY]
     settings = state.settings
-    rid = request_id(request.headers.get("X-Request-ID"))
+    req: Request = request._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup
+    rid = request_id(req.environ.get("HTTP_X_REQUEST_ID"))
     try:
         registered = state.extension.functions.get(name)
         if registered is None:
             raise _unknown(name)
-        if request.method != "POST":
+        if req.method != "POST":
             raise RequestError(405, "this endpoint accepts POST only", headers={"Allow": "POST"})
-        stream = wants_stream(request.accept_mimetypes)
-        payload = read_json_object(
-            request.stream, request.mimetype, request.content_length, settings.max_body
-        )
+        stream = wants_stream(req.environ.get("HTTP_ACCEPT"), req)
+        payload = read_json_object(req.stream, req.mimetype, req.content_length, settings.max_body)
         kwargs = registered.binder.bind(payload)
     except RequestError as exc:
         return error_response(exc, rid)
@@ -124,7 +121,7 @@ def call_function(name: str) -> Response:
         return error_response(RequestError(500, "the function failed; see the server log"), rid)
 
     if stream and isinstance(result, Iterator):
-        return _stream_response(result, settings, rid)
+        return _stream_response(result, req, settings, rid)
 
     try:
         if isinstance(result, Iterator):

@@ -1,0 +1,90 @@
+"""The two servers the runtime benchmark compares, serving the same generators.
+
+``plain_app()`` is what people write with Flask alone: ``Response(stream_with_context(gen()))``
+with hand-formatted ``data:`` lines. ``extension_app()`` serves the same generators with
+flask-sse-run. Both expose GET /stats for the benchmark to look inside the worker.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flask import Flask, Response, request, stream_with_context
+
+from flask_sse_run import SSERun
+
+STATS = {"finally": 0}
+
+
+def ticks(n: int, interval: float = 1.0) -> Iterator[str]:
+    try:
+        for i in range(n):
+            yield f"tick {i}"
+            time.sleep(interval)
+    finally:
+        STATS["finally"] += 1
+
+
+def firehose(n: int = 0, seconds: float = 0.0) -> Iterator[int]:
+    """n events as fast as possible, or as many as fit in ``seconds``; never blocks."""
+    if n:
+        yield from range(n)
+        return
+    deadline, base = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:  # the clock is read once per 1000 events
+        yield from range(base, base + 1000)
+        base += 1000
+
+
+def one() -> Iterator[str]:
+    yield "only"
+
+
+GENERATORS: dict[str, Callable[..., Iterator[Any]]] = {"ticks": ticks, "firehose": firehose, "one": one}
+
+
+def _stats() -> dict[str, Any]:
+    import greenlet
+
+    return {
+        **STATS,
+        "pid": os.getpid(),
+        "greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet)),
+        "threads": len(sys._current_frames()),  # real OS threads, whatever gevent patched
+        "fds": len(os.listdir("/proc/self/fd")),
+    }
+
+
+def plain_app() -> Flask:
+    app = Flask(__name__)
+    app.get("/stats")(_stats)
+
+    def make_view(gen: Callable[..., Iterator[Any]]) -> Callable[[], Response]:
+        def view() -> Response:
+            kwargs = request.get_json(silent=True) or {}
+
+            def stream() -> Iterator[str]:
+                for item in gen(**kwargs):
+                    yield f"data: {item}\n\n"
+
+            return Response(stream_with_context(stream()), mimetype="text/event-stream")
+
+        return view
+
+    for name, gen in GENERATORS.items():
+        app.add_url_rule(f"/{name}", name, make_view(gen), methods=["POST"])
+    return app
+
+
+def extension_app() -> Flask:
+    app = Flask(__name__)
+    app.get("/stats")(_stats)
+    sse = SSERun(app)
+    for name, gen in GENERATORS.items():
+        sse.function(name=name)(gen)
+    return app
