@@ -26,7 +26,14 @@ from .cancellation import CancelToken, bind_token
 from .compression import GzipStream
 from .events import Event, encode
 
-__all__ = ["StreamOptions", "close_iterator", "closing_events", "error_event", "inline_body"]
+__all__ = [
+    "StreamOptions",
+    "StreamResponse",
+    "close_iterator",
+    "closing_events",
+    "error_event",
+    "inline_body",
+]
 
 
 @dataclass(slots=True)

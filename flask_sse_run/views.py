@@ -25,6 +25,7 @@ from .streaming import StreamOptions, StreamResponse, close_iterator, inline_bod
 if TYPE_CHECKING:
     from .config import Settings
     from .extension import State
+    from .gevent_stream import GeventStream
 
 __all__ = ["EXTENSION_KEY", "call_function", "error_response"]
 
@@ -49,6 +50,13 @@ def _unknown(name: str) -> RequestError:
     return RequestError(404, f"no function named{shown}" if shown else "no such function")
 
 
+def _gevent_stream() -> type[GeventStream]:
+    # Imported on first use: the module imports gevent, which sync deployments may not load.
+    from .gevent_stream import GeventStream
+
+    return GeventStream
+
+
 def _accepts_gzip(req: Request) -> bool:
     if "HTTP_ACCEPT_ENCODING" not in req.environ:
         return False
@@ -69,9 +77,7 @@ def _stream_response(result: Iterator[Any], req: Request, settings: Settings, ri
     token = CancelToken()
     body: Iterable[bytes]
     if gevent_patched():
-        from .gevent_stream import GeventStream
-
-        body = GeventStream(
+        body = _gevent_stream()(
             stream_with_context(result), options, token=token, sock=req.environ.get("gunicorn.socket")
         )
     else:
