@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 from flask import Response, current_app, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
+from .auth import authenticate
 from .binding import _NAME
+from .body_timeout import with_deadline
 from .errors import RequestError
 from .events import json_value
 from .payload import read_json_object, request_id, wants_stream
@@ -57,9 +59,14 @@ def call_function(name: str) -> Response:
             raise _unknown(name)
         if request.method != "POST":
             raise RequestError(405, "this endpoint accepts POST only", headers={"Allow": "POST"})
+        if not registered.public:  # before the body is read: strangers cannot make us wait for it
+            authenticate(state.auth, request.headers.get("Authorization"), rid)
         stream = wants_stream(request.accept_mimetypes)
         payload = read_json_object(
-            request.stream, request.mimetype, request.content_length, settings.max_body
+            with_deadline(request.stream, settings.body_timeout),
+            request.mimetype,
+            request.content_length,
+            settings.max_body,
         )
         kwargs = registered.binder.bind(payload)
     except RequestError as exc:
