@@ -59,6 +59,14 @@ class Settings(BaseModel):
             raise ValueError("must be a non-empty name without line breaks")
         return value
 
+    @field_validator("auth_tokens", "jwt_algorithms", mode="before")
+    @classmethod
+    def _list_not_str(cls, value: Any) -> Any:
+        # A lone string would otherwise read as "not a valid tuple", which helps nobody.
+        if isinstance(value, str):
+            raise ValueError("must be a list of strings, not a string")
+        return value
+
     @field_validator("auth_tokens")
     @classmethod
     def _tokens(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -92,9 +100,9 @@ class Settings(BaseModel):
         except ValidationError as exc:
             problems = "; ".join(
                 # A check across keys (model_validator) has no loc; its message names the keys.
-                f"{PREFIX}{'.'.join(map(str, err['loc'])).upper()}: {err['msg']}"
+                f"{PREFIX}{'.'.join(map(str, err['loc'])).upper()}: {_message(err['msg'])}"
                 if err["loc"]
-                else err["msg"]
+                else _message(err["msg"])
                 for err in exc.errors(include_url=False, include_input=False)
             )
             raise ConfigurationError(problems) from None
@@ -103,3 +111,7 @@ class Settings(BaseModel):
     def defaults(cls) -> dict[str, Any]:
         """Every config key with its default value."""
         return {PREFIX + name.upper(): field.default for name, field in cls.model_fields.items()}
+
+
+def _message(msg: str) -> str:
+    return msg.removeprefix("Value error, ")

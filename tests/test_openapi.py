@@ -165,7 +165,8 @@ def test_docstrings_and_fields_describe_the_operation_and_its_parameters() -> No
     ("doc", "expected"),
     [
         (
-            "Summary.\n\nArgs:\n    a (int): first.\n    b: second,\n        continued.\n\nReturns:\n    c: no.",
+            "Summary.\n\nArgs:\n    a (int): first.\n    b: second,\n        continued.\n\n"
+            "Returns:\n    c: no.",
             {"a": "first.", "b": "second, continued."},
         ),
         (
@@ -232,7 +233,9 @@ def test_every_error_status_is_documented_with_its_body() -> None:
         ("/plain", {"json": {"a": 1}}, 200),
     ],
 )
-def test_real_responses_match_their_documented_schemas(path: str, kwargs: dict[str, Any], status: int) -> None:
+def test_real_responses_match_their_documented_schemas(
+    path: str, kwargs: dict[str, Any], status: int
+) -> None:
     app = create_app()
     doc = document(app)
     response = app.test_client().post(path, **kwargs)
