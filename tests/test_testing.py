@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from example_app import create_app as create_example_app
 from flask_sse_run import Event, SSERun
 from flask_sse_run.testing import ServerSentEvent, iter_events, stream_events
 
@@ -80,3 +82,17 @@ def test_leaving_iter_events_early_closes_the_generator() -> None:
         assert event.data == "1"
         break
     assert closed.wait(1)
+
+
+def test_the_readme_examples_work_on_the_example_app() -> None:
+    client = create_example_app().test_client()
+    assert stream_events(client, "/run", json={"upper_range": 2}) == [
+        ServerSentEvent(data="Number 0 "),
+        ServerSentEvent(data="Number 1 "),
+    ]
+    started = time.monotonic()
+    response = client.post("/run", json={"upper_range": 100}, buffered=False)
+    for event in iter_events(response):
+        assert event.data == "Number 0 "
+        break
+    assert time.monotonic() - started < 0.5  # the first event, not the hundredth second
