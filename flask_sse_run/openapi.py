@@ -158,7 +158,7 @@ def _operation(
             "content": success,
         }
     }
-    codes = list(_OPERATION_ERRORS)
+    codes = [code for code in _OPERATION_ERRORS if code != "408" or settings.body_timeout]
     if settings.auth_enabled and not registered.public:
         codes.append("401")
     for code in sorted(codes):

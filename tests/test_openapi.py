@@ -221,6 +221,11 @@ def test_every_error_status_is_documented_with_its_body() -> None:
     assert "Allow" in doc["components"]["responses"]["405"]["headers"]
 
 
+def test_no_408_is_documented_when_the_body_timeout_is_off() -> None:
+    doc = document(create_app(SSE_RUN_BODY_TIMEOUT=0))
+    assert "408" not in doc["paths"]["/run"]["post"]["responses"]
+
+
 @pytest.mark.parametrize(
     ("path", "kwargs", "status"),
     [

@@ -13,6 +13,7 @@ from flask.testing import FlaskClient
 from example_app import create_app as create_example_app
 from flask_sse_run import Event, SSERun
 from flask_sse_run.testing import ServerSentEvent, iter_events, stream_events
+from tests.apps import endless_app
 
 
 def test_stream_events_returns_every_event_of_the_stream(client: FlaskClient) -> None:
@@ -66,18 +67,7 @@ def test_iter_events_yields_each_event_as_it_is_yielded() -> None:
 
 
 def test_leaving_iter_events_early_closes_the_generator() -> None:
-    app = Flask(__name__)
-    sse = SSERun(app)
-    closed = threading.Event()
-
-    @sse.function
-    def endless() -> Iterator[int]:
-        try:
-            while True:
-                yield 1
-        finally:
-            closed.set()
-
+    app, closed = endless_app()
     for event in iter_events(app.test_client().post("/endless", buffered=False)):
         assert event.data == "1"
         break
