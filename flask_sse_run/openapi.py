@@ -7,8 +7,8 @@ document cannot drift from what the server validates. All bodies are generated i
 name two different component names; pydantic's ``$defs`` become ``components/schemas``.
 
 Descriptions come from the function's docstring (first line: ``summary``; all of it:
-``description``) and, per parameter, from ``Field(description=...)`` or else from the docstring's
-``Args:`` section (Google style), ``:param name:`` lines (Sphinx) or ``Parameters`` section (NumPy).
+``description``) and, per parameter, from ``Field(description=...)`` or else from the docstring
+(:func:`~flask_sse_run.docstrings.parameter_docs`).
 
 The document is built per request (it is small, and functions may be registered after
 ``init_app``) and is public even when auth is on: it describes the API, it grants nothing.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections.abc
 import inspect
 import json
-import re
 import typing
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Response, current_app, request
 from pydantic.json_schema import models_json_schema
 
+from .docstrings import parameter_docs
 from .errors import RequestError
 from .payload import request_id
 from .views import EXTENSION_KEY, error_response
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .config import Settings
     from .extension import RegisteredFunction, State
 
-__all__ = ["OPENAPI_PATH", "build_document", "openapi_view", "parameter_docs"]
+__all__ = ["OPENAPI_PATH", "build_document", "openapi_view"]
 
 OPENAPI_PATH = "/openapi.json"
 _REF = "#/components/schemas/{model}"
@@ -289,82 +289,6 @@ def _describe_parameters(schema: dict[str, Any], docs: Mapping[str, str]) -> Non
     for name, prop in schema.get("properties", {}).items():
         if name in docs and "description" not in prop:
             prop["description"] = docs[name]
-
-
-_GOOGLE_SECTION = re.compile(r"(Args|Arguments|Parameters|Params|Keyword Args|Keyword Arguments):\Z")
-_GOOGLE_ITEM = re.compile(r"\*{0,2}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)\Z")
-_SPHINX_ITEM = re.compile(r":param\s+(?:[^:]*\s)?(\w+)\s*:\s*(.*)\Z")
-_NUMPY_ITEM = re.compile(r"(\w+)\s*(?::.*)?\Z")
-
-
-def parameter_docs(doc: str | None) -> dict[str, str]:
-    """Per-parameter descriptions from a docstring (Google, Sphinx or NumPy style).
-
-    Continuation lines are joined with spaces; a parameter that is not described is left out.
-    """
-    if not doc:
-        return {}
-    lines = [(len(line) - len(line.lstrip()), line.strip()) for line in inspect.cleandoc(doc).splitlines()]
-    found: dict[str, list[str]] = {}
-    for style in (_sphinx_items, _google_items, _numpy_items):
-        style(lines, found)
-    return {name: " ".join(parts) for name, parts in found.items() if any(parts)}
-
-
-_Lines = list[tuple[int, str]]
-
-
-def _sphinx_items(lines: _Lines, found: dict[str, list[str]]) -> None:
-    current: list[str] | None = None
-    for indent, text in lines:
-        item = _SPHINX_ITEM.match(text)
-        if item:
-            current = found.setdefault(item.group(1), [])
-            current.append(item.group(2))
-        elif current is not None and text and indent > 0 and not text.startswith(":"):
-            current.append(text)
-        else:
-            current = None
-
-
-def _google_items(lines: _Lines, found: dict[str, list[str]]) -> None:
-    current: list[str] | None = None
-    item_indent: int | None = None
-    in_section = False
-    for indent, text in lines:
-        if indent == 0 and text:
-            in_section = bool(_GOOGLE_SECTION.match(text))
-            current, item_indent = None, None
-            continue
-        if not in_section or not text:
-            continue
-        if item_indent is None:
-            item_indent = indent
-        item = _GOOGLE_ITEM.match(text) if indent == item_indent else None
-        if item:
-            current = found.setdefault(item.group(1), [])
-            current.append(item.group(2))
-        elif current is not None and indent > item_indent:
-            current.append(text)
-
-
-def _numpy_items(lines: _Lines, found: dict[str, list[str]]) -> None:
-    current: list[str] | None = None
-    in_section = False
-    for index, (indent, text) in enumerate(lines):
-        underlined = (
-            index + 1 < len(lines) and bool(lines[index + 1][1]) and set(lines[index + 1][1]) == {"-"}
-        )
-        if indent == 0 and underlined:  # a section title
-            in_section, current = text in ("Parameters", "Other Parameters"), None
-            continue
-        if not in_section or not text or set(text) == {"-"}:
-            continue
-        item = _NUMPY_ITEM.match(text) if indent == 0 else None
-        if item:
-            current = found.setdefault(item.group(1), [])
-        elif current is not None and indent > 0:
-            current.append(text)
 
 
 def openapi_view() -> Response:

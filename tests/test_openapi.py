@@ -15,7 +15,7 @@ from openapi_spec_validator import OpenAPIV31SpecValidator
 from pydantic import BaseModel, Field, create_model
 
 from flask_sse_run import SSERun
-from flask_sse_run.openapi import build_document, parameter_docs
+from flask_sse_run.openapi import build_document
 from tests.apps import create_app
 from tests.live import gunicorn
 
@@ -159,32 +159,6 @@ def test_docstrings_and_fields_describe_the_operation_and_its_parameters() -> No
     assert props["count"]["description"] == "how many things, over two lines."
     assert props["label"]["description"] == "From the Field."
     assert "description" not in props["silent"]
-
-
-@pytest.mark.parametrize(
-    ("doc", "expected"),
-    [
-        (
-            "Summary.\n\nArgs:\n    a (int): first.\n    b: second,\n        continued.\n\n"
-            "Returns:\n    c: no.",
-            {"a": "first.", "b": "second, continued."},
-        ),
-        (
-            "Summary.\n\n:param a: first.\n:param int b: second,\n    continued.\n:returns: no.",
-            {"a": "first.", "b": "second, continued."},
-        ),
-        (
-            "Summary.\n\nParameters\n----------\na : int\n    first.\nb\n    second,\n    continued.\n\n"
-            "Returns\n-------\nc\n    no.",
-            {"a": "first.", "b": "second, continued."},
-        ),
-        ("Summary only.", {}),
-        (None, {}),
-    ],
-    ids=["google", "sphinx", "numpy", "none", "no-docstring"],
-)
-def test_parameter_descriptions_are_parsed_from_docstrings(doc: str | None, expected: dict[str, str]) -> None:
-    assert parameter_docs(doc) == expected
 
 
 def test_generators_may_stream_and_plain_functions_answer_json() -> None:
