@@ -17,6 +17,8 @@ setup(
         # gunicorn's gevent worker imports packaging at run time; without it the worker
         # class fails to load ("class uri 'gevent' invalid").
         "packaging>=23",
+        # Bearer auth (SSE_RUN_JWT_KEY). 2.13 fixed algorithm-confusion and crit-header holes.
+        "PyJWT>=2.13",
     ],
     extras_require={
         # torch first: `pip install torch==2.13.0` before this extra takes the local CPU wheel.
@@ -26,6 +28,11 @@ setup(
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
             "requests>=2.31",
+            "openapi-spec-validator>=0.7",
+            "openapi-schema-validator>=0.6",
+            "schemathesis>=4.30",
+            # RS256 tokens in the auth tests (PyJWT needs it for every public-key algorithm).
+            "cryptography>=42",
         ],
         "dev": ["ruff>=0.6", "mypy>=1.10", "types-requests"],
     },

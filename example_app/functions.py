@@ -12,7 +12,11 @@ sse = SSERun()
 
 @sse.function
 def run(upper_range: int) -> Iterator[str]:
-    """Count to ``upper_range``, one number a second (the hosted platform's example)."""
+    """Count to ``upper_range``, one number a second (the hosted platform's example).
+
+    Args:
+        upper_range: how many numbers to send; the stream lasts that many seconds.
+    """
     for i in range(upper_range):
         yield f"Number {i} "
         time.sleep(1)

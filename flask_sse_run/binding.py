@@ -105,7 +105,9 @@ def inspect_function(func: Callable[..., Any], name: str) -> Binder:
     try:
         model = create_model(
             f"{name}_parameters",
-            __config__=ConfigDict(extra="forbid", populate_by_name=False),
+            # allow_inf_nan off: lax mode would turn the string "NaN" into a float that JSON
+            # cannot carry back out (the body parser already refuses NaN as a number).
+            __config__=ConfigDict(extra="forbid", populate_by_name=False, allow_inf_nan=False),
             __doc__=inspect.getdoc(func),
             **fields,
         )

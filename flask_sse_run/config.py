@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .auth import check_jwt_settings, check_static_tokens
 from .errors import ConfigurationError
 
 __all__ = ["PREFIX", "Settings"]
@@ -31,6 +32,25 @@ class Settings(BaseModel):
     gzip: bool = True
     #: Name of the event sent to open streams when the worker shuts down gracefully.
     shutdown_event: str = "shutdown"
+    #: Seconds a client may take to send its whole request body (408 after); 0 turns it off.
+    body_timeout: float = Field(30.0, ge=0)
+    #: Static bearer tokens that are let in; ``None`` (and no ``jwt_key``) leaves auth off.
+    auth_tokens: tuple[str, ...] | None = Field(None, strict=False)
+    #: Key that verifies JWT bearer tokens (an HMAC secret or a PEM public key).
+    jwt_key: str | None = None
+    #: JWT algorithms accepted; the token's ``alg`` header must be one of them.
+    jwt_algorithms: tuple[str, ...] = Field(("HS256",), strict=False)
+    #: Audience a JWT's ``aud`` claim must name; ``None`` accepts tokens without ``aud``.
+    jwt_audience: str | None = None
+    #: ``info.title`` of ``openapi.json``; ``None`` uses the app's name.
+    openapi_title: str | None = None
+    #: ``info.version`` of ``openapi.json``: the version of your API, not of this package.
+    openapi_version: str = "1.0.0"
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether requests must carry a bearer token (static tokens or a JWT key are set)."""
+        return self.auth_tokens is not None or self.jwt_key is not None
 
     @field_validator("end_event", "shutdown_event")
     @classmethod
@@ -38,6 +58,29 @@ class Settings(BaseModel):
         if value is not None and (not value or "\n" in value or "\r" in value):
             raise ValueError("must be a non-empty name without line breaks")
         return value
+
+    @field_validator("auth_tokens", "jwt_algorithms", mode="before")
+    @classmethod
+    def _list_not_str(cls, value: Any) -> Any:
+        # A lone string would otherwise read as "not a valid tuple", which helps nobody.
+        if isinstance(value, str):
+            raise ValueError("must be a list of strings, not a string")
+        return value
+
+    @field_validator("auth_tokens")
+    @classmethod
+    def _tokens(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            check_static_tokens(value)
+        return value
+
+    @model_validator(mode="after")
+    def _jwt(self) -> Settings:
+        if self.jwt_key is not None:
+            check_jwt_settings(self.jwt_key, self.jwt_algorithms)
+        elif self.jwt_audience is not None:
+            raise ValueError("SSE_RUN_JWT_AUDIENCE is set but SSE_RUN_JWT_KEY is not")
+        return self
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
@@ -56,7 +99,10 @@ class Settings(BaseModel):
             return cls(**values)
         except ValidationError as exc:
             problems = "; ".join(
-                f"{PREFIX}{'.'.join(map(str, err['loc'])).upper()}: {err['msg']}"
+                # A check across keys (model_validator) has no loc; its message names the keys.
+                f"{PREFIX}{'.'.join(map(str, err['loc'])).upper()}: {_message(err['msg'])}"
+                if err["loc"]
+                else _message(err["msg"])
                 for err in exc.errors(include_url=False, include_input=False)
             )
             raise ConfigurationError(problems) from None
@@ -65,3 +111,7 @@ class Settings(BaseModel):
     def defaults(cls) -> dict[str, Any]:
         """Every config key with its default value."""
         return {PREFIX + name.upper(): field.default for name, field in cls.model_fields.items()}
+
+
+def _message(msg: str) -> str:
+    return msg.removeprefix("Value error, ")

@@ -8,9 +8,11 @@ from typing import Any, TypeVar, overload
 
 from flask import Flask
 
+from .auth import Authenticator
 from .binding import Binder, inspect_function, validate_name
 from .config import Settings
 from .errors import RegistrationError
+from .openapi import OPENAPI_PATH, openapi_view
 from .views import EXTENSION_KEY, call_function
 
 __all__ = ["RegisteredFunction", "SSERun", "State"]
@@ -25,6 +27,8 @@ class RegisteredFunction:
 
     func: Callable[..., Any]
     binder: Binder
+    #: Served without a bearer token even when auth is on.
+    public: bool = False
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class State:
 
     extension: SSERun
     settings: Settings
+    #: ``None`` when auth is off.
+    auth: Authenticator | None = None
 
 
 class SSERun:
@@ -40,7 +46,7 @@ class SSERun:
 
     ``SSERun(app)`` or, with an app factory, ``sse = SSERun()`` then ``sse.init_app(app)``.
     Functions registered with :meth:`function` (before or after ``init_app``) are served at
-    ``POST {url_prefix}/{name}``.
+    ``POST {url_prefix}/{name}``; ``GET {url_prefix}/openapi.json`` describes them all.
 
     Config keys read by ``init_app`` (defaults in brackets):
 
@@ -50,6 +56,16 @@ class SSERun:
     - ``SSE_RUN_EXPOSE_ERRORS`` [False]: show exception type and message in ``error`` events.
     - ``SSE_RUN_GZIP`` [True]: gzip streams for clients that accept it.
     - ``SSE_RUN_SHUTDOWN_EVENT`` ["shutdown"]: event sent to open streams on graceful shutdown.
+    - ``SSE_RUN_BODY_TIMEOUT`` [30]: seconds to receive the whole body (408 after); 0 = off.
+    - ``SSE_RUN_AUTH_TOKENS`` [None]: static bearer tokens (16+ characters) that are let in.
+    - ``SSE_RUN_JWT_KEY`` [None]: HMAC secret or PEM public key that verifies JWT bearer tokens.
+    - ``SSE_RUN_JWT_ALGORITHMS`` [("HS256",)]: accepted JWT algorithms (never ``none``).
+    - ``SSE_RUN_JWT_AUDIENCE`` [None]: required ``aud`` of JWTs.
+    - ``SSE_RUN_OPENAPI_TITLE`` [None]: ``info.title`` of openapi.json (default: the app's name).
+    - ``SSE_RUN_OPENAPI_VERSION`` ["1.0.0"]: ``info.version`` of openapi.json.
+
+    Auth is on when ``SSE_RUN_AUTH_TOKENS`` or ``SSE_RUN_JWT_KEY`` is set: every function but
+    those registered with ``public=True`` then needs ``Authorization: Bearer <token>`` (401).
     """
 
     def __init__(self, app: Flask | None = None, *, url_prefix: str = "") -> None:
@@ -72,7 +88,16 @@ class SSERun:
         for key, value in Settings.defaults().items():
             app.config.setdefault(key, value)
         settings = Settings.from_config(app.config)
-        app.extensions[EXTENSION_KEY] = State(extension=self, settings=settings)
+        app.extensions[EXTENSION_KEY] = State(
+            extension=self, settings=settings, auth=Authenticator.from_settings(settings)
+        )
+        # A static rule: Werkzeug matches it before the "<name>" rule below.
+        app.add_url_rule(
+            f"{self.url_prefix}{OPENAPI_PATH}",
+            endpoint="sse_run.openapi",
+            view_func=openapi_view,
+            methods=_METHODS,
+        )
         # One rule for every name: functions registered after init_app (even after the first
         # request) are served without touching the URL map again.
         app.add_url_rule(
@@ -86,12 +111,17 @@ class SSERun:
     def function(self, func: F, /) -> F: ...
 
     @overload
-    def function(self, func: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
+    def function(
+        self, func: None = None, /, *, name: str | None = None, public: bool = False
+    ) -> Callable[[F], F]: ...
 
-    def function(self, func: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+    def function(
+        self, func: F | None = None, /, *, name: str | None = None, public: bool = False
+    ) -> F | Callable[[F], F]:
         """Serve ``func`` at ``POST {url_prefix}/{name}``: ``@sse.function`` or ``@sse.function(name=...)``.
 
-        ``name`` defaults to the function's ``__name__``. Raises
+        ``name`` defaults to the function's ``__name__``. ``public=True`` serves it without a
+        bearer token when auth is on. Raises
         :class:`~flask_sse_run.RegistrationError` for a private (``_``-prefixed), malformed or
         duplicate name, or for a signature that cannot be bound from a JSON object.
         """
@@ -100,7 +130,9 @@ class SSERun:
             fname = validate_name(name if name is not None else f.__name__)
             if fname in self.functions:
                 raise RegistrationError(f"{fname!r} is already registered")
-            self.functions[fname] = RegisteredFunction(func=f, binder=inspect_function(f, fname))
+            self.functions[fname] = RegisteredFunction(
+                func=f, binder=inspect_function(f, fname), public=public
+            )
             return f
 
         return register(func) if func is not None else register

@@ -8,9 +8,10 @@ echo the input back.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from typing import IO, Any
+from typing import Any, Protocol
 
 from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import parse_accept_header
@@ -18,19 +19,35 @@ from werkzeug.wrappers import Request
 
 from .errors import RequestError
 
-__all__ = ["read_json_object", "request_id", "wants_stream"]
+__all__ = ["Readable", "read_json_object", "request_id", "wants_stream"]
 
 #: Deeper JSON is refused: nothing a function takes needs it, and validating or logging very deep
 #: structures recurses.
 MAX_DEPTH = 64
+# Decoded UTF-8 cannot hold a surrogate; only a \uD800-\uDFFF escape can put one in a string.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}\Z")
 STREAM = "text/event-stream"
 JSON = "application/json"
 _STREAM_ACCEPTS = frozenset({"*/*", STREAM, f"{STREAM}, */*"})
 
 
+class Readable(Protocol):
+    """What :func:`read_json_object` needs of the request stream."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 def _no_constants(name: str) -> Any:
     raise RequestError(400, f"body is not valid JSON: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    # 1e400 is valid JSON but parses to inf, which JSON cannot represent on the way back out.
+    value = float(text)
+    if not math.isfinite(value):
+        raise RequestError(400, "body is not valid JSON for this API: a number is out of range")
+    return value
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -54,7 +71,28 @@ def _too_deep(value: Any) -> bool:
     return False
 
 
-_DECODER = json.JSONDecoder(parse_constant=_no_constants, object_pairs_hook=_unique_keys)
+def _has_lone_surrogate(value: Any) -> bool:
+    # A lone surrogate is valid JSON but not text: it cannot be encoded to UTF-8, so a function
+    # that echoes it would fail while answering (I-JSON, RFC 7493, refuses them too).
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
+
+
+_DECODER = json.JSONDecoder(
+    parse_constant=_no_constants, parse_float=_finite_float, object_pairs_hook=_unique_keys
+)
 
 
 def _is_json(mimetype: str) -> bool:
@@ -62,13 +100,14 @@ def _is_json(mimetype: str) -> bool:
 
 
 def read_json_object(
-    stream: IO[bytes], mimetype: str, content_length: int | None, max_body: int
+    stream: Readable, mimetype: str, content_length: int | None, max_body: int
 ) -> dict[str, Any]:
     """Read and parse the request body; it must be a JSON object (an empty body means ``{}``).
 
     Raises :class:`RequestError`: 413 over ``max_body`` bytes, 415 for a non-JSON
-    Content-Type, 400 for invalid UTF-8 or JSON, NaN/Infinity, duplicate keys, nesting too
-    deep (over ``MAX_DEPTH``), or JSON that is not an object.
+    Content-Type, 400 for invalid UTF-8 or JSON, NaN/Infinity or numbers beyond a float's
+    range, duplicate keys, nesting too deep (over ``MAX_DEPTH``), lone surrogates (``"\\ud800"``),
+    or JSON that is not an object.
     """
     if content_length is not None and content_length > max_body:
         raise RequestError(413, f"body is larger than {max_body} bytes")
@@ -98,6 +137,8 @@ def read_json_object(
     # Counting brackets is cheap and rules out deep nesting for almost every body.
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(value):
         raise RequestError(400, f"body is not valid JSON for this API: nested deeper than {MAX_DEPTH}")
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+        raise RequestError(400, "body is not valid JSON for this API: a string holds a lone surrogate")
     return value
 
 

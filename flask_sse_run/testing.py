@@ -1,4 +1,5 @@
-"""Helpers for testing streaming endpoints: an SSE parser written to the spec.
+"""Helpers for testing streaming endpoints: an SSE parser written to the spec, and helpers that
+read a Flask test-client response into events as it streams.
 
 :class:`SSEParser` follows the WHATWG HTML "server-sent events" parsing rules (line ends CR,
 LF or CRLF, even split across chunks; one leading space stripped from values; ``id`` with NUL
@@ -9,10 +10,17 @@ written independently of :mod:`flask_sse_run.events` so each can check the other
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["SSEParser", "ServerSentEvent", "parse_events"]
+from werkzeug.datastructures import Headers
+
+if TYPE_CHECKING:
+    from flask.testing import FlaskClient
+    from werkzeug.wrappers import Response
+
+__all__ = ["SSEParser", "ServerSentEvent", "iter_events", "parse_events", "stream_events"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +119,41 @@ def parse_events(chunks: bytes | Iterable[bytes]) -> list[ServerSentEvent]:
     if isinstance(chunks, bytes):
         chunks = [chunks]
     return [event for chunk in chunks for event in parser.feed(chunk)]
+
+
+def iter_events(response: Response) -> Iterator[ServerSentEvent]:
+    """Yield the events of a streamed response as its chunks arrive; close it at the end.
+
+    Use with a test-client response made with ``buffered=False`` to see each event the moment
+    the function yields it (a buffered response has already run the function to its end).
+    Stopping early (``break``, or closing the iterator) closes the response, which closes the
+    function's generator.
+    """
+    parser = SSEParser()
+    try:
+        for chunk in response.iter_encoded():
+            yield from parser.feed(chunk)
+    finally:
+        response.close()
+
+
+def stream_events(
+    client: FlaskClient, path: str, *, json: Any = None, **kwargs: Any
+) -> list[ServerSentEvent]:
+    """POST ``json`` to ``path`` with the test ``client`` and return every event of the stream.
+
+    Other keyword arguments (``headers=``, ``data=``...) go to ``client.post``. Raises
+    :class:`AssertionError`, showing the status and body, if the answer is not a ``200``
+    ``text/event-stream`` (a 4xx JSON error, say).
+    """
+    headers = Headers(kwargs.pop("headers", None))
+    headers.setdefault("Accept", "text/event-stream")
+    response = client.post(path, json=json, headers=headers, buffered=False, **kwargs)
+    if response.status_code != 200 or response.mimetype != "text/event-stream":
+        body = response.get_data(as_text=True)
+        response.close()
+        raise AssertionError(
+            f"POST {path}: expected a 200 text/event-stream, got {response.status} "
+            f"{response.content_type}: {body[:500]}"
+        )
+    return list(iter_events(response))

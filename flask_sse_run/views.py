@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 from flask import Request, Response, current_app, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
+from .auth import authenticate
 from .binding import _NAME
+from .body_timeout import with_deadline
 from .cancellation import CancelToken
 from .concurrency import gevent_patched
 from .errors import RequestError
@@ -107,8 +109,15 @@ def call_function(name: str) -> Response:
             raise _unknown(name)
         if req.method != "POST":
             raise RequestError(405, "this endpoint accepts POST only", headers={"Allow": "POST"})
+        if not registered.public:  # before the body is read: strangers cannot make us wait for it
+            authenticate(state.auth, req.environ.get("HTTP_AUTHORIZATION"), rid)
         stream = wants_stream(req.environ.get("HTTP_ACCEPT"), req)
-        payload = read_json_object(req.stream, req.mimetype, req.content_length, settings.max_body)
+        payload = read_json_object(
+            with_deadline(req.stream, settings.body_timeout),
+            req.mimetype,
+            req.content_length,
+            settings.max_body,
+        )
         kwargs = registered.binder.bind(payload)
     except RequestError as exc:
         return error_response(exc, rid)

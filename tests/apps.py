@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -134,3 +135,20 @@ def create_app(**config: Any) -> Flask:
 
     sse.init_app(app)
     return app
+
+
+def endless_app() -> tuple[Flask, threading.Event]:
+    """An app serving ``/endless`` (yields 1 forever) and the event set when it is closed."""
+    app = Flask(__name__)
+    sse = SSERun(app)
+    closed = threading.Event()
+
+    @sse.function
+    def endless() -> Iterator[int]:
+        try:
+            while True:
+                yield 1
+        finally:
+            closed.set()
+
+    return app, closed

@@ -17,6 +17,9 @@ def test_defaults_are_set_on_the_app_config() -> None:
     assert app.config["SSE_RUN_END_EVENT"] is None
     assert app.config["SSE_RUN_EXPOSE_ERRORS"] is False
     assert app.config["SSE_RUN_GZIP"] is True
+    assert app.config["SSE_RUN_BODY_TIMEOUT"] == 30.0
+    assert app.config["SSE_RUN_AUTH_TOKENS"] is None and app.config["SSE_RUN_JWT_KEY"] is None
+    assert app.config["SSE_RUN_JWT_ALGORITHMS"] == ("HS256",)
     assert app.extensions["sse_run"].settings == Settings()
 
 
@@ -37,6 +40,10 @@ def test_values_are_read_from_config() -> None:
         ("SSE_RUN_END_EVENT", "a\nb", "SSE_RUN_END_EVENT"),
         ("SSE_RUN_EXPOSE_ERRORS", "yes", "SSE_RUN_EXPOSE_ERRORS"),
         ("SSE_RUN_KEEPALIVES", 5, "unknown configuration keys: SSE_RUN_KEEPALIVES"),
+        ("SSE_RUN_BODY_TIMEOUT", -1, "SSE_RUN_BODY_TIMEOUT"),
+        ("SSE_RUN_BODY_TIMEOUT", "30s", "SSE_RUN_BODY_TIMEOUT"),
+        ("SSE_RUN_OPENAPI_VERSION", 1, "SSE_RUN_OPENAPI_VERSION"),
+        ("SSE_RUN_OPENAPI_TITLE", ["x"], "SSE_RUN_OPENAPI_TITLE"),
     ],
 )
 def test_bad_configuration_fails_at_start_up(key: str, value: Any, fragment: str) -> None:

@@ -23,6 +23,11 @@ def test_nesting_up_to_the_limit_is_accepted() -> None:
     assert read(b'{"a":' + b"[" * 63 + b"]" * 63 + b"}")
 
 
+def test_surrogate_pairs_and_escaped_backslashes_are_not_lone_surrogates() -> None:
+    assert read(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}
+    assert read(b'{"a": "\\\\ud800"}') == {"a": "\\ud800"}
+
+
 def test_an_empty_body_means_no_arguments() -> None:
     assert read(b"", "") == {}
     assert read(b"  \n", "text/plain") == {}
@@ -43,6 +48,8 @@ def test_an_empty_body_means_no_arguments() -> None:
         (b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json", None, 400, "nested"),
         (b'{"a":' + b"[" * 64 + b"]" * 64 + b"}", "application/json", None, 400, "nested deeper than 64"),
         (b'{"a": 1' + b"0" * 5000 + b"}", "application/json", None, 400, "too large"),
+        (b'{"a": 1e400}', "application/json", None, 400, "out of range"),
+        (b'{"a": ["\\udc00"]}', "application/json", None, 400, "lone surrogate"),
     ],
     ids=lambda value: value[:20] if isinstance(value, bytes) else None,
 )

@@ -11,7 +11,7 @@ from flask.testing import FlaskClient
 
 from flask_sse_run import RequestError, SSERun
 from flask_sse_run.testing import ServerSentEvent, parse_events
-from tests.apps import create_app
+from tests.apps import create_app, endless_app
 
 
 def error_body(response: object) -> dict[str, object]:
@@ -230,18 +230,7 @@ def test_end_event_marks_a_finished_stream() -> None:
 
 
 def test_closing_the_response_closes_the_generator() -> None:
-    app = Flask(__name__)
-    sse = SSERun(app)
-    closed = threading.Event()
-
-    @sse.function
-    def endless() -> Iterator[int]:
-        try:
-            while True:
-                yield 1
-        finally:
-            closed.set()
-
+    app, closed = endless_app()
     response = app.test_client().post("/endless", buffered=False)
     assert next(iter(response.response)) == b"data: 1\n\n"
     response.close()
