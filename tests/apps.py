@@ -113,6 +113,14 @@ def firehose(n: int) -> Iterator[int]:
 
 
 @sse.function
+def burst_then_wait(n: int, wait: float) -> Iterator[int]:
+    # n events without blocking, then a long block: the held events must not wait for it.
+    yield from range(n)
+    time.sleep(wait)
+    yield n
+
+
+@sse.function
 def ticks(n: int, interval: float = 1.0) -> Iterator[float]:
     for _ in range(n):
         yield time.time()

@@ -134,6 +134,38 @@ def test_a_never_blocking_stream_does_not_starve_the_others(tmp_path: Path) -> N
         assert "WORKER TIMEOUT" not in srv.log()
 
 
+def http_chunks(sock: socket.socket) -> list[bytes]:
+    """Read a chunked response to its end; return the chunks as the server framed them."""
+    data = read_until(sock, b"\r\n0\r\n\r\n")
+    _, _, body = data.partition(b"\r\n\r\n")
+    chunks = []
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return chunks
+        chunks.append(body[:size])
+        body = body[size + 2 :]
+
+
+def test_events_ready_together_go_out_in_few_writes(server: Server) -> None:
+    sock = open_stream(server, "/firehose", b'{"n": 20000}')
+    chunks = http_chunks(sock)
+    sock.close()
+    assert b"".join(chunks).count(b"\n\n") == 20000
+    assert len(chunks) <= 20000 / 32  # one write per event would be 20000 chunks
+
+
+def test_held_events_do_not_wait_for_a_generator_that_blocks(server: Server) -> None:
+    started = time.monotonic()
+    sock = open_stream(server, "/burst_then_wait", b'{"n": 5, "wait": 2}')
+    first = read_until(sock, b"data: 4\n\n")
+    assert time.monotonic() - started < 0.5  # not after the 2 s block
+    assert all(f"data: {i}\n\n".encode() in first for i in range(5))
+    assert b"data: 5" not in first
+    sock.close()
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_gzip_streams_decode_event_by_event_with_curl(server: Server) -> None:
     process = subprocess.Popen(
