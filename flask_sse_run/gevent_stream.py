@@ -181,6 +181,9 @@ class GeventStream:
                 self._wait_for_helper()
             token.cancel(self._ended_by)
             close_iterator(source)
+            # Break the cycles (greenlet -> frame -> body -> greenlet, and the server's response
+            # object) now rather than at the next full collection.
+            self._greenlet = self._write = None
 
     def _take(self, tail: bytes = b"") -> bytes:
         """Everything held, plus ``tail``, ready for the socket (gzipped if need be)."""
