@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -64,21 +65,27 @@ class SSERun:
     def init_app(self, app: Flask) -> None:
         """Register the extension on ``app``.
 
-        Raises :class:`RuntimeError` if the extension is already registered on ``app`` and
+        Several instances may serve one app under different ``url_prefix`` values (the example
+        app serves its Falcon functions under ``/falcon``); the first one registered reads the
+        settings and the others share them. Raises :class:`RuntimeError` if this instance, or
+        another with the same ``url_prefix``, is already registered on ``app``, and
         :class:`~flask_sse_run.ConfigurationError` if an ``SSE_RUN_*`` key is invalid.
         """
-        if EXTENSION_KEY in app.extensions:
+        endpoint = f"sse_run.call{self.url_prefix}" if self.url_prefix else "sse_run.call"
+        state = app.extensions.get(EXTENSION_KEY)
+        if endpoint in app.view_functions or (state is not None and state.extension is self):
             raise RuntimeError("flask-sse-run is already registered on this app; call init_app once per app")
-        for key, value in Settings.defaults().items():
-            app.config.setdefault(key, value)
-        settings = Settings.from_config(app.config)
-        app.extensions[EXTENSION_KEY] = State(extension=self, settings=settings)
+        if state is None:
+            for key, value in Settings.defaults().items():
+                app.config.setdefault(key, value)
+            settings = Settings.from_config(app.config)
+            app.extensions[EXTENSION_KEY] = State(extension=self, settings=settings)
         # One rule for every name: functions registered after init_app (even after the first
         # request) are served without touching the URL map again.
         app.add_url_rule(
             f"{self.url_prefix}/<name>",
-            endpoint="sse_run.call",
-            view_func=call_function,
+            endpoint=endpoint,
+            view_func=functools.partial(call_function, functions=self.functions),
             methods=_METHODS,
         )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from flask import Response, current_app, request, stream_with_context
@@ -21,7 +21,7 @@ from .payload import read_json_object, request_id, wants_stream
 from .streaming import close_iterator, sse_body
 
 if TYPE_CHECKING:
-    from .extension import State
+    from .extension import RegisteredFunction, State
 
 __all__ = ["EXTENSION_KEY", "call_function", "error_response"]
 
@@ -46,13 +46,17 @@ def _unknown(name: str) -> RequestError:
     return RequestError(404, f"no function named{shown}" if shown else "no such function")
 
 
-def call_function(name: str) -> Response:
-    """Validate the request, call the function ``name`` and answer with a stream or JSON."""
+def call_function(name: str, functions: Mapping[str, RegisteredFunction] | None = None) -> Response:
+    """Validate the request, call the function ``name`` and answer with a stream or JSON.
+
+    ``functions`` is the registry of the :class:`~flask_sse_run.SSERun` instance whose URL rule
+    matched (default: the app's first instance).
+    """
     state: State = current_app.extensions[EXTENSION_KEY]
     settings = state.settings
     rid = request_id(request.headers.get("X-Request-ID"))
     try:
-        registered = state.extension.functions.get(name)
+        registered = (state.extension.functions if functions is None else functions).get(name)
         if registered is None:
             raise _unknown(name)
         if request.method != "POST":
