@@ -29,3 +29,25 @@ accesslog = _env("ACCESSLOG", "-")
 # (tests, a second app) would fight over it. Opt in with GUNICORN_CONTROL_SOCKET=/path.
 control_socket = _env("CONTROL_SOCKET", "")
 control_socket_disable = not control_socket
+
+
+
+def post_fork(server: object, worker: object) -> None:
+    """In each worker, before gevent patches it: import torch and transformers if they serve.
+
+    huggingface_hub cannot be imported once gevent has patched ``select`` (no ``epoll``) and
+    ``subprocess``; importing starts no torch thread, so the worker's fork is safe.
+    """
+    from example_app.falcon import prepare_worker
+
+    prepare_worker()
+
+
+def post_worker_init(worker: object) -> None:
+    """Start loading the Falcon model (if FALCON_MODEL is set) in the worker, after the fork.
+
+    Never in the master: with --preload, torch work there would deadlock the forked workers.
+    """
+    from example_app.falcon import start_in_worker
+
+    start_in_worker(getattr(worker, "wsgi", None))
