@@ -8,10 +8,13 @@ thread that will run the model (after gunicorn forks, on the device's dedicated 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from ..concurrency import gevent_patched
 
 __all__ = ["LoadedModel", "import_runtime", "load_kwargs", "load_pretrained"]
 
@@ -74,6 +77,18 @@ def load_pretrained(source: str, log: Callable[[str], object] | None = None) -> 
     began = time.perf_counter()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if gevent_patched():
+        # Under gevent, a thread that transformers starts here (its weight-reading pool, tqdm's
+        # progress-bar monitor) is a greenlet of this thread: it never runs in parallel, and the
+        # worker's exit then waits for it until gunicorn kills the worker (graceful_timeout).
+        # Read the weights sequentially and report progress in the log lines below instead.
+        os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as transformers_logging
+
+        disable_progress_bars()
+        transformers_logging.disable_progress_bar()
 
     cuda = torch.cuda.is_available()
     kwargs = load_kwargs(cuda)
