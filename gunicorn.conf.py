@@ -31,7 +31,6 @@ control_socket = _env("CONTROL_SOCKET", "")
 control_socket_disable = not control_socket
 
 
-
 def post_fork(server: object, worker: object) -> None:
     """In each worker, before gevent patches it: import torch and transformers if they serve.
 

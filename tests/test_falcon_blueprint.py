@@ -19,9 +19,9 @@ from flask.testing import FlaskClient
 pytest.importorskip("torch")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from example_app import create_app  # noqa: E402
-from flask_sse_run.testing import parse_events  # noqa: E402
-from tests.tiny_falcon import save_model  # noqa: E402
+from example_app import create_app
+from flask_sse_run.testing import parse_events
+from tests.tiny_falcon import save_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,7 +143,9 @@ def test_a_json_client_gets_every_event_in_one_document(client: FlaskClient) -> 
         ({"prompt": "a", "unknown": 1}, "unknown"),
     ],
 )
-def test_bad_parameters_get_422_naming_the_parameter(client: FlaskClient, body: dict[str, Any], loc: str) -> None:
+def test_bad_parameters_get_422_naming_the_parameter(
+    client: FlaskClient, body: dict[str, Any], loc: str
+) -> None:
     response = client.post("/falcon/run", json=body)
     assert response.status_code == 422
     assert response.get_json()["detail"][0]["loc"][0] == loc

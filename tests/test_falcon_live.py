@@ -19,9 +19,9 @@ import requests
 
 pytest.importorskip("torch")
 
-from flask_sse_run.testing import SSEParser  # noqa: E402
-from tests.live import Server, gunicorn  # noqa: E402
-from tests.tiny_falcon import save_model  # noqa: E402
+from flask_sse_run.testing import SSEParser
+from tests.live import Server, gunicorn
+from tests.tiny_falcon import save_model
 
 PROMPT = "Tell me a story"
 NO_GZIP = {"Accept-Encoding": "identity"}

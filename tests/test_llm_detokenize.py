@@ -8,11 +8,11 @@ import pytest
 pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from flask_sse_run.llm import IncrementalDetokenizer  # noqa: E402
-from tests.tiny_falcon import byte_bpe_tokenizer, word_tokenizer  # noqa: E402
+from flask_sse_run.llm import IncrementalDetokenizer
+from tests.tiny_falcon import byte_bpe_tokenizer, word_tokenizer
 
 TEXTS = [
     "Tell me a story about the café ☃ in Zürich 🎉🙂!",
@@ -39,7 +39,11 @@ def byte_tokens(tokenizer: Any, text: str) -> list[int]:
 
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2's table: the printable character the byte-level pre-tokenizer uses for each byte.
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
@@ -116,4 +120,3 @@ def test_any_token_sequence_streams_exactly_its_decode(bpe: Any, data: st.DataOb
     assert "".join(pieces) == full
     if "\ufffd" not in full:
         assert not any("\ufffd" in piece for piece in pieces)
-

@@ -12,12 +12,12 @@ import pytest
 pytest.importorskip("torch")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import torch  # noqa: E402
+import torch
 
-from flask_sse_run import thread_executor  # noqa: E402
-from flask_sse_run.llm import GenerationParams, LoadedModel, load_pretrained  # noqa: E402
-from flask_sse_run.llm.generation import stream_text  # noqa: E402
-from tests.tiny_falcon import save_model  # noqa: E402
+from flask_sse_run import thread_executor
+from flask_sse_run.llm import GenerationParams, LoadedModel, load_pretrained
+from flask_sse_run.llm.generation import stream_text
+from tests.tiny_falcon import save_model
 
 PROMPT = "Tell me a story about the café"
 WORDS_PROMPT = "Tell me a story"

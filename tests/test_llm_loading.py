@@ -9,11 +9,11 @@ import pytest
 pytest.importorskip("torch")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
+import torch
+import transformers
 
-from flask_sse_run.llm import load_kwargs, load_pretrained  # noqa: E402
-from tests.tiny_falcon import save_model  # noqa: E402
+from flask_sse_run.llm import load_kwargs, load_pretrained
+from tests.tiny_falcon import save_model
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -54,9 +56,11 @@ def test_empty_stop_strings_are_refused() -> None:
     stop=st.lists(st.text(alphabet="ab\n:", min_size=1, max_size=4), min_size=1, max_size=4),
     cuts=st.lists(st.integers(0, 40), max_size=10),
 )
-def test_any_split_gives_the_text_before_the_first_stop_string(text: str, stop: list[str], cuts: list[int]) -> None:
+def test_any_split_gives_the_text_before_the_first_stop_string(
+    text: str, stop: list[str], cuts: list[int]
+) -> None:
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     out, stopped = run(stop, pieces)
     first = min((i for i in (text.find(s) for s in stop) if i >= 0), default=None)
     assert "".join(out) == (text if first is None else text[:first])

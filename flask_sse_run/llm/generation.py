@@ -17,12 +17,13 @@ import concurrent.futures
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from ..streaming import close_iterator
 from ..threads import ThreadChannel, run_in_thread
 from .detokenize import IncrementalDetokenizer
 from .params import GenerationParams
@@ -31,7 +32,7 @@ from .stops import StopStrings
 __all__ = ["stream_text"]
 
 
-class _ChannelStreamer(BaseStreamer):  # type: ignore[misc]
+class _ChannelStreamer(BaseStreamer):
     """Runs in the generation thread: token ids in, text pieces out through the channel."""
 
     def __init__(
@@ -72,7 +73,7 @@ class _ChannelStreamer(BaseStreamer):  # type: ignore[misc]
             self.send_text(self.stops.flush())
 
 
-class _StopWhen(StoppingCriteria):  # type: ignore[misc]
+class _StopWhen(StoppingCriteria):
     """True (stop) once the stream is closed or a stop string was reached."""
 
     def __init__(self, streamer: _ChannelStreamer) -> None:
@@ -80,7 +81,8 @@ class _StopWhen(StoppingCriteria):  # type: ignore[misc]
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         stop = self.streamer.channel.closed or self.streamer.stops.stopped
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        flags = torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, flags)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -158,7 +160,9 @@ def stream_text(
 
 
 def _consume(
-    items: Iterator[dict[str, Any]], state: dict[str, Any], on_finish: Callable[[dict[str, Any]], object] | None
+    items: Iterator[dict[str, Any]],
+    state: dict[str, Any],
+    on_finish: Callable[[dict[str, Any]], object] | None,
 ) -> Iterator[dict[str, Any]]:
     finished = False
     closed_at: int | None = None
@@ -172,11 +176,11 @@ def _consume(
             finished = True
             yield state["summary"]
     finally:
-        streamer = state.get("streamer")
+        streamer: _ChannelStreamer | None = state.get("streamer")
         if not finished and streamer is not None:
             closed_at = streamer.computed  # a plain int read; the thread may be mid-token
-        items.close()  # returns once the generation thread has ended (cooperatively)
-        if on_finish is not None and "summary" in state:
+        close_iterator(items)  # returns once the generation thread has ended (cooperatively)
+        if on_finish is not None and streamer is not None and "summary" in state:
             summary = dict(state["summary"])
             summary["tokens_after_cancel"] = 0 if closed_at is None else streamer.computed - closed_at
             on_finish(summary)

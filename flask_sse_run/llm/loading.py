@@ -84,11 +84,12 @@ def load_pretrained(source: str, log: Callable[[str], object] | None = None) -> 
         # worker's exit then waits for it until gunicorn kills the worker (graceful_timeout).
         # Read the weights sequentially and report progress in the log lines below instead.
         os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
-        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub import disable_progress_bars
         from transformers.utils import logging as transformers_logging
 
         disable_progress_bars()
-        transformers_logging.disable_progress_bar()
+        disable_transformers_bars: Any = transformers_logging.disable_progress_bar
+        disable_transformers_bars()
 
     cuda = torch.cuda.is_available()
     kwargs = load_kwargs(cuda)
@@ -98,7 +99,7 @@ def load_pretrained(source: str, log: Callable[[str], object] | None = None) -> 
         f"loading the weights of {source} in {str(kwargs['dtype']).removeprefix('torch.')} "
         f"on {'the GPUs (device_map=auto)' if cuda else 'the CPU'}"
     )
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.eval()
     loaded = LoadedModel(
         model=model,
