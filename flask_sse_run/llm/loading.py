@@ -84,7 +84,7 @@ def load_pretrained(source: str, log: Callable[[str], object] | None = None) -> 
         # worker's exit then waits for it until gunicorn kills the worker (graceful_timeout).
         # Read the weights sequentially and report progress in the log lines below instead.
         os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
-        from huggingface_hub import disable_progress_bars
+        from huggingface_hub.utils import disable_progress_bars  # type: ignore[attr-defined]
         from transformers.utils import logging as transformers_logging
 
         disable_progress_bars()
