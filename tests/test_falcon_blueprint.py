@@ -214,3 +214,11 @@ def test_the_example_app_starts_without_torch_installed(falcon_model: str) -> No
         assert out["health"]["status"] == "failed" and "llm extra" in out["health"]["error"]
     else:
         assert out["health"]["status"] == "disabled"
+
+
+def test_the_core_and_the_example_app_do_not_import_torch() -> None:
+    code = "import sys, flask_sse_run, flask_sse_run.llm, example_app; example_app.create_app(); "
+    code += "print('torch' in sys.modules)"
+    env = {**os.environ, "FALCON_MODEL": ""}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
