@@ -28,7 +28,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import requests  # noqa: E402
 
 from flask_sse_run.testing import SSEParser  # noqa: E402
+from tests.latency import polled_latencies  # noqa: E402
 from tests.live import Server, gunicorn  # noqa: E402
 from tests.tiny_falcon import save_model  # noqa: E402
 
@@ -91,25 +91,9 @@ def stream(server: Server, tokens: int) -> dict[str, float]:
 
 
 def health_during(server: Server, tokens: int) -> dict[str, float]:
-    latencies: list[float] = []
-    done = threading.Event()
-
-    def poll() -> None:
-        with requests.Session() as session:
-            while not done.is_set():
-                began = time.perf_counter()
-                session.get(f"{server.url}/health", timeout=10).raise_for_status()
-                latencies.append((time.perf_counter() - began) * 1000)
-                time.sleep(0.01)
-
-    poller = threading.Thread(target=poll)
-    poller.start()
-    try:
+    with polled_latencies(f"{server.url}/health") as latencies:
         stream(server, tokens)
-    finally:
-        done.set()
-        poller.join()
-    ordered = sorted(latencies)
+    ordered = sorted(latency * 1000 for latency in latencies)
     return {
         "requests": len(ordered),
         "p50_ms": statistics.median(ordered),

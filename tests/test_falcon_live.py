@@ -19,6 +19,7 @@ import requests
 pytest.importorskip("torch")
 
 from flask_sse_run.testing import SSEParser
+from tests.latency import polled_latencies
 from tests.live import Server, gunicorn
 from tests.tiny_falcon import save_model
 
@@ -79,27 +80,10 @@ def wait_idle(server: Server, timeout: float = 30) -> dict[str, Any]:
 
 
 def test_tokens_arrive_progressively_while_other_endpoints_stay_fast(server: Server) -> None:
-    latencies: list[float] = []
-    done = threading.Event()
-
-    def poll_health() -> None:
-        with requests.Session() as session:
-            while not done.is_set():
-                began = time.perf_counter()
-                assert session.get(f"{server.url}/health", timeout=5).status_code == 200
-                latencies.append(time.perf_counter() - began)
-                time.sleep(0.01)
-
     body = {"prompt": PROMPT, "max_new_tokens": 2000, "min_new_tokens": 2000}
     started = time.monotonic()
-    with post(server, body, stream=True) as response:
-        poller = threading.Thread(target=poll_health)
-        poller.start()
-        try:
-            arrivals = read_events(response)
-        finally:
-            done.set()
-            poller.join()
+    with post(server, body, stream=True) as response, polled_latencies(f"{server.url}/health") as latencies:
+        arrivals = read_events(response)
     pieces, (_, final) = arrivals[:-1], arrivals[-1]
     assert final["finish_reason"] == "length" and final["generated_tokens"] == 2000
     assert len(pieces) >= 1900  # one event per word; a few tokens may be <unk> (no text)
