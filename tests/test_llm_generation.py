@@ -14,7 +14,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch
 
-from flask_sse_run import thread_executor
+from flask_sse_run import CancelToken, thread_executor
+from flask_sse_run.cancellation import bind_token
 from flask_sse_run.llm import GenerationParams, LoadedModel, load_pretrained
 from flask_sse_run.llm.generation import stream_text
 from tests.tiny_falcon import save_model
@@ -167,3 +168,17 @@ def test_an_error_in_generate_reaches_the_stream(words: LoadedModel, executor: A
 def test_the_model_and_tokenizer_load_from_a_saved_directory(words: LoadedModel, tmp_path: Path) -> None:
     assert type(words.model).__name__ == "FalconForCausalLM"
     assert words.device == "cpu" and words.dtype == "float32" and words.context == 4096
+
+
+def test_a_cancelled_stream_still_read_ends_with_finish_reason_cancelled(
+    words: LoadedModel, executor: Any
+) -> None:
+    token = CancelToken()  # cancelled by the runtime on a graceful shutdown, say
+    params = GenerationParams(max_new_tokens=2000, min_new_tokens=2000)
+    with bind_token(token):
+        stream = stream_text(words.model, words.tokenizer, [2, 3], params, executor=executor)
+        first = [next(stream) for _ in range(3)]
+        token.cancel("shutdown")
+        rest = list(stream)
+    assert all("text" in item for item in first)
+    assert rest[-1]["finish_reason"] == "cancelled" and rest[-1]["generated_tokens"] < 2000
