@@ -29,18 +29,36 @@ accesslog = _env("ACCESSLOG", "-")
 # (tests, a second app) would fight over it. Opt in with GUNICORN_CONTROL_SOCKET=/path.
 control_socket = _env("CONTROL_SOCKET", "")
 control_socket_disable = not control_socket
-# Streams outlive any graceful_timeout: on SIGTERM, open streams get the shutdown event
-# (SSE_RUN_SHUTDOWN_EVENT) and end cleanly instead of being cut mid-event at the deadline.
 backlog = int(_env("BACKLOG", "4096"))  # bursts of thousands of clients connecting at once
 
 
-def post_worker_init(worker):  # type: ignore[no-untyped-def]
+def post_fork(server: object, worker: object) -> None:
+    """In each worker, before gevent patches it: import torch and transformers if they serve.
+
+    huggingface_hub cannot be imported once gevent has patched ``select`` (no ``epoll``) and
+    ``subprocess``; importing starts no torch thread, so the worker's fork is safe.
+    """
+    from example_app.falcon import prepare_worker
+
+    prepare_worker()
+
+
+def post_worker_init(worker: object) -> None:
+    """Once the app is loaded in a worker: shutdown hook, GC freeze, Falcon loading.
+
+    The model is loaded here, after the fork, never in the master: with --preload, torch work
+    there would deadlock the forked workers.
+    """
     import gc
 
+    from example_app.falcon import start_in_worker
     from flask_sse_run.shutdown import install_gunicorn_hook
 
+    # Streams outlive any graceful_timeout: on SIGTERM, open streams get the shutdown event
+    # (SSE_RUN_SHUTDOWN_EVENT) and end cleanly instead of being cut mid-event at the deadline.
     install_gunicorn_hook(worker)
-    # The app is loaded: move everything allocated so far out of the collector's sight. With
-    # thousands of streams, full collections scanning long-lived app objects are the latency
-    # tail (measured: first-event p99 57 ms with GC as is, 1.4 ms with GC off).
+    # Move everything allocated so far out of the collector's sight. With thousands of streams,
+    # full collections scanning long-lived app objects are the latency tail (measured: first-event
+    # p99 57 ms with GC as is, 1.4 ms with GC off).
     gc.freeze()
+    start_in_worker(getattr(worker, "wsgi", None))

@@ -22,7 +22,8 @@ setup(
     ],
     extras_require={
         # torch first: `pip install torch==2.13.0` before this extra takes the local CPU wheel.
-        "llm": ["torch>=2.1", "transformers>=5", "tokenizers>=0.20"],
+        # accelerate: device_map="auto" (a model spread over the GPUs).
+        "llm": ["torch>=2.1", "transformers>=5", "tokenizers>=0.20", "accelerate>=1.0"],
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",

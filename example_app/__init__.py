@@ -6,6 +6,7 @@ from typing import Any
 
 from flask import Flask
 
+from .falcon import init_falcon
 from .functions import sse
 
 __all__ = ["create_app"]
@@ -22,4 +23,5 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         return {"status": "ok"}
 
     sse.init_app(app)
+    init_falcon(app)  # POST /falcon/run, GET /falcon/health; 503 until FALCON_MODEL is set
     return app

@@ -77,8 +77,11 @@ class Binder:
         return self.model.model_json_schema(by_alias=True)
 
 
-def inspect_function(func: Callable[..., Any], name: str) -> Binder:
-    """Build the :class:`Binder` for ``func``; raise :class:`RegistrationError` if unservable."""
+def inspect_function(func: Callable[..., Any], name: str, *, model_name: str | None = None) -> Binder:
+    """Build the :class:`Binder` for ``func``; raise :class:`RegistrationError` if unservable.
+
+    ``model_name`` names the parameters' model (and its JSON Schema); default ``{name}_parameters``.
+    """
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError) as exc:
@@ -104,7 +107,7 @@ def inspect_function(func: Callable[..., Any], name: str) -> Binder:
 
     try:
         model = create_model(
-            f"{name}_parameters",
+            model_name or f"{name}_parameters",
             # allow_inf_nan off: lax mode would turn the string "NaN" into a float that JSON
             # cannot carry back out (the body parser already refuses NaN as a number).
             __config__=ConfigDict(extra="forbid", populate_by_name=False, allow_inf_nan=False),

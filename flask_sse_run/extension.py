@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 from flask import Flask
@@ -35,10 +36,13 @@ class RegisteredFunction:
 class State:
     """What the extension keeps per app, in ``app.extensions["sse_run"]``."""
 
+    #: The first instance registered; it read the settings.
     extension: SSERun
     settings: Settings
     #: ``None`` when auth is off.
     auth: Authenticator | None = None
+    #: Every instance serving the app, each under its own ``url_prefix``.
+    instances: list[SSERun] = field(default_factory=list)
 
 
 class SSERun:
@@ -80,21 +84,27 @@ class SSERun:
     def init_app(self, app: Flask) -> None:
         """Register the extension on ``app``.
 
-        Raises :class:`RuntimeError` if the extension is already registered on ``app`` and
+        Several instances may serve one app under different ``url_prefix`` values (the example
+        app serves its Falcon functions under ``/falcon``); the first one registered reads the
+        settings and the others share them. Raises :class:`RuntimeError` if this instance, or
+        another with the same ``url_prefix``, is already registered on ``app``, and
         :class:`~flask_sse_run.ConfigurationError` if an ``SSE_RUN_*`` key is invalid.
         """
-        if EXTENSION_KEY in app.extensions:
+        endpoint = f"sse_run.call{self.url_prefix}" if self.url_prefix else "sse_run.call"
+        state = app.extensions.get(EXTENSION_KEY)
+        if endpoint in app.view_functions or (state is not None and self in state.instances):
             raise RuntimeError("flask-sse-run is already registered on this app; call init_app once per app")
-        for key, value in Settings.defaults().items():
-            app.config.setdefault(key, value)
-        settings = Settings.from_config(app.config)
-        app.extensions[EXTENSION_KEY] = State(
-            extension=self, settings=settings, auth=Authenticator.from_settings(settings)
-        )
+        if state is None:
+            for key, value in Settings.defaults().items():
+                app.config.setdefault(key, value)
+            settings = Settings.from_config(app.config)
+            state = State(extension=self, settings=settings, auth=Authenticator.from_settings(settings))
+            app.extensions[EXTENSION_KEY] = state
+        state.instances.append(self)
         # A static rule: Werkzeug matches it before the "<name>" rule below.
         app.add_url_rule(
             f"{self.url_prefix}{OPENAPI_PATH}",
-            endpoint="sse_run.openapi",
+            endpoint=f"sse_run.openapi{self.url_prefix}",
             view_func=openapi_view,
             methods=_METHODS,
         )
@@ -102,8 +112,8 @@ class SSERun:
         # request) are served without touching the URL map again.
         app.add_url_rule(
             f"{self.url_prefix}/<name>",
-            endpoint="sse_run.call",
-            view_func=call_function,
+            endpoint=endpoint,
+            view_func=functools.partial(call_function, functions=self.functions),
             methods=_METHODS,
         )
 
@@ -130,9 +140,12 @@ class SSERun:
             fname = validate_name(name if name is not None else f.__name__)
             if fname in self.functions:
                 raise RegistrationError(f"{fname!r} is already registered")
-            self.functions[fname] = RegisteredFunction(
-                func=f, binder=inspect_function(f, fname), public=public
-            )
+            # The prefix in the model's name keeps schemas apart in openapi.json when two
+            # instances serve functions of the same name (/run and /falcon/run).
+            qualifier = self.url_prefix.strip("/").replace("/", "_").replace("-", "_")
+            model_name = f"{qualifier}_{fname}_parameters" if qualifier else None
+            binder = inspect_function(f, fname, model_name=model_name)
+            self.functions[fname] = RegisteredFunction(func=f, binder=binder, public=public)
             return f
 
         return register(func) if func is not None else register

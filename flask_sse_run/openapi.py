@@ -20,7 +20,7 @@ import collections.abc
 import inspect
 import json
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flask import Response, current_app, request
@@ -70,8 +70,13 @@ _ERRORS: dict[str, tuple[str, str]] = {
     "415": ("A non-empty body whose `Content-Type` is not JSON.", _ERROR),
     "422": ("Missing, unknown or mistyped parameters; `detail` lists every problem.", _VALIDATION_ERROR),
     "500": ("The function raised before returning its first value.", _ERROR),
+    "503": (
+        "The function cannot serve now (a model still loading, a full queue); `Retry-After` may "
+        "say when to try again.",
+        _ERROR,
+    ),
 }
-_OPERATION_ERRORS = ("400", "406", "408", "413", "415", "422", "500")
+_OPERATION_ERRORS = ("400", "406", "408", "413", "415", "422", "500", "503")
 
 
 def build_document(
@@ -81,27 +86,33 @@ def build_document(
     url_prefix: str = "",
     title: str = "flask-sse-run",
     server_url: str = "/",
+    more: Sequence[tuple[str, Mapping[str, RegisteredFunction]]] = (),
 ) -> dict[str, Any]:
     """The OpenAPI 3.1 document for ``functions`` served under ``url_prefix``.
 
+    ``more`` adds other instances' functions, as ``(url_prefix, functions)`` pairs.
     ``settings`` decides the security scheme (when auth is on) and the documented end event.
     """
-    names = sorted(functions)
+    operations = sorted(
+        (f"{prefix}/{name}", name, registered)
+        for prefix, registry in [(url_prefix, functions), *more]
+        for name, registered in registry.items()
+    )
     refs, defs = models_json_schema(
-        [(functions[name].binder.model, "validation") for name in names],
+        [(registered.binder.model, "validation") for _, _, registered in operations],
         by_alias=True,
         ref_template=_REF,
     )
     schemas: dict[str, Any] = dict(defs.get("$defs", {}))
     paths: dict[str, Any] = {}
-    for name in names:
-        registered = functions[name]
+    for path, name, registered in operations:
         ref = refs[(registered.binder.model, "validation")]["$ref"]
         body_schema = schemas[ref.rsplit("/", 1)[1]]
         _describe_parameters(body_schema, parameter_docs(inspect.getdoc(registered.func)))
-        paths[f"{url_prefix}/{name}"] = {
-            "post": _operation(name, registered, ref, body_schema, settings),
-        }
+        operation = _operation(name, registered, ref, body_schema, settings)
+        # Unique across instances: /run and /falcon/run are "run" and "falcon_run".
+        operation["operationId"] = path.strip("/").replace("/", "_").replace("-", "_")
+        paths[path] = {"post": operation}
     schemas.update(_own_schemas())
     components: dict[str, Any] = {
         "schemas": schemas,
@@ -299,10 +310,12 @@ def openapi_view() -> Response:
         return error_response(
             RequestError(405, "this endpoint accepts GET only", headers={"Allow": "GET, HEAD"}), rid
         )
+    first, *others = state.instances
     document = build_document(
-        state.extension.functions,
+        first.functions,
         state.settings,
-        url_prefix=state.extension.url_prefix,
+        url_prefix=first.url_prefix,
+        more=[(other.url_prefix, other.functions) for other in others],
         title=state.settings.openapi_title or current_app.name,
         server_url=request.script_root or "/",
     )

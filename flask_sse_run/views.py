@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from flask import Request, Response, current_app, request, stream_with_context
@@ -26,7 +26,7 @@ from .streaming import StreamOptions, StreamResponse, close_iterator, inline_bod
 
 if TYPE_CHECKING:
     from .config import Settings
-    from .extension import State
+    from .extension import RegisteredFunction, State
     from .gevent_stream import GeventStream
 
 __all__ = ["EXTENSION_KEY", "call_function", "error_response"]
@@ -97,14 +97,18 @@ def _stream_response(result: Iterator[Any], req: Request, settings: Settings, ri
     return StreamResponse(body, status=200, headers=headers, direct_passthrough=True)
 
 
-def call_function(name: str) -> Response:
-    """Validate the request, call the function ``name`` and answer with a stream or JSON."""
+def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Response:
+    """Validate the request, call the function ``name`` and answer with a stream or JSON.
+
+    ``functions`` is the registry of the :class:`~flask_sse_run.SSERun` instance whose URL rule
+    matched (the view is bound to it with ``functools.partial``).
+    """
     state: State = current_app.extensions[EXTENSION_KEY]
     settings = state.settings
     req: Request = request._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup
     rid = request_id(req.environ.get("HTTP_X_REQUEST_ID"))
     try:
-        registered = state.extension.functions.get(name)
+        registered = functions.get(name)
         if registered is None:
             raise _unknown(name)
         if req.method != "POST":

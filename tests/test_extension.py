@@ -109,3 +109,24 @@ def test_the_apps_own_routes_win_over_function_names() -> None:
     client = app.test_client()
     assert client.post("/health").data == b"app"
     assert client.post("/other").get_json()["result"] == "fn"
+
+
+def test_a_second_instance_serves_its_own_functions_under_another_prefix() -> None:
+    app = Flask(__name__)
+    main, other = SSERun(app), SSERun(url_prefix="/falcon")
+
+    @main.function(name="run")
+    def main_run() -> Iterator[str]:
+        yield "main"
+
+    @other.function(name="run")
+    def other_run() -> Iterator[str]:
+        yield "other"
+
+    other.init_app(app)
+    client = app.test_client()
+    assert client.post("/run").data == b"data: main\n\n"
+    assert client.post("/falcon/run").data == b"data: other\n\n"
+    assert app.extensions["sse_run"].extension is main  # the first instance's settings rule
+    with pytest.raises(RuntimeError, match="already registered"):
+        SSERun(app, url_prefix="/falcon/")

@@ -184,8 +184,8 @@ def test_the_event_stream_response_documents_the_event_format() -> None:
 def test_every_error_status_is_documented_with_its_body() -> None:
     doc = document(create_app())
     responses = doc["paths"]["/run"]["post"]["responses"]
-    assert sorted(responses) == ["200", "400", "406", "408", "413", "415", "422", "500"]
-    for status in ("400", "406", "408", "413", "415", "500"):
+    assert sorted(responses) == ["200", "400", "406", "408", "413", "415", "422", "500", "503"]
+    for status in ("400", "406", "408", "413", "415", "500", "503"):
         assert responses[status]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/SSERun.Error"
         }
@@ -337,3 +337,16 @@ def test_the_live_server_serves_the_document_to_requests_and_curl(tmp_path: Path
                 check=True,
             ).stdout
             assert b'"openapi": "3.1.0"' in output and time.monotonic() - started < 5
+
+
+def test_every_instance_of_the_app_is_documented_with_unique_names() -> None:
+    from example_app import create_app as create_example_app
+
+    doc = document(create_example_app())
+    assert_valid(doc)
+    assert {"/run", "/falcon/run"} <= set(doc["paths"])
+    assert doc["paths"]["/run"]["post"]["operationId"] == "run"
+    assert doc["paths"]["/falcon/run"]["post"]["operationId"] == "falcon_run"
+    falcon_ref = doc["paths"]["/falcon/run"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert falcon_ref == {"$ref": "#/components/schemas/falcon_run_parameters"}
+    assert "prompt" in doc["components"]["schemas"]["falcon_run_parameters"]["properties"]

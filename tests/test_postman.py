@@ -89,8 +89,11 @@ def test_the_collection_calls_every_documented_operation_successfully(openapi: d
     succeeding = {
         (item_path(i), i["request"]["method"].lower()) for i in items() if "200" in expected_statuses(i)
     }
+    called = {(item_path(i), i["request"]["method"].lower()) for i in items()}
     documented = {(path, method) for path, operations in openapi["paths"].items() for method in operations}
-    assert documented <= succeeding
+    assert documented <= called
+    # The example app starts without a model, so its Falcon endpoint can only answer 503.
+    assert documented - {("/falcon/run", "post")} <= succeeding
     assert ("/openapi.json", "get") in succeeding
 
 
@@ -147,4 +150,5 @@ def test_newman_runs_the_collection_against_live_gunicorn(newman: Path, tmp_path
     assert stats["stats"]["assertions"]["total"] >= 3 * len(items()) - 6
     codes = {e["item"]["name"]: e["response"]["code"] for e in stats["executions"]}
     assert codes["Stream /run as Server-Sent Events"] == 200
+    assert codes["Falcon model not configured: 503"] == 503
     assert codes["No bearer token: 401 when auth is on"] == (401 if auth else 200)

@@ -1,0 +1,128 @@
+"""The Falcon-7B endpoints: ``POST /falcon/run`` streams generated text, ``GET /falcon/health``.
+
+Enabled by the environment variable ``FALCON_MODEL``: a hub id such as
+``tiiuae/falcon-7b-instruct`` or a local directory. Without it the app starts as usual (nothing
+is downloaded, torch is not even imported) and the Falcon endpoints answer 503 saying how to
+enable them. ``FALCON_CONCURRENCY`` (default 1) generations run at a time, ``FALCON_MAX_QUEUE``
+(default 8) more wait; beyond that, 503 with ``Retry-After``. ``app.config`` keys of the same
+names win over the environment (tests use them).
+
+The model loads in each gunicorn worker after the fork (``post_worker_init`` in
+``gunicorn.conf.py`` starts it; otherwise the first request does), on the worker's dedicated
+torch thread, while the worker serves everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from flask import Flask, Response, current_app, jsonify
+from pydantic import Field
+
+from flask_sse_run import SSERun
+from flask_sse_run.llm import GenerationParams, GenerationService, import_runtime
+
+__all__ = ["EXTENSION_KEY", "falcon", "init_falcon"]
+
+EXTENSION_KEY = "falcon"
+ENABLE_HINT = (
+    "set FALCON_MODEL to a Hugging Face model id (e.g. tiiuae/falcon-7b-instruct) or a local "
+    "directory, install the llm extra (pip install 'flask-sse-run[llm]') and restart the server"
+)
+
+falcon = SSERun(url_prefix="/falcon")
+
+StopString = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+@falcon.function
+def run(
+    prompt: Annotated[str, Field(min_length=1)],
+    max_new_tokens: Annotated[int, Field(ge=1, le=2048)] = 256,
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.7,
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.9,
+    top_k: Annotated[int, Field(ge=0)] = 50,
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0,
+    stop: Annotated[tuple[StopString, ...], Field(max_length=4)] = (),
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None,
+    min_new_tokens: Annotated[int, Field(ge=0, le=2048)] = 0,
+) -> Iterator[dict[str, Any]]:
+    """Stream the model's continuation of ``prompt``, one event per piece of text.
+
+    Events: ``{"text": "...", "index": i}`` for each piece, then ``{"finish_reason":
+    "length"|"stop"|"eos"|"cancelled", "generated_tokens": n, "time_to_first_token_ms": ...,
+    "tokens_per_s": ...}``. ``temperature`` 0 decodes greedily. The output ends before the first
+    of the ``stop`` strings. ``min_new_tokens`` forbids EOS before that many tokens.
+    """
+    service: GenerationService = current_app.extensions[EXTENSION_KEY]
+    params = GenerationParams(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min(min_new_tokens, max_new_tokens),
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        stop=stop,
+        seed=seed,
+    )
+    return service.stream(prompt, params)
+
+
+def _setting(app: Flask, name: str, default: str | None) -> str | None:
+    value = app.config.get(name, os.environ.get(name, default))
+    return None if value is None else str(value)
+
+
+def _show_progress(logger: logging.Logger) -> None:
+    # The loading progress must reach the server log, which a bare library logger does not.
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def init_falcon(app: Flask) -> GenerationService:
+    """Add the Falcon endpoints to ``app``; the model starts loading in a worker, not here."""
+    service = GenerationService(
+        _setting(app, "FALCON_MODEL", None),
+        concurrency=int(_setting(app, "FALCON_CONCURRENCY", "1") or 1),
+        max_queue=int(_setting(app, "FALCON_MAX_QUEUE", "8") or 8),
+        disabled_hint=ENABLE_HINT,
+    )
+    _show_progress(service.logger)
+    app.extensions[EXTENSION_KEY] = service
+    falcon.init_app(app)
+
+    @app.get("/falcon/health")
+    def falcon_health() -> Response:
+        body = service.health()
+        response = jsonify(body)
+        response.status_code = 200 if body["status"] == "ready" else 503
+        return response
+
+    return service
+
+
+def start_in_worker(app: Any) -> None:
+    """Start loading the model of ``app`` (if it has the Falcon endpoints): for gunicorn's hook."""
+    extensions = getattr(app, "extensions", None)
+    service = extensions.get(EXTENSION_KEY) if isinstance(extensions, dict) else None
+    if isinstance(service, GenerationService):
+        service.start()
+
+
+def prepare_worker() -> None:
+    """Import the LLM runtime in a fresh worker when ``FALCON_MODEL`` is set: for gunicorn's hook."""
+    if os.environ.get("FALCON_MODEL"):
+        # gevent's patching walks every object and trips over a deprecated torch alias.
+        warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op", category=FutureWarning)
+        try:
+            import_runtime()
+        except ImportError:
+            pass  # the service reports it, and the rest of the app works

@@ -1,0 +1,186 @@
+"""Stream the text a Hugging Face causal LM generates, with ``generate()`` in a real OS thread.
+
+This is the only module of the package that imports torch and transformers; import it lazily
+(:mod:`flask_sse_run.llm.service` does, when a model is loaded).
+
+How a token travels: ``model.generate()`` runs in a native thread (:func:`run_in_thread`, on the
+executor given: one dedicated thread per device). For each new token it calls the streamer's
+``put`` in that thread, which decodes it incrementally, holds back text that may start a stop
+string and ``channel.send``-s the piece; the streaming greenlet wakes and writes it to the client.
+A :class:`~transformers.StoppingCriteria` ends ``generate()`` at the next token once the channel
+is closed (client gone, stream cancelled) or a stop string was reached.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from ..streaming import close_iterator
+from ..threads import ThreadChannel, run_in_thread
+from .detokenize import IncrementalDetokenizer
+from .params import GenerationParams
+from .stops import StopStrings
+
+__all__ = ["stream_text"]
+
+
+class _ChannelStreamer(BaseStreamer):
+    """Runs in the generation thread: token ids in, text pieces out through the channel."""
+
+    def __init__(
+        self, channel: ThreadChannel[dict[str, Any]], detokenizer: IncrementalDetokenizer, stops: StopStrings
+    ) -> None:
+        self.channel = channel
+        self.detokenizer = detokenizer
+        self.stops = stops
+        self.prompt_seen = False
+        self.computed = 0  # every token generate() produced
+        self.generated = 0  # the tokens streamed: those before the stop string or the close
+        self.pieces = 0
+        self.last_token: int | None = None
+        self.first_token_at: float | None = None
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt's ids
+            self.prompt_seen = True
+            return
+        self.computed += 1
+        if self.stops.stopped or self.channel.closed:
+            return  # computed before the stopping criteria ended generate(): not streamed
+        token = int(value.reshape(-1)[0])
+        self.generated += 1
+        self.last_token = token
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.send_text(self.stops.feed(self.detokenizer.push(token)))
+
+    def send_text(self, text: str) -> None:
+        if text:
+            self.channel.send({"text": text, "index": self.pieces})
+            self.pieces += 1
+
+    def end(self) -> None:
+        if not self.stops.stopped and not self.channel.closed:
+            self.send_text(self.stops.feed(self.detokenizer.flush()))
+            self.send_text(self.stops.flush())
+
+
+class _StopWhen(StoppingCriteria):
+    """True (stop) once the stream is closed or a stop string was reached."""
+
+    def __init__(self, streamer: _ChannelStreamer) -> None:
+        self.streamer = streamer
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        stop = self.streamer.channel.closed or self.streamer.stops.stopped
+        flags = torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, flags)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return {int(eos)} if isinstance(eos, int) else {int(i) for i in eos}
+
+
+def stream_text(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    params: GenerationParams,
+    *,
+    executor: concurrent.futures.Executor,
+    started: float | None = None,
+    on_finish: Callable[[dict[str, Any]], object] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Generate a continuation of ``prompt_ids``; yield ``{"text", "index"}`` pieces, then a summary.
+
+    The last item is ``{"finish_reason": "length"|"stop"|"eos"|"cancelled",
+    "generated_tokens": n, "time_to_first_token_ms": ..., "tokens_per_s": ...}``: time to first
+    token counts from ``started`` (a ``time.perf_counter()`` value, default: now), so it includes
+    any wait in a queue; tokens per second count from the start of ``generate()``. The prompt is
+    not echoed. ``on_finish`` is called in the consuming greenlet once the generation thread has
+    ended, with the summary plus ``tokens_after_cancel`` (tokens generated after the stream was
+    closed; 0 unless cancelled). Give every call for one device the same single-thread
+    ``executor`` (:func:`~flask_sse_run.thread_executor`): torch then runs on one thread only.
+    """
+    started = time.perf_counter() if started is None else started
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+    state: dict[str, Any] = {}
+
+    def work(channel: ThreadChannel[dict[str, Any]]) -> None:
+        detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        streamer = _ChannelStreamer(channel, detokenizer, StopStrings(params.stop))
+        state["streamer"] = streamer
+        # Sampling draws from torch's global generator: seed it for every generation, from the
+        # request or at random (so one request's seed does not make the next one predictable).
+        # Only one generation runs on this thread, so nothing else draws in between.
+        torch.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
+        generate_started = time.perf_counter()
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_StopWhen(streamer)]),
+            pad_token_id=pad_id,
+            **params.generate_kwargs(),
+        )
+        ended = time.perf_counter()
+        if channel.closed:
+            reason = "cancelled"
+        elif streamer.stops.stopped:
+            reason = "stop"
+        elif streamer.last_token in eos_ids:
+            reason = "eos"
+        else:
+            reason = "length"
+        first = streamer.first_token_at
+        state["summary"] = {
+            "finish_reason": reason,
+            "generated_tokens": streamer.generated,
+            "time_to_first_token_ms": None if first is None else round((first - started) * 1000, 2),
+            "tokens_per_s": round(streamer.generated / max(ended - generate_started, 1e-9), 2),
+        }
+        channel.send(state["summary"])
+
+    return _consume(run_in_thread(work, executor=executor, maxsize=1024), state, on_finish)
+
+
+def _consume(
+    items: Iterator[dict[str, Any]],
+    state: dict[str, Any],
+    on_finish: Callable[[dict[str, Any]], object] | None,
+) -> Iterator[dict[str, Any]]:
+    finished = False
+    closed_at: int | None = None
+    try:
+        for item in items:
+            finished = "finish_reason" in item
+            yield item
+        if not finished and "summary" in state:
+            # The stream's cancel token stopped the thread before it could send its summary
+            # (a graceful shutdown): say so while the client may still be reading.
+            finished = True
+            yield state["summary"]
+    finally:
+        streamer: _ChannelStreamer | None = state.get("streamer")
+        if not finished and streamer is not None:
+            closed_at = streamer.computed  # a plain int read; the thread may be mid-token
+        close_iterator(items)  # returns once the generation thread has ended (cooperatively)
+        if on_finish is not None and streamer is not None and "summary" in state:
+            summary = dict(state["summary"])
+            summary["tokens_after_cancel"] = 0 if closed_at is None else streamer.computed - closed_at
+            on_finish(summary)

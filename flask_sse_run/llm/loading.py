@@ -1,0 +1,117 @@
+"""Load a causal LM and its tokenizer the way the device wants them.
+
+torch and transformers are imported inside the functions: importing this module costs nothing
+and works without the ``llm`` extra. Call :func:`load_pretrained` in the process and on the
+thread that will run the model (after gunicorn forks, on the device's dedicated thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..concurrency import gevent_patched
+
+__all__ = ["LoadedModel", "import_runtime", "load_kwargs", "load_pretrained"]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to generate, its tokenizer, and facts for a health endpoint."""
+
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    parameters: int
+    context: int
+    load_seconds: float
+
+
+def import_runtime() -> None:
+    """Import torch and transformers (and the model classes' modules) in the calling thread.
+
+    Under gevent, call it on the hub's thread before loading in another one: importing
+    transformers runs a subprocess (``ctypes.util.find_library``), and gevent's patched
+    ``subprocess`` works only on the hub's thread. Importing starts no torch thread. Raises
+    :class:`ImportError` without the ``llm`` extra.
+    """
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria  # noqa: F401
+
+
+def load_kwargs(cuda: bool) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments: bf16 spread over the GPUs, or float32 on the CPU.
+
+    ``device_map="auto"`` (which needs ``accelerate``) places the layers on every visible GPU,
+    so a model larger than one GPU still loads; CPUs lack fast bf16 matrix products, so float32.
+    """
+    import torch
+
+    if cuda:
+        return {"dtype": torch.bfloat16, "device_map": "auto"}
+    return {"dtype": torch.float32}
+
+
+def _context(model: Any, tokenizer: Any) -> int:
+    """How many tokens (prompt and generated) the model can attend to."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0:
+        return limit
+    limit = getattr(tokenizer, "model_max_length", None)
+    # Tokenizers without a limit say int(1e30): fall back to Falcon's 2048.
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else 2048
+
+
+def load_pretrained(source: str, log: Callable[[str], object] | None = None) -> LoadedModel:
+    """Load ``source`` (a hub id or a local directory) with ``from_pretrained``.
+
+    ``log`` receives progress lines. Raises what transformers raises (``OSError`` for a
+    missing model, ``ImportError`` without torch).
+    """
+    say = log or logging.getLogger(__name__).info
+    began = time.perf_counter()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if gevent_patched():
+        # Under gevent, a thread that transformers starts here (its weight-reading pool, tqdm's
+        # progress-bar monitor) is a greenlet of this thread: it never runs in parallel, and the
+        # worker's exit then waits for it until gunicorn kills the worker (graceful_timeout).
+        # Read the weights sequentially and report progress in the log lines below instead.
+        os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
+        from huggingface_hub.utils import disable_progress_bars  # type: ignore[attr-defined]
+        from transformers.utils import logging as transformers_logging
+
+        disable_progress_bars()
+        disable_transformers_bars: Any = transformers_logging.disable_progress_bar
+        disable_transformers_bars()
+
+    cuda = torch.cuda.is_available()
+    kwargs = load_kwargs(cuda)
+    say(f"loading the tokenizer of {source}")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    say(
+        f"loading the weights of {source} in {str(kwargs['dtype']).removeprefix('torch.')} "
+        f"on {'the GPUs (device_map=auto)' if cuda else 'the CPU'}"
+    )
+    model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model.eval()
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=str(model.device),
+        dtype=str(model.dtype).removeprefix("torch."),
+        parameters=sum(p.numel() for p in model.parameters()),
+        context=_context(model, tokenizer),
+        load_seconds=round(time.perf_counter() - began, 2),
+    )
+    say(
+        f"loaded {source}: {loaded.parameters:,} parameters, {loaded.dtype} on {loaded.device}, "
+        f"context {loaded.context} tokens, in {loaded.load_seconds} s"
+    )
+    return loaded

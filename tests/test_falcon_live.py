@@ -1,0 +1,217 @@
+"""The Falcon endpoints under real gunicorn with the gevent worker, and a tiny random Falcon."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+pytest.importorskip("torch")
+
+from flask_sse_run.testing import SSEParser
+from tests.latency import polled_latencies
+from tests.live import Server, gunicorn
+from tests.tiny_falcon import save_model
+
+PROMPT = "Tell me a story"
+NO_GZIP = {"Accept-Encoding": "identity"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_model(tmp_path_factory.mktemp("falcon"))
+
+
+def wait_ready(server: Server, timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body: dict[str, Any] = requests.get(f"{server.url}/falcon/health", timeout=5).json()
+        if body["status"] != "loading":
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"the model did not load in time:\n{server.log()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Server]:
+    env = {"FALCON_MODEL": str(model_dir), "FALCON_MAX_QUEUE": "1", "HF_HUB_OFFLINE": "1"}
+    with gunicorn("wsgi:app", tmp_path=tmp_path_factory.mktemp("live"), env=env) as srv:
+        assert wait_ready(srv)["status"] == "ready", srv.log()
+        yield srv
+
+
+def post(server: Server, body: dict[str, Any], **kwargs: Any) -> requests.Response:
+    return requests.post(f"{server.url}/falcon/run", json=body, headers=NO_GZIP, timeout=60, **kwargs)
+
+
+def read_events(response: requests.Response, limit: int | None = None) -> list[tuple[float, dict[str, Any]]]:
+    """The events of a stream, each with the time it arrived."""
+    parser, out = SSEParser(), []
+    for chunk in response.raw.stream(65536, decode_content=True):
+        now = time.monotonic()
+        out.extend((now, json.loads(event.data)) for event in parser.feed(chunk))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def health(server: Server) -> dict[str, Any]:
+    return requests.get(f"{server.url}/falcon/health", timeout=5).json()  # type: ignore[no-any-return]
+
+
+def wait_idle(server: Server, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = health(server)
+        if body["running"] == 0 and body["waiting"] == 0:
+            return body
+        time.sleep(0.05)
+    raise AssertionError("generations did not end")
+
+
+def test_tokens_arrive_progressively_while_other_endpoints_stay_fast(server: Server) -> None:
+    body = {"prompt": PROMPT, "max_new_tokens": 2000, "min_new_tokens": 2000}
+    started = time.monotonic()
+    with post(server, body, stream=True) as response, polled_latencies(f"{server.url}/health") as latencies:
+        arrivals = read_events(response)
+    pieces, (_, final) = arrivals[:-1], arrivals[-1]
+    assert final["finish_reason"] == "length" and final["generated_tokens"] == 2000
+    assert len(pieces) >= 1900  # one event per word; a few tokens may be <unk> (no text)
+    times = [t for t, _ in pieces]
+    spread = times[-1] - times[0]
+    # Progressive: the events spread over the generation, no burst at the end. Each tenth of
+    # the events arrived over a noticeable stretch of time, the first one early.
+    assert times[0] - started < 0.5 * (times[-1] - started)
+    tenths = [times[i * len(times) // 10 : (i + 1) * len(times) // 10] for i in range(10)]
+    assert all(chunk[-1] - chunk[0] > spread / 50 for chunk in tenths), [c[-1] - c[0] for c in tenths]
+    # The other endpoint answered quickly throughout.
+    assert len(latencies) >= 20
+    p99 = statistics.quantiles(latencies, n=100, method="inclusive")[98]
+    assert p99 < 0.050, f"p99 {p99 * 1000:.1f} ms over {len(latencies)} requests"
+
+
+def test_a_client_that_disconnects_stops_the_generation(server: Server) -> None:
+    body = {"prompt": PROMPT, "max_new_tokens": 2000, "min_new_tokens": 2000}
+    response = post(server, body, stream=True)
+    received = read_events(response, limit=20)
+    response.close()  # the client goes away
+    closed_at = time.monotonic()
+    stats = wait_idle(server)
+    stopped_after = time.monotonic() - closed_at
+    last = stats["last_generation"]
+    assert last["finish_reason"] == "cancelled"
+    # The server notices at its next write and generate() ends at the next token: at most a
+    # token or two after the server saw the client go, and far from the 2000 asked for.
+    assert last["tokens_after_cancel"] <= 2
+    assert len(received) <= last["generated_tokens"] < 1000
+    assert stopped_after < 2
+    assert re.search(r"cancelled after \d+ tokens \([012] computed after the client left\)", server.log())
+
+
+def test_two_concurrent_requests_both_complete(server: Server) -> None:
+    results: list[list[tuple[float, dict[str, Any]]]] = []
+
+    def one() -> None:
+        with post(server, {"prompt": PROMPT, "max_new_tokens": 100, "min_new_tokens": 100}, stream=True) as r:
+            results.append(read_events(r))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [events[-1][1]["finish_reason"] for events in results] == ["length", "length"]
+    assert [events[-1][1]["generated_tokens"] for events in results] == [100, 100]
+
+
+def test_beyond_the_queue_requests_get_503_with_retry_after(server: Server) -> None:
+    running = post(server, {"prompt": PROMPT, "max_new_tokens": 2000, "min_new_tokens": 2000}, stream=True)
+    chunks = running.raw.stream(1024)
+    next(chunks)  # it runs; the connection stays open while ``chunks`` is not closed
+    queued: list[requests.Response] = []
+    waiter = threading.Thread(
+        target=lambda: queued.append(
+            post(server, {"prompt": PROMPT, "max_new_tokens": 5, "min_new_tokens": 5}, stream=True)
+        )
+    )
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 10
+        while health(server)["waiting"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        refused = post(server, {"prompt": PROMPT})
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "5" and "busy" in refused.json()["error"]
+    finally:
+        chunks.close()
+        running.close()
+        waiter.join(timeout=30)
+    (second,) = queued
+    final = read_events(second)[-1][1]
+    assert (final["finish_reason"], final["generated_tokens"]) == ("length", 5)  # it ran after the first
+    wait_idle(server)
+
+
+def texts(server: Server, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    response = post(server, body)
+    assert response.status_code == 200
+    events = [json.loads(e.data) for e in SSEParser().feed(response.content)]
+    return "".join(e["text"] for e in events[:-1]), events[-1]
+
+
+def test_the_same_seed_gives_the_same_text_and_stop_strings_end_it(server: Server) -> None:
+    body = {"prompt": PROMPT, "max_new_tokens": 40, "temperature": 1.2, "seed": 11}
+    first, _ = texts(server, body)
+    assert texts(server, body)[0] == first
+    assert texts(server, {**body, "seed": 12})[0] != first
+    words = first.split()
+    stop = f"{words[3]} {words[4]}"
+    text, final = texts(server, {**body, "stop": [stop]})
+    assert text == first[: first.find(stop)] and final["finish_reason"] == "stop"
+
+
+def test_bad_parameters_get_422(server: Server) -> None:
+    response = post(server, {"prompt": "", "temperature": 3, "top_p": 0})
+    assert response.status_code == 422
+    assert {d["loc"][0] for d in response.json()["detail"]} == {"prompt", "temperature", "top_p"}
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_readme_curl_call_streams_the_story(server: Server) -> None:
+    command = [
+        "curl", "-sS", "-N", "-X", "POST", f"{server.url}/falcon/run",
+        "-H", "Content-Type: application/json", "--data", '{"prompt": "Tell me a story"}',
+    ]  # fmt: skip
+    output = subprocess.run(command, capture_output=True, timeout=60, check=True).stdout
+    events = [json.loads(event.data) for event in SSEParser().feed(output)]
+    assert events and all("text" in event for event in events[:-1])
+    assert events[-1]["finish_reason"] in {"length", "eos"} and events[-1]["generated_tokens"] <= 256
+
+
+def test_without_falcon_model_the_endpoints_answer_503_and_the_app_works(tmp_path: Path) -> None:
+    env = {"FALCON_MODEL": ""}
+    with gunicorn("wsgi:app", tmp_path=tmp_path, env=env) as srv:
+        response = requests.post(f"{srv.url}/falcon/run", json={"prompt": PROMPT}, timeout=10)
+        assert response.status_code == 503 and "set FALCON_MODEL" in response.json()["error"]
+        assert requests.get(f"{srv.url}/falcon/health", timeout=5).json()["status"] == "disabled"
+        assert requests.get(f"{srv.url}/health", timeout=5).json() == {"status": "ok"}
+
+
+def test_with_preload_the_model_loads_in_the_worker_not_the_master(tmp_path: Path, model_dir: Path) -> None:
+    env = {"FALCON_MODEL": str(model_dir), "HF_HUB_OFFLINE": "1"}
+    with gunicorn("wsgi:app", tmp_path=tmp_path, env=env, args=("--preload",)) as srv:
+        assert wait_ready(srv)["status"] == "ready"
+        text, final = texts(srv, {"prompt": PROMPT, "max_new_tokens": 5, "min_new_tokens": 5})
+        assert final["generated_tokens"] == 5 and text
+        loaders = re.findall(r"pid (\d+): loading model", srv.log())
+        assert loaders and all(int(pid) != srv.process.pid for pid in loaders)
