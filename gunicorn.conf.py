@@ -38,9 +38,12 @@ def post_fork(server: object, worker: object) -> None:
     huggingface_hub cannot be imported once gevent has patched ``select`` (no ``epoll``) and
     ``subprocess``; importing starts no torch thread, so the worker's fork is safe.
     """
-    from example_app.falcon import prepare_worker
+    # Only then: importing the app here, before gevent patches the worker, would import ssl
+    # (through PyJWT) unpatched for nothing.
+    if os.environ.get("FALCON_MODEL"):
+        from example_app.falcon import prepare_worker
 
-    prepare_worker()
+        prepare_worker()
 
 
 def post_worker_init(worker: object) -> None:
