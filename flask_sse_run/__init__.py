@@ -7,12 +7,14 @@ from .concurrency import thread_executor
 from .errors import ConfigurationError, RegistrationError, RequestError, SSERunError
 from .events import Event
 from .extension import SSERun
+from .gevent_stream import Interrupted
 from .threads import StreamClosed, ThreadChannel, iterate_in_thread, run_in_thread
 
 __all__ = [
     "CancelToken",
     "ConfigurationError",
     "Event",
+    "Interrupted",
     "RegistrationError",
     "RequestError",
     "SSERun",

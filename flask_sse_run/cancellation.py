@@ -9,11 +9,16 @@ attribute read, safe from any OS thread) and stops.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+from .concurrency import raw_lock
+
 __all__ = ["CancelToken", "bind_token", "current_token", "disconnected"]
+
+logger = logging.getLogger(__name__)
 
 
 class CancelToken:
@@ -24,32 +29,46 @@ class CancelToken:
     so they must not block.
     """
 
-    __slots__ = ("_callbacks", "cancelled", "reason")
+    __slots__ = ("_callbacks", "_lock", "cancelled", "reason")
 
     def __init__(self) -> None:
         self.cancelled = False
         self.reason: str | None = None
         self._callbacks: list[Callable[[], object]] = []
+        # A lock of the OS: on_cancel may be called from a worker thread while the hub cancels.
+        self._lock = raw_lock()
 
     def cancel(self, reason: str = "cancelled") -> None:
-        """Cancel the token (idempotent) and run the callbacks."""
-        if self.cancelled:
-            return
-        self.cancelled = True
-        self.reason = reason
-        callbacks, self._callbacks = self._callbacks, []
+        """Cancel the token (idempotent) and run the callbacks.
+
+        A callback that raises is logged; the others still run.
+        """
+        with self._lock:
+            if self.cancelled:
+                return
+            self.cancelled = True
+            self.reason = reason
+            callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
-            callback()
+            _run_callback(callback)
 
     def on_cancel(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` when the token is cancelled (at once if it already is)."""
-        if self.cancelled:
-            callback()
-        else:
-            self._callbacks.append(callback)
+        with self._lock:
+            if not self.cancelled:
+                self._callbacks.append(callback)
+                return
+        _run_callback(callback)
 
     def __repr__(self) -> str:
         return f"<CancelToken {'cancelled: ' + str(self.reason) if self.cancelled else 'active'}>"
+
+
+def _run_callback(callback: Callable[[], object]) -> None:
+    try:
+        callback()
+    except Exception:
+        logger.exception("a cancel callback failed")
 
 
 _current: ContextVar[CancelToken | None] = ContextVar("flask_sse_run_token", default=None)

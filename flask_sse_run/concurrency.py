@@ -36,7 +36,8 @@ def raw_lock() -> Any:
 def thread_executor(max_workers: int, name: str = "sse-run") -> concurrent.futures.Executor:
     """An executor whose workers are real OS threads, also under gevent's monkey-patching.
 
-    Create it in the process that uses it (after gunicorn forks): threads do not survive a fork.
+    ``name`` prefixes the threads' names (gevent's pool names its own threads). Create it in
+    the process that uses it (after gunicorn forks): threads do not survive a fork.
     """
     if gevent_patched():
         from gevent.threadpool import ThreadPoolExecutor

@@ -28,12 +28,13 @@ no ping is sent while the generator blocks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from time import perf_counter
 from typing import Any
 
 import gevent
 from gevent import GreenletExit
+from gevent.event import Event as GEvent
 
 from . import shutdown
 from .cancellation import TOKEN_VAR, CancelToken
@@ -69,6 +70,7 @@ class GeventStream:
         "_interrupting",
         "_options",
         "_pending",
+        "_running",
         "_scheduled",
         "_sock",
         "_source",
@@ -98,17 +100,26 @@ class GeventStream:
         self._timer: Any = None
         self._watcher: Any = None
         self._helper_done: Any = None
+        self._running: Generator[bytes, None, None] | None = None
 
     def attach_writer(self, write: Callable[[bytes], Any]) -> None:
         """Give the body the server's WSGI ``write`` callable (see :class:`StreamResponse`)."""
         self._write = write
 
-    def __iter__(self) -> Iterator[bytes]:
-        return self._run()
+    def __iter__(self) -> Generator[bytes, None, None]:
+        self._running = self._run()
+        return self._running
+
+    def close(self) -> None:
+        """Close the body (WSGI servers call this): the generator's ``finally`` runs here and now."""
+        if self._running is not None:
+            self._running.close()
+        else:  # never iterated: still close the user's generator
+            close_iterator(self._source)
 
     # -- the request greenlet ---------------------------------------------------------------
 
-    def _run(self) -> Iterator[bytes]:
+    def _run(self) -> Generator[bytes, None, None]:
         options = self._options
         loop = gevent.get_hub().loop
         self._greenlet = gevent.getcurrent()
@@ -196,10 +207,8 @@ class GeventStream:
         return data
 
     def _wait_for_helper(self) -> None:
-        from gevent.event import Event
-
         if self._helper_done is None:
-            self._helper_done = Event()
+            self._helper_done = GEvent()
         while self._writing:
             self._helper_done.clear()
             self._helper_done.wait()
@@ -208,6 +217,9 @@ class GeventStream:
 
     def _arm(self) -> None:
         if self._ended_by is not None or self._timer is not None:
+            return
+        if shutdown.shutting_down():  # began after SIGTERM: end at once, with the shutdown event
+            self._end("shutdown")
             return
         loop = gevent.get_hub().loop
         if self._sock is not None:
@@ -257,10 +269,11 @@ class GeventStream:
         if self._ended_by is not None:
             return
         self._ended_by = why
-        self._token.cancel(why)
+        # The interrupt is scheduled first: a token callback that raises must not stop it.
         if self._in_generator and not self._interrupting:
             self._interrupting = True
             gevent.get_hub().loop.run_callback(self._interrupt)
+        self._token.cancel(why)
 
     def _interrupt(self) -> None:
         # Only while the greenlet is blocked inside the generator: anywhere else (a write) it

@@ -12,7 +12,9 @@ import signal
 import weakref
 from typing import Any, Protocol
 
-__all__ = ["begin_shutdown", "install_gunicorn_hook", "register", "shutting_down"]
+from .concurrency import gevent_patched
+
+__all__ = ["begin_shutdown", "install_gunicorn_hook", "register", "shutting_down", "unregister"]
 
 
 class _Stoppable(Protocol):
@@ -24,7 +26,7 @@ _state = {"shutting_down": False}
 
 
 def register(stream: _Stoppable) -> None:
-    """Track an open stream (weakly: a finished stream needs no unregistering)."""
+    """Track an open stream (weakly, so that a stream dropped without ending is not kept)."""
     _streams.add(stream)
 
 
@@ -55,12 +57,12 @@ def install_gunicorn_hook(worker: Any) -> None:
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        try:
+        if gevent_patched():
             import gevent
 
             # A signal handler must not switch greenlets: do the work in one of its own.
             gevent.spawn(begin_shutdown)
-        except ImportError:  # pragma: no cover - sync workers: nothing to switch
+        else:  # sync and gthread workers: inline bodies hold no registered stream
             begin_shutdown()
         if callable(previous):
             previous(signum, frame)

@@ -1,8 +1,9 @@
 """The body of a streaming response: each yielded item goes out as one SSE event.
 
 Two bodies share these rules. Under gevent (gunicorn ``-k gevent``) it is
-:class:`~flask_sse_run.gevent_stream.GeventStream`: the generator runs in its own greenlet,
-with keep-alive, instant disconnect detection and graceful shutdown. Anywhere else (gunicorn's
+:class:`~flask_sse_run.gevent_stream.GeventStream`: the generator runs in the request's
+greenlet, and keep-alive, instant disconnect detection, write coalescing and graceful shutdown
+are driven from the gevent hub. Anywhere else (gunicorn's
 sync and gthread workers, the Flask development server, the test client) it is
 :func:`inline_body`: the generator runs in the request's own thread, each item is written as
 it is yielded, but no ``: ping`` is sent while the generator blocks and a vanished client is

@@ -56,6 +56,8 @@ class SSEParser:
             self._started = True
             if text.startswith("\ufeff"):
                 text = text[1:]
+        if not text:  # an empty chunk (gzip decoders yield them) changes nothing
+            return []
         if self._skip_lf and text.startswith("\n"):
             text = text[1:]
         self._skip_lf = False

@@ -43,6 +43,7 @@ class ThreadChannel(Generic[T]):
         self._closed = False
         self._token = current_token()
         self.done = False
+        self.finished = False  # set after the last wake-up: the thread no longer touches us
         self.error: BaseException | None = None
 
     @property
@@ -80,15 +81,17 @@ class ThreadChannel(Generic[T]):
         self.error = error
         self.done = True
         self._wake()
+        self.finished = True
 
 
 class _GeventWaiter:
     """Parks the consuming greenlet until the thread calls :meth:`wake`."""
 
     def __init__(self) -> None:
-        from gevent import get_hub
+        from gevent import get_hub, sleep
         from gevent.event import Event
 
+        self._sleep = sleep
         self._event = Event()
         self._watcher = get_hub().loop.async_()
         # Started once and kept started: libev forgets a send() made while it is stopped.
@@ -99,7 +102,11 @@ class _GeventWaiter:
         self._event.wait()
         self._event.clear()
 
-    def close(self) -> None:
+    def close(self, channel: ThreadChannel[Any]) -> None:
+        # ``done`` is set just before the thread's last send() on the watcher: closing in that
+        # gap would close it under the thread. The gap is one C call; wait it out cooperatively.
+        while not channel.finished:
+            self._sleep(0.0005)
         self._watcher.close()
 
 
@@ -114,8 +121,8 @@ class _ThreadWaiter:
         self._event.wait()
         self._event.clear()
 
-    def close(self) -> None:
-        pass
+    def close(self, channel: ThreadChannel[Any]) -> None:
+        pass  # nothing to release: a threading.Event
 
 
 def run_in_thread(
@@ -132,7 +139,8 @@ def run_in_thread(
     :class:`StreamClosed`; the iterator's ``close`` then waits, without blocking other
     greenlets, for ``work`` to return. The thread runs in a copy of the caller's context, so
     :func:`~flask_sse_run.disconnected` works there. ``executor`` defaults to a shared pool of
-    32 threads (:func:`~flask_sse_run.concurrency.default_executor`); pass
+    32 threads per process (:func:`~flask_sse_run.concurrency.default_executor`; a 33rd piece of
+    work waits for a free thread, and is skipped if its stream ends meanwhile); pass
     ``thread_executor(1)`` to keep some work (torch) on one dedicated thread.
     """
     if maxsize < 1:
@@ -150,7 +158,8 @@ def _bridge(
     def target() -> None:
         error: BaseException | None = None
         try:
-            context.run(work, channel)
+            if not channel.closed:  # queued behind busy threads while its stream ended
+                context.run(work, channel)
         except StreamClosed:
             pass
         except BaseException as exc:  # handed to the consumer, which re-raises it
@@ -161,7 +170,8 @@ def _bridge(
     try:
         (executor or default_executor()).submit(target)
     except BaseException:
-        waiter.close()
+        channel._finish(None)
+        waiter.close(channel)
         raise
     try:
         while True:
@@ -179,7 +189,7 @@ def _bridge(
                 waiter.wait()
         finally:
             if channel.done:
-                waiter.close()
+                waiter.close(channel)
             # else: this greenlet was killed while waiting; the watcher stays open (a few
             # bytes) rather than be closed under a thread that may still send() on it.
 

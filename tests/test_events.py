@@ -151,3 +151,8 @@ def test_events_round_trip_in_any_chunking(data: str, event: str | None, id: str
         ServerSentEvent(data=expected_data, event=event or "message", id=id or ""),
         ServerSentEvent(data="after", id=id or ""),
     ]
+
+
+def test_parser_keeps_a_crlf_together_across_an_empty_chunk() -> None:
+    # requests' gzip decoding yields empty chunks; one between CR and LF must not end a line.
+    assert parse_events([b"data: a\r", b"", b"\ndata: b\r\n\r\n"]) == [ServerSentEvent(data="a\nb")]

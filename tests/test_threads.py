@@ -143,3 +143,29 @@ def test_under_gevent_the_hub_stays_responsive_while_the_thread_blocks() -> None
     assert closed["first"] == 0 and closed["log"][-1] == "finally" and len(closed["log"]) <= 3
     # The trap this avoids: a monkey-patched Thread froze the hub for the whole 0.6 s.
     assert data["patched_thread_max_gap"] > 0.5
+
+
+def test_work_queued_behind_busy_threads_is_skipped_if_its_stream_ended() -> None:
+    executor = thread_executor(1)
+    release = threading.Event()
+    ran: list[str] = []
+
+    def blocker(channel: ThreadChannel[str]) -> None:
+        channel.send("busy")
+        release.wait(5)
+
+    def queued(channel: ThreadChannel[str]) -> None:
+        ran.append("queued work ran")
+
+    first = run_in_thread(blocker, executor=executor)
+    assert next(first) == "busy"
+    token = CancelToken()
+    with bind_token(token):
+        second = run_in_thread(queued, executor=executor)
+        # The stream ends (its client left) while its work waits for the only thread.
+        threading.Timer(0.1, token.cancel).start()
+        threading.Timer(0.3, release.set).start()
+        assert list(second) == []
+    first.close()
+    executor.shutdown(wait=True)
+    assert ran == []
