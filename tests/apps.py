@@ -107,9 +107,16 @@ def watcher(seconds: float) -> Iterator[str]:
 
 
 @sse.function
-def firehose(n: int) -> Iterator[int]:
-    # Never blocks: without the runtime's fair slices it would starve the worker.
-    yield from range(n)
+def firehose(n: int = 0, seconds: float = 0.0) -> Iterator[int]:
+    """n events, or as many as fit in ``seconds``, as fast as possible: it never blocks, so
+    without the runtime's fair slices it would starve the worker."""
+    if n:
+        yield from range(n)
+        return
+    deadline, base = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:  # the clock is read once per 1000 events
+        yield from range(base, base + 1000)
+        base += 1000
 
 
 @sse.function
@@ -139,7 +146,18 @@ def create_app(**config: Any) -> Flask:
 
     @app.get("/stats")
     def stats() -> dict[str, Any]:
-        return {**STATS, "pid": os.getpid()}
+        import gc
+        import sys
+
+        import greenlet
+
+        return {
+            **STATS,
+            "pid": os.getpid(),
+            "greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet)),
+            "threads": len(sys._current_frames()),  # real OS threads, whatever gevent patched
+            "fds": len(os.listdir("/proc/self/fd")),
+        }
 
     sse.init_app(app)
     return app

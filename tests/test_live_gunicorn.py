@@ -122,3 +122,22 @@ def test_example_app_serves_the_seed_function(tmp_path: Path) -> None:
         )
         assert response.content == b"data: Number 0 \n\n"
         assert "Using worker: gevent" in srv.log()
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_the_seed_example_streams_under_sync_and_thread_workers(tmp_path: Path, worker_class: str) -> None:
+    # No gevent: the generator runs in the request's thread and each item is written at once.
+    with gunicorn(tmp_path=tmp_path, env={"GUNICORN_WORKER_CLASS": worker_class}) as srv:
+        started = time.monotonic()
+        with requests.post(
+            f"{srv.url}/run",
+            json={"upper_range": 3},
+            headers={"Accept-Encoding": "identity"},
+            stream=True,
+            timeout=10,
+        ) as response:
+            events = timed_events(response)
+        assert f"Using worker: {worker_class}" in srv.log()
+    assert [data for _, data in events] == ["Number 0 ", "Number 1 ", "Number 2 "]
+    assert events[0][0] - started < 0.9
+    assert all(after - before >= 0.9 for (before, _), (after, _) in itertools.pairwise(events))
