@@ -3,7 +3,7 @@
 Run: ``gunicorn -c gunicorn.conf.py wsgi:app``. Environment variables: GUNICORN_BIND,
 GUNICORN_WORKERS, GUNICORN_WORKER_CONNECTIONS, GUNICORN_TIMEOUT, GUNICORN_GRACEFUL_TIMEOUT,
 GUNICORN_KEEPALIVE, GUNICORN_BACKLOG, GUNICORN_LOGLEVEL, GUNICORN_ACCESSLOG,
-GUNICORN_WORKER_CLASS, GUNICORN_CONTROL_SOCKET.
+GUNICORN_WORKER_CLASS, GUNICORN_CONTROL_SOCKET; FALCON_MODEL enables the Falcon blueprint.
 """
 
 import os
@@ -13,15 +13,26 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"GUNICORN_{name}", default)
 
 
+# Loopback by default: the example app is a demo; set GUNICORN_BIND=0.0.0.0:8000 to expose it.
 bind = _env("BIND", "127.0.0.1:8000")
 # gevent: each stream is a greenlet, so one worker holds thousands of open streams while its
 # generators sleep or wait on I/O. A thread per stream (sync/gthread) would not scale.
 worker_class = _env("WORKER_CLASS", "gevent")
+# One worker per core is the usual rule; the default 1 keeps the demo's model loaded once.
 workers = int(_env("WORKERS", "1"))
 # The default (1000) makes stream 1001 wait in the accept queue until another one ends.
 worker_connections = int(_env("WORKER_CONNECTIONS", "10000"))
+# Thousands of clients may connect in one burst (reconnecting after a deploy): the kernel's
+# accept queue must hold them until the worker accepts (gunicorn's default is 2048).
+backlog = int(_env("BACKLOG", "4096"))
+# The heartbeat deadline. Streams are long, but the hub gets a turn every few milliseconds (fair
+# slices), so a worker that misses 30 s of heartbeats is really stuck and is better restarted.
 timeout = int(_env("TIMEOUT", "30"))
+# On SIGTERM, open streams get the shutdown event at once (post_worker_init's hook); this only
+# needs to cover writing those events and finishing short requests.
 graceful_timeout = int(_env("GRACEFUL_TIMEOUT", "10"))
+# Seconds an idle HTTP keep-alive connection stays open between requests: long enough for a
+# client's next call, short enough not to hold thousands of idle sockets.
 keepalive = int(_env("KEEPALIVE", "5"))
 loglevel = _env("LOGLEVEL", "info")
 accesslog = _env("ACCESSLOG", "-")
@@ -29,7 +40,6 @@ accesslog = _env("ACCESSLOG", "-")
 # (tests, a second app) would fight over it. Opt in with GUNICORN_CONTROL_SOCKET=/path.
 control_socket = _env("CONTROL_SOCKET", "")
 control_socket_disable = not control_socket
-backlog = int(_env("BACKLOG", "4096"))  # bursts of thousands of clients connecting at once
 
 
 def post_fork(server: object, worker: object) -> None:
