@@ -26,8 +26,8 @@ from typing import Any
 
 import requests
 
-from bench.clients import run_streams
 from tests.live import Server, gunicorn
+from tests.sse_clients import run_streams
 
 APPS = {"plain Flask": "bench.apps:plain_app()", "flask-sse-run": "bench.apps:extension_app()"}
 

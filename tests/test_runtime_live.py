@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from bench.clients import run_streams
 from flask_sse_run.testing import SSEParser
 from tests.live import Server, gunicorn
+from tests.sse_clients import run_streams
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Many SSE clients in one thread (raw sockets + epoll), recording when each event arrives.
 
-Used by the benchmarks and by the live tests that need hundreds of concurrent streams: one
+Used by the live tests and by the benchmarks that need hundreds of concurrent streams: one
 thread with non-blocking sockets scales where a thread per client would not.
 """
 
