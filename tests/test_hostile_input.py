@@ -351,7 +351,7 @@ def test_schemathesis_finds_no_5xx_and_no_contract_violation(fuzz_server: Server
     elapsed = time.monotonic() - started
     session.close()  # idle keep-alive connections would hold up gunicorn's graceful stop
     assert failures == []
-    assert calls >= 200 and elapsed < 60
+    assert calls >= 200 and elapsed < 180  # bounded: a hang would show here, not slowness
     log = fuzz_server.log()
     assert "Traceback" not in log  # no stream failed quietly with an error event either
     assert '" 5' not in log  # the access log shows no 5xx status
