@@ -1,10 +1,12 @@
+import pathlib
+
 from setuptools import find_packages, setup
 
 setup(
     name="flask-sse-run",
     version="0.1.0",
     description="Serve plain Python generators as Server-Sent Events endpoints from Flask.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(pathlib.Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["flask_sse_run", "flask_sse_run.*", "example_app", "example_app.*"]),
     package_data={"flask_sse_run": ["py.typed"]},

@@ -4,6 +4,10 @@ The function's signature is inspected once, at registration: each parameter beco
 a pydantic model, so types, defaults, ``Optional``, ``Literal``, enums, nested models and
 ``Annotated[..., Field(...)]`` constraints are checked and coerced by pydantic, not by hand.
 A signature that cannot be served raises :class:`RegistrationError` at start-up.
+
+A 422's ``detail`` is bounded whatever the body held: at most ``MAX_PROBLEMS`` entries, and each
+``loc`` keeps indexes and declared parameter names but shortens any other key (an unknown
+parameter, a ``dict`` key) to ``MAX_KEY_SHOWN`` characters, since those keys are the client's input.
 """
 
 from __future__ import annotations
@@ -19,9 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import RegistrationError, RequestError
 
-__all__ = ["Binder", "inspect_function", "validate_name"]
+__all__ = ["MAX_KEY_SHOWN", "MAX_PROBLEMS", "NAME_PATTERN", "Binder", "inspect_function", "validate_name"]
 
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
+#: What a function's name (its URL segment) may be.
+NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
+#: The most problems a 422 lists; one more entry says how many were left out.
+MAX_PROBLEMS = 50
+#: The longest client-sent key shown in a problem's ``loc``; longer ones are cut to half of it.
+MAX_KEY_SHOWN = 64
 _UNSERVABLE_KINDS = {
     inspect.Parameter.POSITIONAL_ONLY: "positional-only parameters cannot come from a JSON object",
     inspect.Parameter.VAR_POSITIONAL: "*args cannot come from a JSON object",
@@ -39,7 +48,7 @@ def validate_name(name: str) -> str:
         raise RegistrationError("a function name must be a non-empty str")
     if name.startswith("_"):
         raise RegistrationError(f"{name!r}: names starting with '_' are private and not served")
-    if not _NAME.match(name):
+    if not NAME_PATTERN.match(name):
         raise RegistrationError(
             f"{name!r}: a name must start with a letter and hold only letters, digits, '_' and '-'"
         )
@@ -60,28 +69,54 @@ class Binder:
     def bind(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Validate ``payload`` and return the keyword arguments for the function.
 
-        Raises :class:`RequestError` (422) listing every problem, without echoing input values.
+        Raises :class:`RequestError` (422) listing the problems (the first ``MAX_PROBLEMS``),
+        without echoing input values or long keys.
         """
         try:
             values = self.model.model_validate(payload)
         except ValidationError as exc:
-            detail = [
-                {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
-                for err in exc.errors(include_url=False, include_input=False, include_context=False)
-            ]
-            raise RequestError(422, "invalid parameters", detail) from None
+            raise RequestError(422, "invalid parameters", self._problems(exc)) from None
         return {param: getattr(values, field) for field, param in self.params}
+
+    def _problems(self, exc: ValidationError) -> list[dict[str, Any]]:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        names = {param for _, param in self.params}
+        detail: list[dict[str, Any]] = [
+            {"loc": [_shown(part, names) for part in err["loc"]], "msg": err["msg"], "type": err["type"]}
+            for err in errors[:MAX_PROBLEMS]
+        ]
+        if len(errors) > MAX_PROBLEMS:
+            omitted = len(errors) - MAX_PROBLEMS
+            detail.append(
+                {"loc": [], "msg": f"{omitted} more problems were omitted", "type": "too_many_errors"}
+            )
+        return detail
 
     def json_schema(self) -> dict[str, Any]:
         """The JSON Schema of the request body (parameter names as properties)."""
         return self.model.model_json_schema(by_alias=True)
 
 
+def _shown(part: str | int, names: set[str]) -> str | int:
+    # An unknown key or a dict key is whatever the client sent (500 KB of it, once): only
+    # indexes and the function's own parameter names are shown as they are.
+    if isinstance(part, int) or part in names or len(part) <= MAX_KEY_SHOWN:
+        return part
+    return part[: MAX_KEY_SHOWN // 2] + "\u2026"
+
+
 def inspect_function(func: Callable[..., Any], name: str, *, model_name: str | None = None) -> Binder:
     """Build the :class:`Binder` for ``func``; raise :class:`RegistrationError` if unservable.
 
     ``model_name`` names the parameters' model (and its JSON Schema); default ``{name}_parameters``.
+    ``async def`` functions and async generators are refused: a WSGI worker has no event loop
+    to run them in, so they would fail on every request.
     """
+    if _is_async(func):
+        raise RegistrationError(
+            f"{name}: async functions are not supported on WSGI; write a plain function or "
+            "generator (hand blocking work to flask_sse_run.iterate_in_thread or run_in_thread)"
+        )
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError) as exc:
@@ -120,3 +155,10 @@ def inspect_function(func: Callable[..., Any], name: str, *, model_name: str | N
     except Exception as exc:
         raise RegistrationError(f"{name}: cannot validate these parameters: {exc}") from exc
     return Binder(name=name, model=model, params=tuple(params))
+
+
+def _is_async(func: Callable[..., Any]) -> bool:
+    # A callable object is async when its __call__ is; inspect sees through functools.partial.
+    return any(
+        inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (func, type(func).__call__)
+    )

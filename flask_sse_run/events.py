@@ -25,10 +25,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["KEEPALIVE", "Event", "encode", "encode_comment", "json_value"]
+__all__ = ["KEEPALIVE", "Event", "encode", "encode_comment", "json_dumps", "json_value"]
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_json_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+#: Compact JSON, NaN refused: the encoding of event data, and of the JSON responses too.
+json_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 def _field_lines(name: bytes, text: str) -> bytes:
@@ -45,7 +46,7 @@ def _data_text(value: Any) -> str:
         return bytes(value).decode("utf-8")
     if hasattr(value, "model_dump"):
         value = value.model_dump(mode="json")
-    return _json_dumps(value)
+    return json_dumps(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,11 @@ from .binding import Binder, inspect_function, validate_name
 from .config import Settings
 from .errors import RegistrationError
 from .openapi import OPENAPI_PATH, openapi_view
-from .views import EXTENSION_KEY, call_function
+from .views import EXTENSION_KEY, call_function, unknown_path
 
 __all__ = ["RegisteredFunction", "SSERun", "State"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,9 @@ class SSERun:
 
     ``SSERun(app)`` or, with an app factory, ``sse = SSERun()`` then ``sse.init_app(app)``.
     Functions registered with :meth:`function` (before or after ``init_app``) are served at
-    ``POST {url_prefix}/{name}``; ``GET {url_prefix}/openapi.json`` describes them all.
+    ``POST {url_prefix}/{name}``; ``GET {url_prefix}/openapi.json`` describes them all. Every
+    other method on those URLs gets a JSON ``405`` (``OPTIONS``: ``204``), and with a non-empty
+    ``url_prefix`` every other path under it a JSON ``404``; with none, the app's own 404 stands.
 
     Config keys read by ``init_app`` (defaults in brackets):
 
@@ -102,20 +103,21 @@ class SSERun:
             app.extensions[EXTENSION_KEY] = state
         state.instances.append(self)
         # A static rule: Werkzeug matches it before the "<name>" rule below.
-        app.add_url_rule(
-            f"{self.url_prefix}{OPENAPI_PATH}",
-            endpoint=f"sse_run.openapi{self.url_prefix}",
-            view_func=openapi_view,
-            methods=_METHODS,
-        )
+        _add_rule(app, f"{self.url_prefix}{OPENAPI_PATH}", f"sse_run.openapi{self.url_prefix}", openapi_view)
         # One rule for every name: functions registered after init_app (even after the first
         # request) are served without touching the URL map again.
-        app.add_url_rule(
+        _add_rule(
+            app,
             f"{self.url_prefix}/<name>",
-            endpoint=endpoint,
-            view_func=functools.partial(call_function, functions=self.functions),
-            methods=_METHODS,
+            endpoint,
+            functools.partial(call_function, functions=self.functions),
         )
+        if self.url_prefix:
+            # The prefix is the extension's: nested paths and trailing slashes under it get our
+            # JSON 404 too. Without a prefix this would take over the app's own 404s.
+            _add_rule(
+                app, f"{self.url_prefix}/<path:rest>", f"sse_run.unknown{self.url_prefix}", unknown_path
+            )
 
     @overload
     def function(self, func: F, /) -> F: ...
@@ -149,3 +151,11 @@ class SSERun:
             return f
 
         return register(func) if func is not None else register
+
+
+def _add_rule(app: Flask, path: str, endpoint: str, view: Callable[..., Any]) -> None:
+    # methods=None matches every method, which Flask's add_url_rule cannot express: with a list,
+    # an unlisted method (TRACE, PROPFIND) got Flask's HTML 405 and OPTIONS its automatic 200,
+    # both with an Allow naming the list. The views answer every method in JSON themselves.
+    app.url_map.add(app.url_rule_class(path, endpoint=endpoint, methods=None))
+    app.view_functions[endpoint] = view

@@ -28,8 +28,8 @@ from pydantic.json_schema import models_json_schema
 
 from .docstrings import parameter_docs
 from .errors import RequestError
-from .payload import request_id
-from .views import EXTENSION_KEY, error_response
+from .negotiation import request_id
+from .views import EXTENSION_KEY, MAX_JSON_ITEMS, error_response, options_response
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["OPENAPI_PATH", "build_document", "openapi_view"]
 
 OPENAPI_PATH = "/openapi.json"
+_ALLOW = "GET, HEAD, OPTIONS"
 _REF = "#/components/schemas/{model}"
 # Our own component names hold a dot: pydantic's generated names are identifiers joined by
 # "__", so these cannot collide with a user's model.
@@ -62,9 +63,16 @@ _ERRORS: dict[str, tuple[str, str]] = {
         _ERROR,
     ),
     "401": ("No bearer token, or one that was refused; see `WWW-Authenticate`.", _ERROR),
-    "404": ("No function of that name.", _ERROR),
-    "405": ("A method other than the one documented; see `Allow`.", _ERROR),
-    "406": ("The `Accept` header allows neither `text/event-stream` nor `application/json`.", _ERROR),
+    "404": (
+        "No function of that name (or, under a non-empty url_prefix, any other path below it).",
+        _ERROR,
+    ),
+    "405": ("A method other than the one documented (or `OPTIONS`, answered 204); see `Allow`.", _ERROR),
+    "406": (
+        "The `Accept` header allows neither `text/event-stream` nor `application/json`; or it allows "
+        f"only `application/json` and the function yielded more than {MAX_JSON_ITEMS} items.",
+        _ERROR,
+    ),
     "408": ("The request body did not arrive within `SSE_RUN_BODY_TIMEOUT` seconds.", _ERROR),
     "413": ("The body is larger than `SSE_RUN_MAX_BODY` bytes.", _ERROR),
     "415": ("A non-empty body whose `Content-Type` is not JSON.", _ERROR),
@@ -279,7 +287,6 @@ _ITERATOR_TYPES = {
     collections.abc.Iterator,
     collections.abc.Iterable,
     collections.abc.Generator,
-    collections.abc.AsyncIterator,
 }
 
 
@@ -303,12 +310,14 @@ def _describe_parameters(schema: dict[str, Any], docs: Mapping[str, str]) -> Non
 
 
 def openapi_view() -> Response:
-    """Serve the app's OpenAPI document (``GET`` only; other methods get 405)."""
+    """Serve the app's OpenAPI document (``GET``; ``OPTIONS`` gets 204, other methods 405)."""
     state: State = current_app.extensions[EXTENSION_KEY]
     if request.method not in ("GET", "HEAD"):
         rid = request_id(request.headers.get("X-Request-ID"))
+        if request.method == "OPTIONS":
+            return options_response(_ALLOW, rid)
         return error_response(
-            RequestError(405, "this endpoint accepts GET only", headers={"Allow": "GET, HEAD"}), rid
+            RequestError(405, "this endpoint accepts GET only", headers={"Allow": _ALLOW}), rid
         )
     first, *others = state.instances
     document = build_document(

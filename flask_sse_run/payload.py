@@ -1,4 +1,4 @@
-"""What a request asks for: its JSON arguments, the response format, its request id.
+"""The request body: read it, within limits, as the JSON object of a function's arguments.
 
 Everything here runs before the response starts, so every problem becomes a
 :class:`RequestError` with a 4xx status and a JSON body. Messages name the problem but never
@@ -10,26 +10,18 @@ from __future__ import annotations
 import json
 import math
 import re
-import uuid
 from typing import Any, Protocol
 
-from werkzeug.datastructures import MIMEAccept
-from werkzeug.http import parse_accept_header
-from werkzeug.wrappers import Request
-
 from .errors import RequestError
+from .negotiation import JSON
 
-__all__ = ["Readable", "read_json_object", "request_id", "wants_stream"]
+__all__ = ["Readable", "read_json_object"]
 
 #: Deeper JSON is refused: nothing a function takes needs it, and validating or logging very deep
 #: structures recurses.
 MAX_DEPTH = 64
 # Decoded UTF-8 cannot hold a surrogate; only a \uD800-\uDFFF escape can put one in a string.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}\Z")
-STREAM = "text/event-stream"
-JSON = "application/json"
-_STREAM_ACCEPTS = frozenset({"*/*", STREAM, f"{STREAM}, */*"})
 
 
 class Readable(Protocol):
@@ -140,29 +132,3 @@ def read_json_object(
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
         raise RequestError(400, "body is not valid JSON for this API: a string holds a lone surrogate")
     return value
-
-
-def wants_stream(header: str | None, req: Request | None = None) -> bool:
-    """Whether to answer with an event stream (True) or one JSON document (False).
-
-    ``header`` is the raw Accept header (``req.accept_mimetypes`` is parsed only when it is not
-    one of the common exact values). No Accept header, ``*/*`` or ``text/event-stream`` mean a
-    stream; a client that accepts ``application/json`` but not ``text/event-stream`` gets JSON.
-    Raises :class:`RequestError` (406) when it accepts neither.
-    """
-    if not header or header in _STREAM_ACCEPTS:
-        return True
-    if header == JSON:
-        return False
-    accept = req.accept_mimetypes if req is not None else parse_accept_header(header, MIMEAccept)
-    best = accept.best_match([STREAM, JSON])
-    if best is None:
-        raise RequestError(406, f"this endpoint answers {STREAM} or {JSON}")
-    return best == STREAM
-
-
-def request_id(header: str | None) -> str:
-    """The client's ``X-Request-ID`` if it is short and plain, else a new UUID."""
-    if header and _REQUEST_ID.match(header):
-        return header
-    return uuid.uuid4().hex

@@ -6,22 +6,22 @@ headers are frozen once a streaming body starts.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from flask import Request, Response, current_app, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
 from .auth import authenticate
-from .binding import _NAME
+from .binding import MAX_KEY_SHOWN, NAME_PATTERN
 from .body_timeout import with_deadline
 from .cancellation import CancelToken
 from .concurrency import gevent_patched
 from .errors import RequestError
-from .events import json_value
-from .payload import read_json_object, request_id, wants_stream
+from .events import json_dumps, json_value
+from .negotiation import STREAM, request_id, wants_stream
+from .payload import read_json_object
 from .streaming import StreamOptions, StreamResponse, close_iterator, inline_body
 
 if TYPE_CHECKING:
@@ -29,14 +29,26 @@ if TYPE_CHECKING:
     from .extension import RegisteredFunction, State
     from .gevent_stream import GeventStream
 
-__all__ = ["EXTENSION_KEY", "call_function", "error_response"]
+__all__ = [
+    "ALLOW",
+    "EXTENSION_KEY",
+    "MAX_JSON_ITEMS",
+    "call_function",
+    "error_response",
+    "options_response",
+    "unknown_path",
+]
 
 EXTENSION_KEY = "sse_run"
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+#: The methods a function's URL answers (the ``Allow`` of its 204 and 405 responses).
+ALLOW = "OPTIONS, POST"
+#: The most items a generator may yield for a client that accepts only JSON (406 beyond): the
+#: whole list is held in memory, and the client gets nothing until the last item.
+MAX_JSON_ITEMS = 100_000
 
 
 def _json_response(body: Any, status: int, rid: str, headers: dict[str, str] | None = None) -> Response:
-    response = Response(_dumps(body), status=status, mimetype="application/json")
+    response = Response(json_dumps(body), status=status, mimetype="application/json")
     response.headers["X-Request-ID"] = rid
     response.headers.update(headers or {})
     return response
@@ -47,9 +59,26 @@ def error_response(exc: RequestError, rid: str) -> Response:
     return _json_response(exc.body(), exc.status, rid, exc.headers)
 
 
+def options_response(allow: str, rid: str) -> Response:
+    """The ``204`` answer to ``OPTIONS``: the methods the URL accepts, in ``Allow``."""
+    response = Response(status=204)
+    response.headers["Allow"] = allow
+    response.headers["X-Request-ID"] = rid
+    return response
+
+
 def _unknown(name: str) -> RequestError:
-    shown = f" {name!r}" if len(name) <= 64 and _NAME.match(name) else ""
+    shown = f" {name!r}" if len(name) <= MAX_KEY_SHOWN and NAME_PATTERN.match(name) else ""
     return RequestError(404, f"no function named{shown}" if shown else "no such function")
+
+
+def unknown_path(rest: str) -> Response:
+    """A JSON 404 for any other path under a non-empty ``url_prefix`` (``/api/a/b``, ``/api/run/``).
+
+    ``rest`` is what follows the prefix; it is not echoed.
+    """
+    rid = request_id(request.environ.get("HTTP_X_REQUEST_ID"))
+    return error_response(RequestError(404, "no such function"), rid)
 
 
 def _gevent_stream() -> type[GeventStream]:
@@ -101,7 +130,9 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
     """Validate the request, call the function ``name`` and answer with a stream or JSON.
 
     ``functions`` is the registry of the :class:`~flask_sse_run.SSERun` instance whose URL rule
-    matched (the view is bound to it with ``functools.partial``).
+    matched (the view is bound to it with ``functools.partial``). The rule matches every method:
+    ``OPTIONS`` is answered ``204`` and any method but ``POST`` ``405``, both with ``Allow``.
+    A generator collected for a JSON client may yield at most ``MAX_JSON_ITEMS`` items (406).
     """
     state: State = current_app.extensions[EXTENSION_KEY]
     settings = state.settings
@@ -111,8 +142,10 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
         registered = functions.get(name)
         if registered is None:
             raise _unknown(name)
+        if req.method == "OPTIONS":
+            return options_response(ALLOW, rid)
         if req.method != "POST":
-            raise RequestError(405, "this endpoint accepts POST only", headers={"Allow": "POST"})
+            raise RequestError(405, "this endpoint accepts POST only", headers={"Allow": ALLOW})
         if not registered.public:  # before the body is read: strangers cannot make us wait for it
             authenticate(state.auth, req.environ.get("HTTP_AUTHORIZATION"), rid)
         stream = wants_stream(req.environ.get("HTTP_ACCEPT"), req)
@@ -143,19 +176,55 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
         return _stream_response(result, req, settings, rid)
 
     try:
-        if isinstance(result, Iterator):
-            value: Any = [json_value(item) for item in result]
-        else:
-            value = json_value(result)
+        value = _collect(result) if isinstance(result, Iterator) else json_value(result)
         body_json = {
             "run_id": rid,
             "run_time_ms": round((time.perf_counter() - started) * 1000, 3),
             "result": value,
         }
         return _json_response(body_json, 200, rid)
+    except RequestError as exc:  # too many items, or the generator's own refusal
+        return error_response(exc, rid)
     except Exception:
         logger.exception("function %s failed (request id %s)", name, rid)
         return error_response(RequestError(500, "the function failed; see the server log"), rid)
     finally:
         if isinstance(result, Iterator):
             close_iterator(result)
+
+
+def _collect(items: Iterator[Any]) -> list[Any]:
+    # The JSON fallback runs the generator in the request's greenlet with no stream runtime
+    # around it: it must bound its own memory and, under gevent, its own time on the hub.
+    limit = MAX_JSON_ITEMS
+    turn = _gevent_turn() if gevent_patched() else None
+    collected: list[Any] = []
+    for item in items:
+        if len(collected) == limit:
+            raise RequestError(406, f"the result has more than {limit} items; accept {STREAM} to stream it")
+        collected.append(json_value(item))
+        if turn is not None:
+            turn()
+    return collected
+
+
+def _gevent_turn() -> Callable[[], None]:
+    """A function to call after each item: it gives the hub a turn once a ``FAIR_SLICE`` is spent.
+
+    A generator that never blocks would otherwise hold the worker (every other stream, and
+    gunicorn's heartbeat) until its last item: the stream runtime's own fairness does not apply
+    here, as the generator is not streamed.
+    """
+    import gevent  # on first use, as _gevent_stream: sync deployments need not load gevent
+
+    from .gevent_stream import FAIR_SLICE
+
+    started = time.perf_counter()
+
+    def turn() -> None:
+        nonlocal started
+        if time.perf_counter() - started >= FAIR_SLICE:
+            gevent.sleep(0)
+            started = time.perf_counter()
+
+    return turn

@@ -216,7 +216,7 @@ def test_a_public_function_needs_no_token(static_client: FlaskClient) -> None:
 def test_unknown_functions_and_wrong_methods_are_answered_before_auth(static_client: FlaskClient) -> None:
     assert static_client.post("/nope").status_code == 404
     response = static_client.get("/secret")
-    assert response.status_code == 405 and response.headers["Allow"] == "POST"
+    assert response.status_code == 405 and response.headers["Allow"] == "OPTIONS, POST"
 
 
 def test_auth_is_checked_before_the_body_is_read() -> None:

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import enum
+import functools
 import re
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal, Optional
 
 import pytest
@@ -91,6 +93,63 @@ def test_every_problem_is_listed_without_echoing_values() -> None:
     }
     assert secret not in repr(error.body())
     assert all(set(d) == {"loc", "msg", "type"} for d in error.detail or [])
+
+
+def _long(a_parameter_name_that_is_longer_than_sixty_four_characters_and_still_shown: int) -> None: ...
+
+
+def test_client_sent_keys_in_loc_are_shortened_but_parameter_names_are_kept() -> None:
+    name = "a_parameter_name_that_is_longer_than_sixty_four_characters_and_still_shown"
+    with pytest.raises(RequestError) as info:
+        inspect_function(_long, "long").bind({name: "x", "u" * 500_000: 1})
+    assert [d["loc"] for d in info.value.detail or []] == [[name], ["u" * 32 + "\u2026"]]
+
+
+def test_dict_keys_in_loc_are_shortened() -> None:
+    with pytest.raises(RequestError) as info:
+        binder.bind({**VALID, "weights": {"k" * 100_000: "heavy"}, "items": ["x"]})
+    locs = [d["loc"] for d in info.value.detail or []]
+    assert locs == [["items", 0], ["weights", "k" * 32 + "\u2026"]]
+
+
+def test_a_key_of_exactly_64_characters_is_shown_as_sent() -> None:
+    with pytest.raises(RequestError) as info:
+        binder.bind({**VALID, "w" * 64: 1})
+    assert [d["loc"] for d in info.value.detail or []] == [["w" * 64]]
+
+
+def test_at_most_50_problems_are_listed_then_how_many_more() -> None:
+    with pytest.raises(RequestError) as info:
+        binder.bind({**VALID, "items": ["x"] * 200})
+    detail = info.value.detail or []
+    assert len(detail) == 51
+    assert [d["loc"] for d in detail[:50]] == [["items", i] for i in range(50)]
+    assert detail[50] == {"loc": [], "msg": "150 more problems were omitted", "type": "too_many_errors"}
+
+
+def test_exactly_50_problems_are_all_listed() -> None:
+    with pytest.raises(RequestError) as info:
+        binder.bind({**VALID, "items": ["x"] * 50})
+    assert len(info.value.detail or []) == 50
+
+
+async def _coroutine() -> None: ...
+
+
+async def _agen() -> AsyncIterator[int]:
+    yield 1
+
+
+class _AsyncCallable:
+    async def __call__(self) -> None: ...
+
+
+@pytest.mark.parametrize(
+    "func", [_coroutine, _agen, functools.partial(_coroutine), _AsyncCallable()], ids=repr
+)
+def test_async_functions_fail_at_registration(func: Any) -> None:
+    with pytest.raises(RegistrationError, match="async functions are not supported on WSGI"):
+        inspect_function(func, "f")
 
 
 @pytest.mark.parametrize(

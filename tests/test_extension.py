@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from flask import Flask
@@ -57,6 +57,53 @@ def test_url_prefix_mounts_the_functions() -> None:
     assert client.post("/ping").status_code == 404
 
 
+def prefixed_app() -> Flask:
+    app = Flask(__name__)
+    sse = SSERun(app, url_prefix="/api")
+
+    @sse.function
+    def run() -> Iterator[str]:
+        yield "ran"
+
+    @app.get("/api/health")
+    def health() -> str:
+        return "ok"
+
+    return app
+
+
+@pytest.mark.parametrize("path", ["/api/a/b", "/api/run/", "/api/run/extra", "/api/openapi.json/x"])
+@pytest.mark.parametrize("method", ["POST", "GET", "OPTIONS", "TRACE"])
+def test_other_paths_under_the_prefix_are_a_json_404(path: str, method: str) -> None:
+    response = prefixed_app().test_client().open(path, method=method, headers={"X-Request-ID": "p-1"})
+    assert response.status_code == 404
+    assert response.content_type == "application/json"
+    assert response.get_json() == {"error": "no such function"}
+    assert response.headers["X-Request-ID"] == "p-1"
+
+
+def test_methods_under_the_prefix_are_answered_in_json() -> None:
+    client = prefixed_app().test_client()
+    assert client.post("/api/run").data == b"data: ran\n\n"
+    options = client.options("/api/run")
+    assert options.status_code == 204 and options.headers["Allow"] == "OPTIONS, POST"
+    trace = client.open("/api/run", method="TRACE")
+    assert trace.status_code == 405 and trace.get_json() == {"error": "this endpoint accepts POST only"}
+
+
+def test_the_apps_own_routes_under_the_prefix_still_win() -> None:
+    assert prefixed_app().test_client().get("/api/health").data == b"ok"
+
+
+def test_without_a_prefix_other_paths_keep_the_apps_own_404() -> None:
+    app = Flask(__name__)
+    sse = SSERun(app)
+    sse.function(name="run")(lambda: "x")
+    response = app.test_client().post("/run/extra")
+    assert response.status_code == 404
+    assert response.content_type.startswith("text/html")  # Flask's page: the app's 404 stands
+
+
 def test_url_prefix_must_be_absolute() -> None:
     with pytest.raises(ValueError):
         SSERun(url_prefix="api")
@@ -85,6 +132,21 @@ def test_private_function_names_are_refused_by_default() -> None:
 
     with pytest.raises(RegistrationError, match="private"):
         sse.function(_private)
+
+
+def test_async_functions_are_refused_at_registration() -> None:
+    sse = SSERun()
+
+    async def coroutine() -> str:
+        return "never awaited"
+
+    async def agen() -> AsyncIterator[str]:
+        yield "never iterated"
+
+    for func in (coroutine, agen):
+        with pytest.raises(RegistrationError, match="async functions are not supported on WSGI"):
+            sse.function(func)
+    assert sse.functions == {}
 
 
 def test_duplicate_names_are_refused() -> None:

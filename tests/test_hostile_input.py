@@ -130,6 +130,13 @@ def test_a_nan_string_for_a_float_parameter_is_422(server: Server) -> None:
     }
 
 
+def test_a_500_kb_unknown_key_is_a_small_422(server: Server) -> None:
+    response = post(server, b'{"n": 1, "' + b"u" * 500_000 + b'": 1}')
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["u" * 32 + "\u2026"]
+    assert len(response.content) < 2048
+
+
 def test_huge_integers_that_are_valid_json_are_served_exactly(server: Server) -> None:
     response = post(server, b'{"a": 1' + b"0" * 300 + b', "b": 1}', "/plain", Accept="application/json")
     assert response.status_code == 200
@@ -213,6 +220,19 @@ def test_an_oversized_request_line_is_414(server: Server) -> None:
     code, response = raw_exchange(server, b"POST /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     assert code == 414
     assert b"Request Line is too large" in response
+
+
+@pytest.mark.parametrize("method", ["TRACE", "PROPFIND", "GET"])
+def test_an_unserved_method_is_a_json_405_through_gunicorn(server: Server, method: str) -> None:
+    response = requests.request(method, f"{server.url}/count", timeout=5)
+    assert response.headers["Allow"] == "OPTIONS, POST"
+    assert_error(response, 405, "this endpoint accepts POST only")
+
+
+def test_options_is_204_with_allow_through_gunicorn(server: Server) -> None:
+    response = requests.options(f"{server.url}/count", timeout=5)
+    assert response.status_code == 204
+    assert response.headers["Allow"] == "OPTIONS, POST"
 
 
 # --- slow clients ----------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -171,6 +171,20 @@ def test_generators_may_stream_and_plain_functions_answer_json() -> None:
     assert list(doc["paths"]["/plain"]["post"]["responses"]["200"]["content"]) == ["application/json"]
 
 
+def test_an_async_iterator_return_annotation_is_not_documented_as_a_stream() -> None:
+    # Nothing async is served (async functions are refused at registration); a plain function
+    # annotated to return an async iterator answers JSON at best.
+    app = Flask(__name__)
+    sse = SSERun(app)
+
+    @sse.function
+    def handle() -> AsyncIterator[str]:
+        raise NotImplementedError
+
+    content = document(app)["paths"]["/handle"]["post"]["responses"]["200"]["content"]
+    assert list(content) == ["application/json"]
+
+
 def test_the_event_stream_response_documents_the_event_format() -> None:
     doc = document(create_app(SSE_RUN_END_EVENT="done"))
     content = doc["paths"]["/count"]["post"]["responses"]["200"]["content"]["text/event-stream"]
@@ -277,14 +291,21 @@ def test_the_document_is_public_when_auth_is_on() -> None:
     assert_valid(document(app))
 
 
-def test_openapi_json_wins_over_the_function_rule_and_refuses_other_methods() -> None:
+@pytest.mark.parametrize("method", ["POST", "DELETE", "TRACE"])
+def test_openapi_json_wins_over_the_function_rule_and_refuses_other_methods(method: str) -> None:
     client = create_app().test_client()
     assert client.get("/openapi.json").status_code == 200
     assert client.head("/openapi.json").status_code == 200
-    response = client.post("/openapi.json", json={})
+    response = client.open("/openapi.json", method=method)
     assert response.status_code == 405
-    assert response.headers["Allow"] == "GET, HEAD"
+    assert response.headers["Allow"] == "GET, HEAD, OPTIONS"
     assert response.get_json() == {"error": "this endpoint accepts GET only"}
+
+
+def test_options_on_openapi_json_is_204_with_allow() -> None:
+    response = create_app().test_client().options("/openapi.json")
+    assert response.status_code == 204
+    assert response.headers["Allow"] == "GET, HEAD, OPTIONS"
 
 
 def test_functions_registered_after_the_first_request_appear() -> None:

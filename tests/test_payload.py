@@ -1,12 +1,11 @@
 from __future__ import annotations
 
 import io
-import uuid
 
 import pytest
 
 from flask_sse_run.errors import RequestError
-from flask_sse_run.payload import read_json_object, request_id, wants_stream
+from flask_sse_run.payload import read_json_object
 
 
 def read(
@@ -61,38 +60,3 @@ def test_bad_bodies_are_rejected(
         read(body, mimetype, length, limit=1000 if status == 413 else 1_000_000)
     assert info.value.status == status
     assert fragment in info.value.message
-
-
-@pytest.mark.parametrize(
-    ("header", "stream"),
-    [
-        (None, True),
-        ("*/*", True),
-        ("text/event-stream", True),
-        ("application/json", False),
-        ("application/json, text/event-stream;q=0.5", False),
-        ("text/event-stream, application/json;q=0.9", True),
-        ("text/*", True),
-        ("text/event-stream, */*", True),
-        ("application/json;q=0.9, text/event-stream;q=0.1", False),
-        ("", True),
-    ],
-)
-def test_negotiates_stream_or_json(header: str | None, stream: bool) -> None:
-    assert wants_stream(header) is stream
-
-
-def test_accepting_neither_is_406() -> None:
-    with pytest.raises(RequestError) as info:
-        wants_stream("text/html")
-    assert info.value.status == 406
-
-
-def test_request_id_keeps_a_sane_client_id() -> None:
-    assert request_id("abc-123_x.y:z") == "abc-123_x.y:z"
-
-
-@pytest.mark.parametrize("header", [None, "", "a\r\nSet-Cookie: x=1", "x" * 129, "spaces are odd", "\u00e9"])
-def test_request_id_replaces_anything_else(header: str | None) -> None:
-    rid = request_id(header)
-    assert rid != header and uuid.UUID(hex=rid).version == 4

@@ -1,15 +1,19 @@
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
+import types
 from collections.abc import Iterator
 
+import gevent
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from flask_sse_run import RequestError, SSERun
+from flask_sse_run import RequestError, SSERun, views
+from flask_sse_run.gevent_stream import FAIR_SLICE
 from flask_sse_run.testing import ServerSentEvent, parse_events
 from tests.apps import create_app, endless_app
 
@@ -60,6 +64,27 @@ def test_mistyped_parameter_is_422_and_not_echoed(client: FlaskClient) -> None:
     assert b"three-thousand" not in response.data and len(response.data) < 300
 
 
+def test_a_422_for_huge_keys_stays_small() -> None:
+    app = Flask(__name__)
+    sse = SSERun(app)
+
+    @sse.function
+    def weigh(weights: dict[str, int]) -> int:
+        return len(weights)
+
+    client = app.test_client()
+    unknown = client.post("/weigh", json={"weights": {}, "u" * 500_000: 1})
+    assert unknown.status_code == 422
+    assert error_body(unknown)["detail"] == [
+        {"loc": ["u" * 32 + "\u2026"], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}
+    ]
+    assert len(unknown.data) < 2048
+    dict_key = client.post("/weigh", json={"weights": {"k" * 500_000: "heavy"}})
+    assert dict_key.status_code == 422
+    assert error_body(dict_key)["detail"][0]["loc"] == ["weights", "k" * 32 + "\u2026"]  # type: ignore[index]
+    assert len(dict_key.data) < 2048
+
+
 def test_every_problem_is_listed_in_one_422(client: FlaskClient) -> None:
     response = client.post("/count", json={"n": "x", "delay": "y", "extra": 1})
     assert response.status_code == 422
@@ -91,12 +116,33 @@ def test_unknown_function_name_is_not_echoed_when_odd(client: FlaskClient) -> No
     assert error_body(response) == {"error": "no such function"}
 
 
-@pytest.mark.parametrize("method", ["get", "put", "patch", "delete"])
-def test_wrong_method_is_405(client: FlaskClient, method: str) -> None:
-    response = getattr(client, method)("/run")
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE", "TRACE", "PROPFIND"])
+def test_any_method_but_post_and_options_is_a_json_405(client: FlaskClient, method: str) -> None:
+    response = client.open("/run", method=method)
     assert response.status_code == 405
-    assert response.headers["Allow"] == "POST"
+    assert response.headers["Allow"] == "OPTIONS, POST"
     assert error_body(response) == {"error": "this endpoint accepts POST only"}
+
+
+def test_head_is_405_with_the_same_allow(client: FlaskClient) -> None:
+    response = client.head("/run")
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "OPTIONS, POST"
+
+
+def test_options_on_a_function_is_204_with_allow(client: FlaskClient) -> None:
+    response = client.options("/run", headers={"X-Request-ID": "opt-1"})
+    assert response.status_code == 204
+    assert response.headers["Allow"] == "OPTIONS, POST"
+    assert response.headers["X-Request-ID"] == "opt-1"
+    assert response.data == b""
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "TRACE", "GET"])
+def test_any_method_on_an_unknown_function_is_a_json_404(client: FlaskClient, method: str) -> None:
+    response = client.open("/walk", method=method)
+    assert response.status_code == 404
+    assert error_body(response) == {"error": "no function named 'walk'"}
 
 
 def test_accepting_neither_stream_nor_json_is_406(client: FlaskClient) -> None:
@@ -249,6 +295,86 @@ def test_json_clients_get_the_collected_items(client: FlaskClient) -> None:
     assert body["run_id"] == "j1"
     assert body["result"] == [{"i": 0}, {"i": 1}, {"i": 2}]
     assert isinstance(body["run_time_ms"], float) and body["run_time_ms"] >= 0
+
+
+def counting_app() -> tuple[Flask, list[int], threading.Event]:
+    """An app whose ``numbers`` generator records what it yielded and whether it was closed."""
+    app = Flask(__name__)
+    sse = SSERun(app)
+    yielded: list[int] = []
+    closed = threading.Event()
+
+    @sse.function
+    def numbers(n: int) -> Iterator[int]:
+        try:
+            for i in range(n):
+                yielded.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    return app, yielded, closed
+
+
+def test_a_json_result_of_more_than_max_json_items_is_406_and_closes_the_generator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(views, "MAX_JSON_ITEMS", 3)
+    app, yielded, closed = counting_app()
+    response = app.test_client().post("/numbers", json={"n": 1000}, headers={"Accept": "application/json"})
+    assert response.status_code == 406
+    assert error_body(response) == {
+        "error": "the result has more than 3 items; accept text/event-stream to stream it"
+    }
+    assert yielded == [0, 1, 2, 3]  # one past the cap, then no more
+    assert closed.is_set()
+
+
+def test_a_json_result_of_exactly_max_json_items_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(views, "MAX_JSON_ITEMS", 3)
+    app, _, closed = counting_app()
+    response = app.test_client().post("/numbers", json={"n": 3}, headers={"Accept": "application/json"})
+    assert response.status_code == 200
+    assert response.get_json()["result"] == [0, 1, 2]
+    assert closed.is_set()
+
+
+def test_the_default_json_cap_is_100000_items_and_documented() -> None:
+    assert views.MAX_JSON_ITEMS == 100_000
+    doc = create_app().test_client().get("/openapi.json").get_json()
+    assert "more than 100000 items" in doc["paths"]["/count"]["post"]["responses"]["406"]["description"]
+
+
+def test_collecting_for_json_under_gevent_gives_the_hub_a_turn_every_fair_slice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fake clock that only the generator moves: 1 ms of "work" per item, so the turns are
+    # exact however loaded the machine is.
+    now = [0.0]
+    turns: list[float] = []
+    monkeypatch.setattr(views, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(views, "gevent_patched", lambda: True)
+    monkeypatch.setattr(gevent, "sleep", lambda seconds=0: turns.append(now[0]))
+    app = Flask(__name__)
+    sse = SSERun(app)
+
+    @sse.function
+    def busy(n: int) -> Iterator[int]:
+        for i in range(n):  # never blocks
+            now[0] = (i + 1) / 1000
+            yield i
+
+    response = app.test_client().post("/busy", json={"n": 50}, headers={"Accept": "application/json"})
+    assert response.get_json()["result"] == list(range(50))
+    assert len(turns) >= 50 * 0.001 / FAIR_SLICE - 1  # a turn every slice, not one at the end
+    assert all(b - a <= FAIR_SLICE + 0.001 + 1e-9 for a, b in itertools.pairwise([0.0, *turns]))
+
+
+def test_collecting_for_json_without_gevent_never_calls_gevent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gevent, "sleep", lambda seconds=0: pytest.fail("gevent.sleep called"))
+    app, _, _ = counting_app()
+    response = app.test_client().post("/numbers", json={"n": 5}, headers={"Accept": "application/json"})
+    assert response.get_json()["result"] == [0, 1, 2, 3, 4]
 
 
 def test_a_plain_return_value_is_answered_as_json(client: FlaskClient) -> None:

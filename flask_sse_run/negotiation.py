@@ -1,0 +1,49 @@
+"""What a request asks of the response: a stream or one JSON document, and its request id.
+
+Both are read from headers before the body, so a refusal (406) costs no body read.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from werkzeug.datastructures import MIMEAccept
+from werkzeug.http import parse_accept_header
+from werkzeug.wrappers import Request
+
+from .errors import RequestError
+
+__all__ = ["JSON", "STREAM", "request_id", "wants_stream"]
+
+STREAM = "text/event-stream"
+JSON = "application/json"
+# The Accept values curl, EventSource and most clients send: answered without parsing.
+_STREAM_ACCEPTS = frozenset({"*/*", STREAM, f"{STREAM}, */*"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}\Z")
+
+
+def wants_stream(header: str | None, req: Request | None = None) -> bool:
+    """Whether to answer with an event stream (True) or one JSON document (False).
+
+    ``header`` is the raw Accept header (``req.accept_mimetypes`` is parsed only when it is not
+    one of the common exact values). No Accept header, ``*/*`` or ``text/event-stream`` mean a
+    stream; a client that accepts ``application/json`` but not ``text/event-stream`` gets JSON.
+    Raises :class:`RequestError` (406) when it accepts neither.
+    """
+    if not header or header in _STREAM_ACCEPTS:
+        return True
+    if header == JSON:
+        return False
+    accept = req.accept_mimetypes if req is not None else parse_accept_header(header, MIMEAccept)
+    best = accept.best_match([STREAM, JSON])
+    if best is None:
+        raise RequestError(406, f"this endpoint answers {STREAM} or {JSON}")
+    return best == STREAM
+
+
+def request_id(header: str | None) -> str:
+    """The client's ``X-Request-ID`` if it is short and plain, else a new UUID."""
+    if header and _REQUEST_ID.match(header):
+        return header
+    return uuid.uuid4().hex
