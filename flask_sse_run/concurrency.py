@@ -7,30 +7,42 @@ must run in a real OS thread, or synchronise with one, takes the originals from 
 
 from __future__ import annotations
 
+import _thread
 import concurrent.futures
 import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["default_executor", "gevent_patched", "raw_lock", "thread_executor"]
 
 
+_patched = False  # patching cannot be undone: once seen, it is remembered (a per-request check)
+
+
 def gevent_patched() -> bool:
     """Whether ``threading`` is monkey-patched by gevent (gunicorn ``-k gevent``)."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and bool(monkey.is_module_patched("threading"))
+    global _patched
+    if not _patched:
+        monkey = sys.modules.get("gevent.monkey")
+        _patched = monkey is not None and bool(monkey.is_module_patched("threading"))
+    return _patched
+
+
+_original_allocate_lock: Callable[[], Any] | None = None
 
 
 def raw_lock() -> Any:
     """A lock of the OS, usable between native threads even when gevent has patched them."""
-    if gevent_patched():
+    global _original_allocate_lock
+    if not gevent_patched():
+        return _thread.allocate_lock()
+    if _original_allocate_lock is None:  # get_original is slow; every stream makes a lock
         from gevent import monkey
 
-        return monkey.get_original("_thread", "allocate_lock")()
-    import _thread
-
-    return _thread.allocate_lock()
+        _original_allocate_lock = monkey.get_original("_thread", "allocate_lock")
+    return _original_allocate_lock()
 
 
 def thread_executor(max_workers: int, name: str = "sse-run") -> concurrent.futures.Executor:

@@ -82,7 +82,7 @@ def unknown_path(rest: str) -> Response:
 
 
 def _gevent_stream() -> type[GeventStream]:
-    # Imported on first use: the module imports gevent, which sync deployments may not load.
+    # Imported on first use, when gevent has patched the process.
     from .gevent_stream import GeventStream
 
     return GeventStream
