@@ -221,7 +221,8 @@ def print_table(plain: dict[str, Any], ext: dict[str, Any], scales: list[int]) -
             (f"{clients:,} streams: gap p99 / max, s", f"{p['gap_p99']:.3f} / {p['gap_max']:.3f}",
              f"{e['gap_p99']:.3f} / {e['gap_max']:.3f}", ""),
             (f"{clients:,} streams, all connected: gap p99 / max, s",
-             f"{p['steady_p99']:.3f} / {p['steady_max']:.3f}", f"{e['steady_p99']:.3f} / {e['steady_max']:.3f}", ""),
+             f"{p['steady_p99']:.3f} / {p['steady_max']:.3f}",
+             f"{e['steady_p99']:.3f} / {e['steady_max']:.3f}", ""),
             (f"{clients:,} streams: server memory per stream, KiB", f"{p['kib_per_stream']:.1f}",
              f"{e['kib_per_stream']:.1f}", ""),
         ]  # fmt: skip
