@@ -81,11 +81,17 @@ def unknown_path(rest: str) -> Response:
     return error_response(RequestError(404, "no such function"), rid)
 
 
-def _gevent_stream() -> type[GeventStream]:
-    # Imported on first use, when gevent has patched the process.
-    from .gevent_stream import GeventStream
+_GeventStream: type[GeventStream] | None = None
 
-    return GeventStream
+
+def _gevent_stream() -> type[GeventStream]:
+    # Imported on first use, when gevent has patched the process; kept (this is per request).
+    global _GeventStream
+    if _GeventStream is None:
+        from .gevent_stream import GeventStream
+
+        _GeventStream = GeventStream
+    return _GeventStream
 
 
 def _accepts_gzip(req: Request) -> bool:
