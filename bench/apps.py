@@ -7,9 +7,6 @@ flask-sse-run. Both expose GET /stats for the benchmark to look inside the worke
 
 from __future__ import annotations
 
-import gc
-import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,6 +14,7 @@ from typing import Any
 from flask import Flask, Response, request, stream_with_context
 
 from flask_sse_run import SSERun
+from tests.apps import firehose, worker_stats  # the same never-blocking generator as the tests
 
 STATS = {"finally": 0}
 
@@ -30,17 +28,6 @@ def ticks(n: int, interval: float = 1.0) -> Iterator[str]:
         STATS["finally"] += 1
 
 
-def firehose(n: int = 0, seconds: float = 0.0) -> Iterator[int]:
-    """n events as fast as possible, or as many as fit in ``seconds``; never blocks."""
-    if n:
-        yield from range(n)
-        return
-    deadline, base = time.monotonic() + seconds, 0
-    while time.monotonic() < deadline:  # the clock is read once per 1000 events
-        yield from range(base, base + 1000)
-        base += 1000
-
-
 def one() -> Iterator[str]:
     yield "only"
 
@@ -49,15 +36,7 @@ GENERATORS: dict[str, Callable[..., Iterator[Any]]] = {"ticks": ticks, "firehose
 
 
 def _stats() -> dict[str, Any]:
-    import greenlet
-
-    return {
-        **STATS,
-        "pid": os.getpid(),
-        "greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet)),
-        "threads": len(sys._current_frames()),  # real OS threads, whatever gevent patched
-        "fds": len(os.listdir("/proc/self/fd")),
-    }
+    return {**STATS, **worker_stats()}
 
 
 def plain_app() -> Flask:

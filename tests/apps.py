@@ -134,6 +134,21 @@ def ticks(n: int, interval: float = 1.0) -> Iterator[float]:
         time.sleep(interval)
 
 
+def worker_stats() -> dict[str, Any]:
+    """What a worker holds: the tests and the benchmark compare these before and after."""
+    import gc
+    import sys
+
+    import greenlet
+
+    return {
+        "pid": os.getpid(),
+        "greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet)),
+        "threads": len(sys._current_frames()),  # real OS threads, whatever gevent patched
+        "fds": len(os.listdir("/proc/self/fd")),
+    }
+
+
 def create_app(**config: Any) -> Flask:
     """The test app; ``TEST_APP_CONFIG`` (JSON) adds config when gunicorn builds it."""
     app = Flask(__name__)
@@ -146,18 +161,7 @@ def create_app(**config: Any) -> Flask:
 
     @app.get("/stats")
     def stats() -> dict[str, Any]:
-        import gc
-        import sys
-
-        import greenlet
-
-        return {
-            **STATS,
-            "pid": os.getpid(),
-            "greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet)),
-            "threads": len(sys._current_frames()),  # real OS threads, whatever gevent patched
-            "fds": len(os.listdir("/proc/self/fd")),
-        }
+        return {**STATS, **worker_stats()}
 
     sse.init_app(app)
     return app

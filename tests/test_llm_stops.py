@@ -65,3 +65,15 @@ def test_any_split_gives_the_text_before_the_first_stop_string(
     first = min((i for i in (text.find(s) for s in stop) if i >= 0), default=None)
     assert "".join(out) == (text if first is None else text[:first])
     assert stopped == (first is not None)
+
+
+def test_a_longer_stop_string_starting_earlier_wins_over_a_shorter_one_found_first() -> None:
+    # Found by Hypothesis: after "a:" the ":" stop is complete, but "a::" (starting earlier)
+    # may still complete with the next piece, and does.
+    out, stopped = run([":", "a::"], ["a:", ":"])
+    assert "".join(out) == "" and stopped
+
+
+def test_a_stop_string_completed_only_in_held_text_ends_the_output_at_flush() -> None:
+    out, stopped = run([":", "a::x"], ["a:", ":"])
+    assert "".join(out) == "a" and stopped

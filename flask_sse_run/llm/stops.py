@@ -35,13 +35,16 @@ class StopStrings:
             return piece
         text = self._held + piece
         found = [i for i in (text.find(s) for s in self._stop) if i >= 0]
-        if found:
+        keep = self._partial_tail(text)
+        # A stop string that may still complete (its start is in the tail) and begins before
+        # the earliest complete one would end the text earlier: wait for the next piece.
+        partial = len(text) - keep if keep else len(text)
+        if found and min(found) <= partial:
             self.stopped = True
             self._held = ""
             return text[: min(found)]
-        keep = self._partial_tail(text)
-        self._held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep]
+        self._held = text[partial:]
+        return text[:partial]
 
     def _partial_tail(self, text: str) -> int:
         """Length of the longest tail of ``text`` that starts some stop string."""
@@ -52,6 +55,12 @@ class StopStrings:
         return 0
 
     def flush(self) -> str:
-        """The text held back; call when the stream ends without a stop string."""
+        """The text held back, up to a stop string it holds; call when the stream ends."""
         held, self._held = self._held, ""
-        return "" if self.stopped else held
+        if self.stopped:
+            return ""
+        found = [i for i in (held.find(s) for s in self._stop) if i >= 0]
+        if found:
+            self.stopped = True
+            return held[: min(found)]
+        return held
