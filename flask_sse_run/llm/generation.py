@@ -24,7 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..streaming import close_iterator
-from ..threads import ThreadChannel, run_in_thread
+from ..threads import StreamClosed, ThreadChannel, run_in_thread
 from .detokenize import IncrementalDetokenizer
 from .params import GenerationParams
 from .stops import StopStrings
@@ -43,6 +43,9 @@ class _ChannelStreamer(BaseStreamer):
         self.stops = stops
         self.prompt_seen = False
         self.computed = 0  # every token generate() produced
+        # Tokens computed once the stream was closed (the client left): counted here, in the
+        # generation thread, where the close is seen; the greenlet only learns it afterwards.
+        self.after_close = 0
         self.generated = 0  # the tokens streamed: those before the stop string or the close
         self.pieces = 0
         self.last_token: int | None = None
@@ -53,8 +56,11 @@ class _ChannelStreamer(BaseStreamer):
             self.prompt_seen = True
             return
         self.computed += 1
-        if self.stops.stopped or self.channel.closed:
+        if self.channel.closed:
+            self.after_close += 1
             return  # computed before the stopping criteria ended generate(): not streamed
+        if self.stops.stopped:
+            return
         token = int(value.reshape(-1)[0])
         self.generated += 1
         self.last_token = token
@@ -64,7 +70,10 @@ class _ChannelStreamer(BaseStreamer):
 
     def send_text(self, text: str) -> None:
         if text:
-            self.channel.send({"text": text, "index": self.pieces})
+            try:
+                self.channel.send({"text": text, "index": self.pieces})
+            except StreamClosed:  # closed between the check in put() and now: same as closed
+                return
             self.pieces += 1
 
     def end(self) -> None:
@@ -126,37 +135,54 @@ def stream_text(
         state["streamer"] = streamer
         # Sampling draws from torch's global generator: seed it for every generation, from the
         # request or at random (so one request's seed does not make the next one predictable).
-        # Only one generation runs on this thread, so nothing else draws in between.
+        # With one generation at a time per device (the default) nothing else draws in between.
         torch.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
         generate_started = time.perf_counter()
-        model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([_StopWhen(streamer)]),
-            pad_token_id=pad_id,
-            **params.generate_kwargs(),
-        )
-        ended = time.perf_counter()
-        if channel.closed:
-            reason = "cancelled"
-        elif streamer.stops.stopped:
-            reason = "stop"
-        elif streamer.last_token in eos_ids:
-            reason = "eos"
-        else:
-            reason = "length"
-        first = streamer.first_token_at
-        state["summary"] = {
-            "finish_reason": reason,
-            "generated_tokens": streamer.generated,
-            "time_to_first_token_ms": None if first is None else round((first - started) * 1000, 2),
-            "tokens_per_s": round(streamer.generated / max(ended - generate_started, 1e-9), 2),
-        }
-        channel.send(state["summary"])
+        try:
+            model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_StopWhen(streamer)]),
+                pad_token_id=pad_id,
+                **params.generate_kwargs(),
+            )
+        finally:  # the summary is recorded however generate() ended
+            _summarize(state, streamer, channel, eos_ids, started, generate_started)
+        try:
+            channel.send(state["summary"])
+        except StreamClosed:
+            pass  # the client left: the summary is still recorded (on_finish)
 
     return _consume(run_in_thread(work, executor=executor, maxsize=1024), state, on_finish)
+
+
+def _summarize(
+    state: dict[str, Any],
+    streamer: _ChannelStreamer,
+    channel: ThreadChannel[dict[str, Any]],
+    eos_ids: set[int],
+    started: float,
+    generate_started: float,
+) -> None:
+    """Record the generation's summary in ``state`` (in the generation thread)."""
+    ended = time.perf_counter()
+    if channel.closed:
+        reason = "cancelled"
+    elif streamer.stops.stopped:
+        reason = "stop"
+    elif streamer.last_token in eos_ids:
+        reason = "eos"
+    else:
+        reason = "length"
+    first = streamer.first_token_at
+    state["summary"] = {
+        "finish_reason": reason,
+        "generated_tokens": streamer.generated,
+        "time_to_first_token_ms": None if first is None else round((first - started) * 1000, 2),
+        "tokens_per_s": round(streamer.generated / max(ended - generate_started, 1e-9), 2),
+    }
 
 
 def _consume(
@@ -165,7 +191,6 @@ def _consume(
     on_finish: Callable[[dict[str, Any]], object] | None,
 ) -> Iterator[dict[str, Any]]:
     finished = False
-    closed_at: int | None = None
     try:
         for item in items:
             finished = "finish_reason" in item
@@ -177,10 +202,8 @@ def _consume(
             yield state["summary"]
     finally:
         streamer: _ChannelStreamer | None = state.get("streamer")
-        if not finished and streamer is not None:
-            closed_at = streamer.computed  # a plain int read; the thread may be mid-token
         close_iterator(items)  # returns once the generation thread has ended (cooperatively)
         if on_finish is not None and streamer is not None and "summary" in state:
             summary = dict(state["summary"])
-            summary["tokens_after_cancel"] = 0 if closed_at is None else streamer.computed - closed_at
+            summary["tokens_after_cancel"] = streamer.after_close
             on_finish(summary)
