@@ -215,3 +215,33 @@ def test_with_preload_the_model_loads_in_the_worker_not_the_master(tmp_path: Pat
         assert final["generated_tokens"] == 5 and text
         loaders = re.findall(r"pid (\d+): loading model", srv.log())
         assert loaders and all(int(pid) != srv.process.pid for pid in loaders)
+
+
+def test_a_client_that_leaves_while_queued_gives_its_place_back(server: Server) -> None:
+    import socket
+
+    running = post(server, {"prompt": PROMPT, "max_new_tokens": 2000, "min_new_tokens": 2000}, stream=True)
+    chunks = running.raw.stream(1024)
+    next(chunks)  # the first generation runs
+    try:
+        body = json.dumps({"prompt": PROMPT, "max_new_tokens": 5}).encode()
+        queued = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        queued.sendall(
+            f"POST /falcon/run HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 10
+        while health(server)["waiting"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert health(server)["waiting"] == 1
+        queued.close()  # the waiting client goes away
+        deadline = time.monotonic() + 2
+        while health(server)["waiting"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert health(server)["waiting"] == 0  # its place is free at once, not when its turn came
+        assert health(server)["running"] == 1
+    finally:
+        chunks.close()
+        running.close()
+    wait_idle(server)
