@@ -116,6 +116,13 @@ class StreamResponse(Response):
     keep-alive comments and held events while the generator is blocked.
     """
 
+    def get_wsgi_headers(self, environ: Any) -> Any:
+        """The headers as they are: a stream has no Location or Content-Length to fix up.
+
+        Werkzeug's version copies every header (validating each again) for that, per request.
+        """
+        return self.headers
+
     def __call__(self, environ: Any, start_response: Any) -> Any:
         app_iter, status, headers = self.get_wsgi_response(environ)
         write = start_response(status, headers)
