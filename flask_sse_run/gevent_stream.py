@@ -12,7 +12,8 @@ the WSGI ``write`` callable that ``start_response`` returns (:class:`StreamRespo
   ``finally`` blocks run now, not at the next write; its :class:`~flask_sse_run.CancelToken`
   is cancelled first, so threads working for it (``iterate_in_thread``) stop too.
 * **write coalescing**: while the generator returns items without blocking, they are held and
-  sent together (at most ``BATCH_EVENTS`` or ``FAIR_SLICE`` seconds' worth). The moment the
+  sent together (at most ``BATCH_EVENTS`` or ``FAIR_SLICE`` seconds' worth); the first event of
+  a stream is always sent at once. The moment the
   generator blocks with events held, a hub callback sends them: an event is never delayed by
   a slow generator.
 * **fairness**: a generator that never blocks still gives the hub a turn every ``FAIR_SLICE``
@@ -131,6 +132,7 @@ class GeventStream:
         error: BaseException | None = None
         try:
             turn, started = loop.iteration, perf_counter()
+            first = True
             while self._ended_by is None:
                 if pending and not self._scheduled:
                     self._scheduled = True
@@ -160,9 +162,12 @@ class GeventStream:
                     options.logger.error("stream %s failed", options.request_id, exc_info=exc)
                     break
                 blocked = loop.iteration != before
-                if blocked or not helpers or len(pending) >= BATCH_EVENTS:
+                if blocked or not helpers or len(pending) >= BATCH_EVENTS or first:
                     # A generator that blocked is slow: what it made goes out now. Without a
-                    # helper to send held events, nothing may be held.
+                    # helper to send held events, nothing may be held. The first event always
+                    # goes at once: time to first event is what a client feels (and a one-event
+                    # stream's end, the request context's teardown, need not delay it).
+                    first = False
                     yield self._take()
                 if loop.iteration != turn:  # the hub ran (in the generator or the write)
                     turn, started = loop.iteration, perf_counter()

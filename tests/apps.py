@@ -128,6 +128,16 @@ def burst_then_wait(n: int, wait: float) -> Iterator[int]:
 
 
 @sse.function
+def busy_after_first(seconds: float) -> Iterator[str]:
+    # Computes for ``seconds`` without blocking after its first event: that event must not wait.
+    yield "first"
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        pass
+    yield "second"
+
+
+@sse.function
 def ticks(n: int, interval: float = 1.0) -> Iterator[float]:
     for _ in range(n):
         yield time.time()

@@ -35,11 +35,12 @@ def test_close_mid_stream_runs_the_generators_finally_at_once(seen: dict[str, An
 def test_held_events_and_pings_go_through_the_servers_write_while_the_generator_blocks(
     seen: dict[str, Any],
 ) -> None:
-    # "a" was held (the generator had not blocked yet) and sent by a helper once it blocked;
-    # then a ping every 0.2 s of silence; "b" came back through the body.
+    # "a", the first event, went out at once through the body; "b" was held (the generator had
+    # not blocked yet) and sent by a helper once it blocked; then a ping every 0.2 s of silence;
+    # "c" came back through the body.
     assert seen["keepalive"] == {
-        "body": "data: b\n\n",
-        "written": ["data: a\n\n", ": ping\n\n", ": ping\n\n"],
+        "body": "data: a\n\ndata: c\n\n",
+        "written": ["data: b\n\n", ": ping\n\n", ": ping\n\n"],
     }
 
 

@@ -167,6 +167,15 @@ def test_events_ready_together_go_out_in_few_writes(server: Server) -> None:
     assert len(chunks) <= 20000 / 32  # one write per event would be 20000 chunks
 
 
+def test_the_first_event_goes_out_before_the_generator_computes_on(server: Server) -> None:
+    started = time.monotonic()
+    sock = open_stream(server, "/busy_after_first", b'{"seconds": 1.0}')
+    read_until(sock, b"data: first\n\n")
+    assert time.monotonic() - started < 0.5  # not held while the generator computes for 1 s
+    assert b"data: second" in read_until(sock, b"data: second")
+    sock.close()
+
+
 def test_held_events_do_not_wait_for_a_generator_that_blocks(server: Server) -> None:
     started = time.monotonic()
     sock = open_stream(server, "/burst_then_wait", b'{"n": 5, "wait": 2}')

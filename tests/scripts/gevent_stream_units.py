@@ -55,8 +55,9 @@ log, written = [], []
 
 def slow(log: list[str]) -> Iterator[str]:
     yield "a"
-    gevent.sleep(0.5)
     yield "b"
+    gevent.sleep(0.5)
+    yield "c"
 
 
 stream = GeventStream(slow(log), options, token=CancelToken(), sock=None)
