@@ -141,12 +141,10 @@ class GeventStream:
                 self._in_generator = True
                 bound = TOKEN_VAR.set(token)
                 try:
-                    item = next(source)
-                except StopIteration:
+                    pending.append(encode(next(source)))  # encode() never switches greenlets
+                except (StopIteration, Interrupted):
                     break
-                except Interrupted:
-                    break
-                except Exception as exc:
+                except Exception as exc:  # from the generator or from encoding what it yielded
                     error = exc
                     options.logger.error("stream %s failed", options.request_id, exc_info=exc)
                     break
@@ -155,12 +153,6 @@ class GeventStream:
                     TOKEN_VAR.reset(bound)
                 if self._writing:
                     self._wait_for_helper()
-                try:
-                    pending.append(encode(item))
-                except Exception as exc:
-                    error = exc
-                    options.logger.error("stream %s failed", options.request_id, exc_info=exc)
-                    break
                 blocked = loop.iteration != before
                 if blocked or not helpers or len(pending) >= BATCH_EVENTS or first:
                     # A generator that blocked is slow: what it made goes out now. Without a

@@ -23,7 +23,7 @@ from typing import Any
 
 from flask import Response
 
-from .cancellation import CancelToken, bind_token
+from .cancellation import TOKEN_VAR, CancelToken
 from .compression import GzipStream
 from .events import Event, encode
 
@@ -90,11 +90,13 @@ def inline_body(source: Iterator[Any], options: StreamOptions, *, token: CancelT
         while True:
             # The token is bound around each step only: a context variable set across a yield
             # would leak into, and have to be reset from, whatever context the server is in.
-            with bind_token(token):
-                try:
-                    item = next(source)
-                except StopIteration:
-                    break
+            bound = TOKEN_VAR.set(token)
+            try:
+                item = next(source)
+            except StopIteration:
+                break
+            finally:
+                TOKEN_VAR.reset(bound)
             yield write(encode(item))
     except Exception as exc:
         error = exc

@@ -42,7 +42,6 @@ class _ChannelStreamer(BaseStreamer):
         self.detokenizer = detokenizer
         self.stops = stops
         self.prompt_seen = False
-        self.computed = 0  # every token generate() produced
         # Tokens computed once the stream was closed (the client left): counted here, in the
         # generation thread, where the close is seen; the greenlet only learns it afterwards.
         self.after_close = 0
@@ -55,7 +54,6 @@ class _ChannelStreamer(BaseStreamer):
         if not self.prompt_seen:  # generate() first hands over the prompt's ids
             self.prompt_seen = True
             return
-        self.computed += 1
         if self.channel.closed:
             self.after_close += 1
             return  # computed before the stopping criteria ended generate(): not streamed
