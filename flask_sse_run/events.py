@@ -40,13 +40,8 @@ def _field_lines(name: bytes, text: str) -> bytes:
 
 def _data_text(value: Any) -> str:
     """The text of a data field for any value a generator may yield."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).decode("utf-8")
-    if hasattr(value, "model_dump"):
-        value = value.model_dump(mode="json")
-    return json_dumps(value)
+    value = json_value(value)  # the same meaning as in a JSON answer; text stays text
+    return value if isinstance(value, str) else json_dumps(value)
 
 
 @dataclass(frozen=True, slots=True)
