@@ -221,7 +221,7 @@ def _gevent_turn() -> Callable[[], None]:
     gunicorn's heartbeat) until its last item: the stream runtime's own fairness does not apply
     here, as the generator is not streamed.
     """
-    import gevent  # on first use, as _gevent_stream: sync deployments need not load gevent
+    import gevent  # only when gevent has patched the process (see gevent_patched above)
 
     from .gevent_stream import FAIR_SLICE
 
