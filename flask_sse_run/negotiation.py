@@ -5,8 +5,8 @@ Both are read from headers before the body, so a refusal (406) costs no body rea
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 
 from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import parse_accept_header
@@ -21,6 +21,9 @@ JSON = "application/json"
 # The Accept values curl, EventSource and most clients send: answered without parsing.
 _STREAM_ACCEPTS = frozenset({"*/*", STREAM, f"{STREAM}, */*"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}\Z")
+# The version (4) and variant (RFC 4122) bits of a random UUID, set on 128 random bits.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
 def wants_stream(header: str | None, req: Request | None = None) -> bool:
@@ -46,4 +49,5 @@ def request_id(header: str | None) -> str:
     """The client's ``X-Request-ID`` if it is short and plain, else a new UUID."""
     if header and _REQUEST_ID.match(header):
         return header
-    return uuid.uuid4().hex
+    # What uuid.uuid4().hex returns, without building a UUID object (a third of the cost).
+    return "%032x" % (int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET)

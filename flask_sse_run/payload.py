@@ -87,14 +87,19 @@ _DECODER = json.JSONDecoder(
 )
 
 
-def _is_json(mimetype: str) -> bool:
+def _is_json(content_type: str) -> bool:
+    # Only the media type matters (parameters such as charset do not); it is case-insensitive.
+    mimetype = content_type.partition(";")[0].strip().lower()
     return mimetype == JSON or (mimetype.startswith("application/") and mimetype.endswith("+json"))
 
 
 def read_json_object(
-    stream: Readable, mimetype: str, content_length: int | None, max_body: int
+    stream: Readable, content_type: str, content_length: int | None, max_body: int
 ) -> dict[str, Any]:
     """Read and parse the request body; it must be a JSON object (an empty body means ``{}``).
+
+    ``content_type`` is the request's Content-Type header as sent (looked at only when the body
+    is not empty).
 
     Raises :class:`RequestError`: 413 over ``max_body`` bytes, 415 for a non-JSON
     Content-Type, 400 for invalid UTF-8 or JSON, NaN/Infinity or numbers beyond a float's
@@ -108,7 +113,7 @@ def read_json_object(
         raise RequestError(413, f"body is larger than {max_body} bytes")
     if not raw.strip():
         return {}
-    if not _is_json(mimetype):
+    if not _is_json(content_type):
         raise RequestError(415, "Content-Type must be application/json")
     try:
         text = raw.decode("utf-8")

@@ -22,7 +22,7 @@ from .errors import RequestError
 from .events import json_dumps, json_value
 from .negotiation import STREAM, request_id, wants_stream
 from .payload import read_json_object
-from .streaming import StreamOptions, StreamResponse, close_iterator, inline_body
+from .streaming import StreamOptions, StreamResponse, TrustedHeaders, close_iterator, inline_body
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -119,6 +119,7 @@ def _stream_response(result: Iterator[Any], req: Request, settings: Settings, ri
         )
     else:
         body = inline_body(stream_with_context(result), options, token=token)
+    # The request id is the client's only if it matched negotiation's plain pattern.
     headers = [
         ("Content-Type", "text/event-stream; charset=utf-8"),
         ("Cache-Control", "no-cache"),
@@ -129,7 +130,7 @@ def _stream_response(result: Iterator[Any], req: Request, settings: Settings, ri
         headers.append(("Vary", "Accept-Encoding"))
     if gzip:
         headers.append(("Content-Encoding", "gzip"))
-    return StreamResponse(body, status=200, headers=headers, direct_passthrough=True)
+    return StreamResponse(body, status=200, headers=TrustedHeaders(headers), direct_passthrough=True)
 
 
 def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Response:
@@ -157,7 +158,7 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
         stream = wants_stream(req.environ.get("HTTP_ACCEPT"), req)
         payload = read_json_object(
             with_deadline(req.stream, settings.body_timeout),
-            req.mimetype,
+            req.environ.get("CONTENT_TYPE", ""),
             req.content_length,
             settings.max_body,
         )

@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import gevent
 import hypothesis
 import pytest
 import requests
@@ -20,8 +19,6 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi import checks
 
-from flask_sse_run.body_timeout import with_deadline
-from flask_sse_run.errors import RequestError
 from tests.live import Server, gunicorn
 
 BODY_TIMEOUT = 1.0
@@ -288,28 +285,6 @@ def test_a_body_trickled_byte_by_byte_is_408_too(server: Server) -> None:
     finally:
         stop.set()
         thread.join(2)
-
-
-def test_the_deadline_interrupts_a_blocked_read_under_gevent(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Stalled:
-        def read(self, size: int = -1, /) -> bytes:
-            gevent.sleep(10)
-            return b""
-
-    monkeypatch.setattr("flask_sse_run.body_timeout.monkey.is_module_patched", lambda name: True)
-    started = time.monotonic()
-    with pytest.raises(RequestError) as info:
-        with_deadline(Stalled(), 0.2).read(10)
-    assert info.value.status == 408
-    assert info.value.message == "the request body did not arrive within 0.2 seconds"
-    assert time.monotonic() - started < 1
-
-
-def test_the_deadline_is_off_at_zero_and_without_gevent_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
-    stream = object()
-    assert with_deadline(stream, 30) is stream  # type: ignore[arg-type]  # tests run unpatched
-    monkeypatch.setattr("flask_sse_run.body_timeout.monkey.is_module_patched", lambda name: True)
-    assert with_deadline(stream, 0) is stream  # type: ignore[arg-type]
 
 
 # --- fuzzing ---------------------------------------------------------------------------------

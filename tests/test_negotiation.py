@@ -41,3 +41,14 @@ def test_request_id_keeps_a_sane_client_id() -> None:
 def test_request_id_replaces_anything_else(header: str | None) -> None:
     rid = request_id(header)
     assert rid != header and uuid.UUID(hex=rid).version == 4
+
+
+def test_new_request_ids_are_random_version_4_uuids() -> None:
+    ids = [request_id(None) for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for rid in ids:
+        parsed = uuid.UUID(hex=rid)
+        assert parsed.hex == rid and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    # Every other hex digit varies: the bits are random, not a counter or a clock.
+    for position in {*range(32)} - {12, 16}:
+        assert len({rid[position] for rid in ids}) == 16

@@ -17,6 +17,8 @@ def read(
 def test_reads_a_json_object() -> None:
     assert read(b'{"a": [1, 2]}') == {"a": [1, 2]}
     assert read(b'{"a": 1}', "application/vnd.api+json") == {"a": 1}
+    assert read(b'{"a": 1}', "Application/JSON; charset=utf-8") == {"a": 1}
+    assert read(b'{"a": 1}', " application/json ;charset=utf-8") == {"a": 1}
 
 
 def test_nesting_up_to_the_limit_is_accepted() -> None:
@@ -39,6 +41,9 @@ def test_an_empty_body_means_no_arguments() -> None:
         (b"x" * 1001, "application/json", None, 413, "larger than 1000"),
         (b"{}", "application/json", 5000, 413, "larger than 1000"),
         (b"{}", "text/plain", None, 415, "application/json"),
+        (b"{}", "text/plain; x=application/json", None, 415, "application/json"),
+        (b"{}", "application/jsonp", None, 415, "application/json"),
+        (b"{}", "", None, 415, "application/json"),
         (b"{", "application/json", None, 400, "not valid JSON"),
         (b'"a"', "application/json", None, 400, "JSON object"),
         (b"\xff", "application/json", None, 400, "UTF-8"),
