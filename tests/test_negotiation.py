@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import random
 import uuid
 
 import pytest
@@ -52,3 +54,18 @@ def test_new_request_ids_are_random_version_4_uuids() -> None:
     # Every other hex digit varies: the bits are random, not a counter or a clock.
     for position in {*range(32)} - {12, 16}:
         assert len({rid[position] for rid in ids}) == 16
+
+
+def test_forked_workers_do_not_repeat_each_others_request_ids() -> None:
+    # gunicorn forks its workers from one master: each must draw its own ids.
+    random.seed(1234)  # the master's state, as every child inherits it
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its first id and leave at once
+        os.write(write_end, request_id(None).encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        child = pipe.read().decode()
+    assert len(child) == 32 and child != request_id(None)
