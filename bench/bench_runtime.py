@@ -107,16 +107,10 @@ def concurrent_streams(server: Server, clients: int, events: int) -> dict[str, A
     sampler.join()
     ok = [r for r in results if r.status == 200 and r.complete and len(r.event_times) == events]
     gaps = [g for r in ok for g in _gaps(r.started, r.event_times)]
-    # Steady state: gaps that begin once every client has connected (plus a second), so the
-    # connection storm of thousands of new requests is measured apart from the ticking itself.
-    connected = max((r.started for r in results), default=0.0) + 1.0
-    steady = [b - a for r in ok for a, b in itertools.pairwise(r.event_times) if a > connected]
     return {
         "failed": clients - len(ok),
         "gap_p99": percentile(gaps, 0.99),
         "gap_max": max(gaps, default=float("nan")),
-        "steady_p99": percentile(steady, 0.99),
-        "steady_max": max(steady, default=float("nan")),
         "kib_per_stream": (peak[0] - before) / clients,
     }
 
@@ -223,9 +217,6 @@ def print_table(plain: dict[str, Any], ext: dict[str, Any], scales: list[int]) -
             (f"{clients:,} streams at 1 event/s: failed", str(p["failed"]), str(e["failed"]), ""),
             (f"{clients:,} streams: gap p99 / max, s", f"{p['gap_p99']:.3f} / {p['gap_max']:.3f}",
              f"{e['gap_p99']:.3f} / {e['gap_max']:.3f}", ""),
-            (f"{clients:,} streams, all connected: gap p99 / max, s",
-             f"{p['steady_p99']:.3f} / {p['steady_max']:.3f}",
-             f"{e['steady_p99']:.3f} / {e['steady_max']:.3f}", ""),
             (f"{clients:,} streams: server memory per stream, KiB", f"{p['kib_per_stream']:.1f}",
              f"{e['kib_per_stream']:.1f}", ""),
         ]  # fmt: skip

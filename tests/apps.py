@@ -156,6 +156,8 @@ def worker_stats() -> dict[str, Any]:
         "greenlets": sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet)),
         "threads": len(sys._current_frames()),  # real OS threads, whatever gevent patched
         "fds": len(os.listdir("/proc/self/fd")),
+        "gc_frozen": gc.get_freeze_count(),
+        "gc_threshold": list(gc.get_threshold()),
     }
 
 

@@ -61,6 +61,14 @@ def wait_for(condition: object, timeout: float) -> float:
     return time.monotonic() - started
 
 
+def test_the_worker_collects_garbage_as_gunicorn_conf_says(server: Server) -> None:
+    # post_worker_init: the app's objects frozen out of the collector's sight, and full
+    # collections rare (each scans every stream's objects while the whole worker waits).
+    worker = stats(server)
+    assert worker["gc_frozen"] > 10_000
+    assert worker["gc_threshold"] == [700, 10, 1000]
+
+
 def test_keepalive_pings_while_the_generator_blocks(server: Server) -> None:
     parser = SSEParser()
     arrivals: list[tuple[float, str]] = []
