@@ -6,8 +6,9 @@ headers are frozen once a streaming body starts.
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from flask import Request, Response, current_app, request, stream_with_context
@@ -178,9 +179,10 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
     except Exception:
         logger.exception("function %s failed (request id %s)", name, rid)
         return error_response(RequestError(500, "the function failed; see the server log"), rid)
-
     if stream and isinstance(result, Iterator):
         return _stream_response(result, req, settings, rid)
+    if isinstance(result, (Awaitable, AsyncIterator)):  # checked after the common case
+        return _async_result(name, result, rid)
 
     try:
         value = _collect(result) if isinstance(result, Iterator) else json_value(result)
@@ -198,6 +200,22 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
     finally:
         if isinstance(result, Iterator):
             close_iterator(result)
+
+
+def _async_result(name: str, result: Awaitable[Any] | AsyncIterator[Any], rid: str) -> Response:
+    # Registration refuses async functions, but a plain function can still return a coroutine
+    # (or an async generator): nothing here could run it, so say so rather than fail on it.
+    close = getattr(result, "close", None)
+    if inspect.iscoroutine(result) and close is not None:
+        close()  # it never ran: no "coroutine was never awaited" warning
+    current_app.logger.error(
+        "function %s returned %s, which a WSGI worker cannot run: return a value, a generator "
+        "or an iterator (request id %s)",
+        name,
+        type(result).__name__,
+        rid,
+    )
+    return error_response(RequestError(500, "the function failed; see the server log"), rid)
 
 
 def _collect(items: Iterator[Any]) -> list[Any]:

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import gevent
 import pytest
@@ -389,6 +391,37 @@ def test_a_failing_json_call_is_a_500_json_body(
     response = client.post("/fail_after", json={"n": 1}, headers={"Accept": "application/json"})
     assert response.status_code == 500
     assert error_body(response) == {"error": "the function failed; see the server log"}
+
+
+@pytest.mark.parametrize("accept", ["text/event-stream", "application/json"])
+def test_a_plain_function_returning_a_coroutine_or_async_generator_is_a_clear_500(
+    accept: str, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    app = Flask(__name__)
+    sse = SSERun(app)
+
+    async def compute() -> int:
+        return 1
+
+    async def produce() -> AsyncIterator[int]:
+        yield 1
+
+    @sse.function
+    def returns_coroutine() -> Any:  # a plain def: registration cannot tell
+        return compute()
+
+    @sse.function
+    def returns_async_generator() -> Any:
+        return produce()
+
+    client = app.test_client()
+    for name, kind in [("returns_coroutine", "coroutine"), ("returns_async_generator", "async_generator")]:
+        response = client.post(f"/{name}", json={}, headers={"Accept": accept})
+        assert response.status_code == 500
+        assert error_body(response) == {"error": "the function failed; see the server log"}
+        assert f"function {name} returned {kind}, which a WSGI worker cannot run" in caplog.text
+    gc.collect()
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
 
 
 def test_a_function_may_refuse_a_request_with_its_own_status_before_streaming() -> None:
