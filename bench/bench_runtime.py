@@ -227,6 +227,8 @@ def print_table(plain: dict[str, Any], ext: dict[str, Any], scales: list[int]) -
          f"{pf['slow_gap_max']:.2f}", f"{ef['slow_gap_max']:.2f}", ""),
         ("... slow streams failed", str(pf["slow_failed"]), str(ef["slow_failed"]), ""),
         ("... WORKER TIMEOUT with --timeout 5", str(pf["worker_timeout"]), str(ef["worker_timeout"]), ""),
+        ("... the fast stream completed (curl exit code)", f"{pf['fast_exit'] == 0} ({pf['fast_exit']})",
+         f"{ef['fast_exit'] == 0} ({ef['fast_exit']})", ""),
         ("1000 clients drop mid-stream: finally blocks run (seconds)",
          f"{pd['finally_ran']} ({pd['seconds']:.1f})", f"{ed['finally_ran']} ({ed['seconds']:.1f})", ""),
         ("... greenlets / threads / fds left behind",

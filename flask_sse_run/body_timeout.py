@@ -67,10 +67,10 @@ class _Sweeper:
         now = time.monotonic()
         late = [greenlet for greenlet, deadline in self._reads.items() if deadline <= now]
         for greenlet in late:
-            del self._reads[greenlet]
-            # The hub runs only while every greenlet waits: a registered one is blocked inside
-            # its read, which is where the exception lands.
-            if not greenlet.dead:
+            # Still registered: the hub runs only while every greenlet waits, so it is blocked
+            # inside its read, which is where the exception lands. (One thrown earlier in this
+            # loop may have run on and ended another's read meanwhile: that one is skipped.)
+            if self._reads.pop(greenlet, None) is not None and not greenlet.dead:
                 greenlet.throw(BodyTimeout)
 
 

@@ -41,7 +41,7 @@ from . import shutdown
 from .cancellation import TOKEN_VAR, CancelToken
 from .disconnect import watch_for_disconnect
 from .events import KEEPALIVE, encode
-from .streaming import StreamOptions, close_iterator, closing_events
+from .streaming import StreamOptions, close_stream_source, closing_events
 
 __all__ = ["BATCH_EVENTS", "FAIR_SLICE", "GeventStream", "Interrupted"]
 
@@ -51,10 +51,12 @@ FAIR_SLICE = 0.005
 BATCH_EVENTS = 64
 
 
-class Interrupted(GreenletExit):  # type: ignore[misc]
+class Interrupted(GreenletExit, GeneratorExit):  # type: ignore[misc]
     """Thrown into a blocked generator when its client leaves or the worker shuts down.
 
-    A ``GreenletExit`` so that ``except Exception`` in user code does not swallow it.
+    A ``GeneratorExit``, as when a generator is closed at its ``yield``: cleanup written as
+    ``except GeneratorExit:`` runs too, and ``except Exception`` does not swallow it. A
+    ``GreenletExit`` too, as gevent expects of an exception that ends a greenlet's work.
     """
 
 
@@ -116,7 +118,7 @@ class GeventStream:
         if self._running is not None:
             self._running.close()
         else:  # never iterated: still close the user's generator
-            close_iterator(self._source)
+            close_stream_source(self._source, self._token, "closed")
 
     # -- the request greenlet ---------------------------------------------------------------
 
@@ -187,8 +189,7 @@ class GeventStream:
                 shutdown.unregister(self)
             if self._writing:
                 self._wait_for_helper()
-            token.cancel(self._ended_by)
-            close_iterator(source)
+            close_stream_source(source, token, self._ended_by)
             # Break the cycles (greenlet -> frame -> body -> greenlet, and the server's response
             # object) now rather than at the next full collection.
             self._greenlet = self._write = None

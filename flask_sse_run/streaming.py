@@ -33,6 +33,7 @@ __all__ = [
     "StreamResponse",
     "TrustedHeaders",
     "close_iterator",
+    "close_stream_source",
     "closing_events",
     "error_event",
     "inline_body",
@@ -83,6 +84,20 @@ def close_iterator(source: Any) -> None:
         close()
 
 
+def close_stream_source(source: Any, token: CancelToken, reason: str) -> None:
+    """Cancel ``token``, then close ``source`` with it current.
+
+    In that order, a generator closed before its end (its client gone, noticed at a write)
+    sees ``disconnected()`` true in its ``finally`` blocks, as it does when interrupted.
+    """
+    token.cancel(reason)
+    bound = TOKEN_VAR.set(token)
+    try:
+        close_iterator(source)
+    finally:
+        TOKEN_VAR.reset(bound)
+
+
 def inline_body(source: Iterator[Any], options: StreamOptions, *, token: CancelToken) -> Iterator[bytes]:
     """Encode ``source`` in the calling thread, one write per event."""
     gzip = options.new_gzip()
@@ -104,8 +119,7 @@ def inline_body(source: Iterator[Any], options: StreamOptions, *, token: CancelT
         error = exc
         options.logger.error("stream %s failed", options.request_id, exc_info=exc)
     finally:
-        close_iterator(source)
-        token.cancel("closed")
+        close_stream_source(source, token, "closed")
     tail = closing_events(options, error)
     if tail:
         yield write(tail)
@@ -123,6 +137,12 @@ class TrustedHeaders(Headers):
     def __init__(self, items: list[tuple[str, str]]) -> None:
         # Werkzeug's Headers keeps its items in ``_list``; every read and write goes through it.
         self._list = items
+
+    def copy(self) -> TrustedHeaders:
+        """A separate copy (Werkzeug's, ``self.__class__(self._list)``, would share the list)."""
+        return TrustedHeaders(list(self._list))
+
+    __copy__ = copy
 
 
 class StreamResponse(Response):

@@ -74,7 +74,14 @@ def big(size: int) -> Iterator[str]:
 
 # Counters the live tests read through GET /stats: they show from outside the server that a
 # generator's finally ran (and when).
-STATS: dict[str, Any] = {"started": 0, "finally": 0, "cancelled_seen": 0, "last_finally": 0.0}
+STATS: dict[str, Any] = {
+    "started": 0,
+    "finally": 0,
+    "generator_exit": 0,
+    "disconnected_in_finally": 0,
+    "cancelled_seen": 0,
+    "last_finally": 0.0,
+}
 
 
 @sse.function
@@ -84,8 +91,12 @@ def sleeper(seconds: float) -> Iterator[str]:
         yield "start"
         time.sleep(seconds)
         yield "end"
+    except GeneratorExit:  # cleanup written this way runs on a disconnect too
+        STATS["generator_exit"] += 1
+        raise
     finally:
         STATS["finally"] += 1
+        STATS["disconnected_in_finally"] += disconnected()
         STATS["last_finally"] = time.time()
 
 

@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from flask_sse_run import negotiation
 from flask_sse_run.errors import RequestError
 from flask_sse_run.negotiation import request_id, wants_stream
 
@@ -56,9 +57,29 @@ def test_new_request_ids_are_random_version_4_uuids() -> None:
         assert len({rid[position] for rid in ids}) == 16
 
 
+def test_seeding_random_does_not_make_request_ids_repeat() -> None:
+    state = random.getstate()
+    try:
+        random.seed(42)
+        first = request_id(None)
+        random.seed(42)
+        assert request_id(None) != first
+    finally:
+        random.setstate(state)
+
+
 def test_forked_workers_do_not_repeat_each_others_request_ids() -> None:
     # gunicorn forks its workers from one master: each must draw its own ids.
-    random.seed(1234)  # the master's state, as every child inherits it
+    state = negotiation._ids.getstate()
+    negotiation._ids.seed(1234)  # the master's state, as every child inherits it
+    try:
+        child, parent = _first_id_in_a_child(), request_id(None)
+    finally:
+        negotiation._ids.setstate(state)
+    assert len(child) == 32 and child != parent
+
+
+def _first_id_in_a_child() -> str:
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report its first id and leave at once
@@ -67,5 +88,4 @@ def test_forked_workers_do_not_repeat_each_others_request_ids() -> None:
     os.close(write_end)
     os.waitpid(pid, 0)
     with os.fdopen(read_end, "rb") as pipe:
-        child = pipe.read().decode()
-    assert len(child) == 32 and child != request_id(None)
+        return pipe.read().decode()

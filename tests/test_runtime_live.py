@@ -93,14 +93,18 @@ def test_keepalive_pings_while_the_generator_blocks(server: Server) -> None:
 
 
 def test_a_disconnect_closes_a_blocked_generator_at_once(server: Server) -> None:
-    before = stats(server)["finally"]
+    before = stats(server)
     sock = open_stream(server, "/sleeper", b'{"seconds": 60}')
     assert b"data: start" in read_until(sock, b"data: start")
     sock.close()
     left = time.time()
-    wait_for(lambda: stats(server)["finally"] == before + 1, timeout=2)
+    wait_for(lambda: stats(server)["finally"] == before["finally"] + 1, timeout=2)
+    after = stats(server)
     # Far sooner than the next keep-alive write (0.5 s) would have noticed.
-    assert stats(server)["last_finally"] - left < 0.3
+    assert after["last_finally"] - left < 0.3
+    # Closed as a generator is closed: GeneratorExit where it waited, and it knows why.
+    assert after["generator_exit"] == before["generator_exit"] + 1
+    assert after["disconnected_in_finally"] == before["disconnected_in_finally"] + 1
 
 
 def test_long_running_work_learns_its_client_left(server: Server) -> None:

@@ -14,7 +14,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from flask_sse_run import RequestError, SSERun, views
+from flask_sse_run import RequestError, SSERun, disconnected, views
 from flask_sse_run.gevent_stream import FAIR_SLICE
 from flask_sse_run.testing import ServerSentEvent, parse_events
 from tests.apps import create_app, endless_app
@@ -283,6 +283,25 @@ def test_closing_the_response_closes_the_generator() -> None:
     assert next(iter(response.response)) == b"data: 1\n\n"
     response.close()
     assert closed.is_set()
+
+
+def test_a_generator_closed_mid_stream_sees_disconnected_in_its_finally() -> None:
+    app = Flask(__name__)
+    sse = SSERun(app)
+    seen: list[bool] = []
+
+    @sse.function
+    def endless() -> Iterator[int]:
+        try:
+            while True:
+                yield 1
+        finally:
+            seen.append(disconnected())
+
+    response = app.test_client().post("/endless", buffered=False)
+    assert next(iter(response.response)) == b"data: 1\n\n"
+    response.close()  # what the server does when a write fails
+    assert seen == [True]
 
 
 # --- JSON for clients that ask for it -----------------------------------------------------------

@@ -10,7 +10,7 @@ from collections.abc import Iterator  # noqa: E402
 
 import gevent  # noqa: E402
 
-from flask_sse_run import shutdown  # noqa: E402
+from flask_sse_run import disconnected, shutdown  # noqa: E402
 from flask_sse_run.cancellation import CancelToken  # noqa: E402
 from flask_sse_run.gevent_stream import GeventStream  # noqa: E402
 from flask_sse_run.streaming import StreamOptions  # noqa: E402
@@ -25,7 +25,7 @@ def endless(log: list[str]) -> Iterator[str]:
             yield "tick"
             gevent.sleep(0.05)
     finally:
-        log.append("finally")
+        log.append(f"finally, disconnected() {disconnected()}")
 
 
 def body(log: list[str], written: list[bytes]) -> GeventStream:

@@ -1,0 +1,44 @@
+"""The streaming module's pieces on their own; whole streams are tested in test_views.py
+(Flask's test client) and test_runtime_live.py (real gunicorn)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+from flask_sse_run.cancellation import CancelToken, current_token, disconnected
+from flask_sse_run.streaming import TrustedHeaders, close_stream_source
+
+
+def test_trusted_headers_read_like_any_headers() -> None:
+    headers = TrustedHeaders([("Content-Type", "text/event-stream"), ("X-Request-ID", "r1")])
+    assert headers["content-type"] == "text/event-stream"
+    assert headers.to_wsgi_list() == [("Content-Type", "text/event-stream"), ("X-Request-ID", "r1")]
+    headers["Vary"] = "Accept-Encoding"  # later writes go through Werkzeug as usual
+    assert headers.get("vary") == "Accept-Encoding"
+
+
+def test_copies_of_trusted_headers_do_not_write_into_the_original() -> None:
+    headers = TrustedHeaders([("A", "1")])
+    copied, shallow, merged = headers.copy(), copy.copy(headers), headers | {"D": "4"}
+    copied["B"] = "2"
+    shallow["C"] = "3"
+    assert list(headers.items()) == [("A", "1")]
+    assert list(merged.items()) == [("A", "1"), ("D", "4")]
+
+
+def test_closing_a_stream_source_cancels_first_and_binds_the_token() -> None:
+    seen: list[tuple[bool, object]] = []
+    token = CancelToken()
+
+    def gen() -> Iterator[int]:
+        try:
+            yield 1
+        finally:
+            seen.append((disconnected(), current_token()))
+
+    source = gen()
+    next(source)
+    close_stream_source(source, token, "closed")
+    assert seen == [(True, token)]
+    assert token.reason == "closed" and current_token() is None  # unbound again afterwards
