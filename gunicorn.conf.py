@@ -64,7 +64,6 @@ def post_worker_init(worker: object) -> None:
     """
     import gc
 
-    from example_app.falcon import start_in_worker
     from flask_sse_run.shutdown import install_gunicorn_hook
 
     # Streams outlive any graceful_timeout: on SIGTERM, open streams get the shutdown event
@@ -80,4 +79,8 @@ def post_worker_init(worker: object) -> None:
     # two numbers, as default) still free short-lived cycles, and full ones still run, a hundred
     # times less often; measured, what they find is about 1,000 objects per 30,000 requests.
     gc.set_threshold(700, 10, 1000)
+    try:  # this repository's example app; absent when the file serves another app
+        from example_app.falcon import start_in_worker
+    except ImportError:
+        return
     start_in_worker(getattr(worker, "wsgi", None))

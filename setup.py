@@ -8,7 +8,9 @@ setup(
     description="Serve plain Python generators as Server-Sent Events endpoints from Flask.",
     long_description=(pathlib.Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["flask_sse_run", "flask_sse_run.*", "example_app", "example_app.*"]),
+    # The library only: example_app, wsgi.py and gunicorn.conf.py run from a checkout (gunicorn
+    # puts its working directory on sys.path), and must not land in users' site-packages.
+    packages=find_packages(include=["flask_sse_run", "flask_sse_run.*"]),
     package_data={"flask_sse_run": ["py.typed"]},
     python_requires=">=3.10",
     install_requires=[

@@ -63,6 +63,7 @@ def error_response(exc: RequestError, rid: str) -> Response:
 def options_response(allow: str, rid: str) -> Response:
     """The ``204`` answer to ``OPTIONS``: the methods the URL accepts, in ``Allow``."""
     response = Response(status=204)
+    del response.headers["Content-Type"]  # Werkzeug's default (text/html) for a body-less answer
     response.headers["Allow"] = allow
     response.headers["X-Request-ID"] = rid
     return response

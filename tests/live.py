@@ -43,8 +43,9 @@ def gunicorn(
     args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     startup_timeout: float = 30.0,
+    cwd: Path = ROOT,
 ) -> Iterator[Server]:
-    """Run ``gunicorn -c gunicorn.conf.py APP`` on 127.0.0.1 and a free port."""
+    """Run ``gunicorn -c gunicorn.conf.py APP`` on 127.0.0.1 and a free port, from ``cwd``."""
     port = free_port()
     log = tmp_path / f"gunicorn-{port}.log"
     environment = {
@@ -57,7 +58,7 @@ def gunicorn(
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), *args, app],
-            cwd=ROOT,
+            cwd=cwd,
             env=environment,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -114,6 +114,37 @@ def test_bad_input_is_json_under_gunicorn_too(server: Server) -> None:
     assert response.json()["error"].startswith("body is not valid JSON")
 
 
+OWN_APP = """
+import time
+from flask import Flask
+from flask_sse_run import SSERun
+
+app = Flask(__name__)
+sse = SSERun(app)
+
+
+@sse.function
+def countdown(start: int):
+    for i in range(start, 0, -1):
+        yield i
+        time.sleep(0.1)
+"""
+
+
+def test_gunicorn_conf_serves_an_app_of_ones_own(tmp_path: Path) -> None:
+    # The way the README says: gunicorn -c gunicorn.conf.py yourmodule:app, from your project,
+    # where this repository's example_app cannot be imported.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "myapp.py").write_text(OWN_APP)
+    with gunicorn("myapp:app", tmp_path=tmp_path, cwd=project, env={"PYTHONPATH": ""}) as srv:
+        response = requests.post(f"{srv.url}/countdown", json={"start": 3}, timeout=10)
+        log = srv.log()
+    assert response.status_code == 200
+    assert response.content == b"data: 3\n\ndata: 2\n\ndata: 1\n\n"
+    assert "Traceback" not in log and "No module named" not in log
+
+
 def test_example_app_serves_the_seed_function(tmp_path: Path) -> None:
     with gunicorn("wsgi:app", tmp_path=tmp_path) as srv:
         assert requests.get(f"{srv.url}/health", timeout=5).json() == {"status": "ok"}

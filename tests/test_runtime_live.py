@@ -92,6 +92,15 @@ def test_keepalive_pings_while_the_generator_blocks(server: Server) -> None:
     assert all(abs(b - a - 0.5) < 0.2 for a, b in itertools.pairwise(pings))
 
 
+def test_keepalive_zero_sends_no_pings(tmp_path: Path) -> None:
+    with gunicorn(tmp_path=tmp_path, config={"SSE_RUN_KEEPALIVE": 0}) as srv:
+        sock = open_stream(srv, "/sleeper", b'{"seconds": 1.2}')
+        body = read_until(sock, b"0\r\n\r\n")
+        sock.close()
+    assert b"data: start" in body and b"data: end" in body
+    assert b": ping" not in body
+
+
 def test_a_disconnect_closes_a_blocked_generator_at_once(server: Server) -> None:
     before = stats(server)
     sock = open_stream(server, "/sleeper", b'{"seconds": 60}')
@@ -257,13 +266,16 @@ def test_streams_reuse_a_keep_alive_connection(server: Server) -> None:
 
 
 def test_sigterm_ends_open_streams_with_the_shutdown_event(tmp_path: Path) -> None:
-    with gunicorn(tmp_path=tmp_path, env={"GUNICORN_GRACEFUL_TIMEOUT": "20"}) as srv:
+    # A name of our own (SSE_RUN_SHUTDOWN_EVENT); the default, "shutdown", is checked in
+    # test_gevent_stream.py.
+    config = {"SSE_RUN_SHUTDOWN_EVENT": "restarting"}
+    with gunicorn(tmp_path=tmp_path, config=config, env={"GUNICORN_GRACEFUL_TIMEOUT": "20"}) as srv:
         sock = open_stream(srv, "/sleeper", b'{"seconds": 60}')
         read_until(sock, b"data: start")
         os.kill(srv.process.pid, signal.SIGTERM)
         signalled = time.monotonic()
         rest = read_until(sock, b"0\r\n\r\n")
         assert time.monotonic() - signalled < 3  # not the 20 s graceful timeout
-        assert b"event: shutdown\ndata: \n\n" in rest
+        assert b"event: restarting\ndata: \n\n" in rest
         assert rest.endswith(b"0\r\n\r\n")  # the body was ended, not cut
         assert srv.process.wait(timeout=10) == 0

@@ -138,6 +138,7 @@ def test_options_on_a_function_is_204_with_allow(client: FlaskClient) -> None:
     assert response.headers["Allow"] == "OPTIONS, POST"
     assert response.headers["X-Request-ID"] == "opt-1"
     assert response.data == b""
+    assert "Content-Type" not in response.headers  # no body, so no type
 
 
 @pytest.mark.parametrize("method", ["OPTIONS", "TRACE", "GET"])
