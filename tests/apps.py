@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Flask, request
 
-from flask_sse_run import Event, SSERun, ThreadChannel, disconnected, run_in_thread
+from flask_sse_run import Event, SSERun, ThreadChannel, disconnected, iterate_in_thread, run_in_thread
 
 sse = SSERun()
 
@@ -80,6 +80,7 @@ STATS: dict[str, Any] = {
     "generator_exit": 0,
     "disconnected_in_finally": 0,
     "cancelled_seen": 0,
+    "thread_finally": 0,
     "last_finally": 0.0,
 }
 
@@ -115,6 +116,22 @@ def watcher(seconds: float) -> Iterator[str]:
         channel.send("done")
 
     yield from run_in_thread(work)
+
+
+@sse.function
+def blocking_ticks(n: int, interval: float) -> Iterator[int]:
+    """A blocking iterator (its sleep holds an OS thread, as file reads or torch would) run
+    with iterate_in_thread; STATS["thread_finally"] counts its ends, in the thread."""
+
+    def produce() -> Iterator[int]:
+        try:
+            for i in range(n):
+                blocking_sleep(interval)
+                yield i
+        finally:
+            STATS["thread_finally"] += 1
+
+    yield from iterate_in_thread(produce())
 
 
 @sse.function

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +17,7 @@ import pytest
 import requests
 
 from flask_sse_run.testing import SSEParser
-from tests.live import Server, gunicorn
+from tests.live import ROOT, Server, free_port, gunicorn
 
 SEED_BODY = b"data: Number 0 \n\ndata: Number 1 \n\ndata: Number 2 \n\n"
 
@@ -112,6 +115,47 @@ def test_bad_input_is_json_under_gunicorn_too(server: Server) -> None:
     assert response.status_code == 400
     assert response.headers["Content-Type"] == "application/json"
     assert response.json()["error"].startswith("body is not valid JSON")
+
+
+def test_the_seed_example_streams_under_the_flask_development_server(tmp_path: Path) -> None:
+    # `flask run`: no gevent, the generator runs in the request's thread (as under sync workers).
+    port = free_port()
+    with (tmp_path / "flask.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flask", "--app", "tests.apps:create_app", "run",
+             "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until_listening(port, process)
+        started = time.monotonic()
+        with requests.post(
+            f"http://127.0.0.1:{port}/run",
+            json={"upper_range": 3},
+            headers={"Accept-Encoding": "identity"},
+            stream=True,
+            timeout=10,
+        ) as response:
+            assert response.status_code == 200
+            events = timed_events(response)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+    assert [data for _, data in events] == ["Number 0 ", "Number 1 ", "Number 2 "]
+    assert events[0][0] - started < 0.9
+    assert all(after - before >= 0.9 for (before, _), (after, _) in itertools.pairwise(events))
+
+
+def wait_until_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, "the server exited at start-up"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, "the server did not listen in time"
+            time.sleep(0.05)
 
 
 OWN_APP = """

@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from flask_sse_run.testing import SSEParser
+from tests.latency import polled_latencies
 from tests.live import Server, gunicorn
 from tests.sse_clients import run_streams
 
@@ -122,6 +123,38 @@ def test_long_running_work_learns_its_client_left(server: Server) -> None:
     read_until(sock, b"data: watching")
     sock.close()
     assert wait_for(lambda: stats(server)["cancelled_seen"] == before + 1, timeout=2) < 1
+
+
+def test_a_blocking_iterator_in_a_thread_streams_while_the_worker_serves_others(server: Server) -> None:
+    # iterate_in_thread under real gunicorn: items arrive one by one as the thread makes them,
+    # and the worker's other endpoints answer meanwhile.
+    parser, arrivals = SSEParser(), []
+    requests.get(f"{server.url}/health", timeout=5)  # the first call pays for lazy set-up
+    with polled_latencies(f"{server.url}/health") as latencies:
+        started = time.monotonic()
+        with requests.post(
+            f"{server.url}/blocking_ticks",
+            json={"n": 5, "interval": 0.3},
+            headers={"Accept-Encoding": "identity"},
+            stream=True,
+            timeout=10,
+        ) as response:
+            for chunk in response.raw.stream(1024):
+                arrivals += [(time.monotonic() - started, e.data) for e in parser.feed(chunk)]
+    assert [data for _, data in arrivals] == ["0", "1", "2", "3", "4"]
+    assert all(0.2 < b - a < 0.5 for (a, _), (b, _) in itertools.pairwise(arrivals))  # no bursts
+    assert len(latencies) > 50 and max(latencies) < 0.1
+
+
+def test_a_client_leaving_stops_the_thread_of_a_blocking_iterator(server: Server) -> None:
+    before = stats(server)
+    sock = open_stream(server, "/blocking_ticks", b'{"n": 1000, "interval": 0.05}')
+    read_until(sock, b"data: 1\n\n")
+    sock.close()
+    # The thread stops at its next item and runs the iterator's finally there.
+    wait_for(lambda: stats(server)["thread_finally"] == before["thread_finally"] + 1, timeout=2)
+    time.sleep(0.3)
+    assert stats(server)["threads"] <= before["threads"] + 1  # the pool's idle thread at most
 
 
 def test_hundreds_of_dropped_clients_leave_nothing_behind(server: Server) -> None:
