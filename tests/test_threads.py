@@ -141,6 +141,8 @@ def test_under_gevent_the_hub_stays_responsive_while_the_thread_blocks() -> None
     # Closed after the first item: the thread finishes the item it was making, then stops.
     closed = data["closed"]
     assert closed["first"] == 0 and closed["log"][-1] == "finally" and len(closed["log"]) <= 3
+    # The async watcher is closed once, only after the thread ended (never under its send()).
+    assert closed["at_watcher_close"] == [{"source_finally_ran": True, "thread_finished": True}]
     # The trap this avoids: a monkey-patched Thread froze the hub for the whole 0.6 s.
     assert data["patched_thread_max_gap"] > 0.5
 

@@ -10,6 +10,7 @@ import time  # noqa: E402
 
 import gevent  # noqa: E402
 
+from flask_sse_run import threads  # noqa: E402
 from flask_sse_run.threads import iterate_in_thread  # noqa: E402
 
 blocking_sleep = monkey.get_original("time", "sleep")
@@ -44,10 +45,22 @@ arrivals = [(item, time.perf_counter() - started) for item in iterate_in_thread(
 full_run = {"arrivals": arrivals, "max_tick_gap": max(gaps), "log": log, "hub_thread": get_ident()}
 
 log2: list[str] = []
+# What the thread had done when the hub's watcher was closed: it must have ended by then.
+at_watcher_close: list[object] = []
+original_close = threads._GeventWaiter.close
+
+
+def recording_close(self: threads._GeventWaiter, channel: threads.ThreadChannel[object]) -> None:
+    original_close(self, channel)
+    at_watcher_close.append({"source_finally_ran": "finally" in log2, "thread_finished": channel.finished})
+
+
+threads._GeventWaiter.close = recording_close  # type: ignore[method-assign]
 iterator = iterate_in_thread(produce(log2))
 first = next(iterator)
 iterator.close()
-closed_run = {"first": first, "log": log2}
+threads._GeventWaiter.close = original_close  # type: ignore[method-assign]
+closed_run = {"first": first, "log": log2, "at_watcher_close": at_watcher_close}
 
 # A monkey-patched threading.Thread for comparison: it is a greenlet and freezes the hub.
 gaps.clear()
