@@ -134,6 +134,8 @@ def fairness(app: str) -> dict[str, Any]:
         return {
             "slow_failed": 500 - len(ok),
             "slow_gap_max": max(gaps, default=float("nan")),
+            # The wait for the first event too: a starved worker may accept a stream late.
+            "slow_first_max": max((r.event_times[0] - r.started for r in ok), default=float("nan")),
             "fast_exit": fast_rc,
             "worker_timeout": "WORKER TIMEOUT" in server.log(),
         }
@@ -225,6 +227,8 @@ def print_table(plain: dict[str, Any], ext: dict[str, Any], scales: list[int]) -
     table += [
         ("30 s never-blocking stream beside 500 at 1 event/s: slow streams' largest gap, s",
          f"{pf['slow_gap_max']:.2f}", f"{ef['slow_gap_max']:.2f}", ""),
+        ("... slow streams' longest wait for their first event, s", f"{pf['slow_first_max']:.2f}",
+         f"{ef['slow_first_max']:.2f}", ""),
         ("... slow streams failed", str(pf["slow_failed"]), str(ef["slow_failed"]), ""),
         ("... WORKER TIMEOUT with --timeout 5", str(pf["worker_timeout"]), str(ef["worker_timeout"]), ""),
         ("... the fast stream completed (curl exit code)", f"{pf['fast_exit'] == 0} ({pf['fast_exit']})",
