@@ -7,6 +7,7 @@ GUNICORN_WORKER_CLASS, GUNICORN_CONTROL_SOCKET; FALCON_MODEL enables the Falcon 
 """
 
 import os
+from typing import Any
 
 
 def _env(name: str, default: str) -> str:
@@ -51,9 +52,9 @@ def post_fork(server: object, worker: object) -> None:
     # Only then: importing the app here, before gevent patches the worker, would import ssl
     # (through PyJWT) unpatched for nothing.
     if os.environ.get("FALCON_MODEL"):
-        from example_app.falcon import prepare_worker
-
-        prepare_worker()
+        prepare_worker = _example_app_hook("prepare_worker")
+        if prepare_worker is not None:
+            prepare_worker()
 
 
 def post_worker_init(worker: object) -> None:
@@ -79,8 +80,17 @@ def post_worker_init(worker: object) -> None:
     # two numbers, as default) still free short-lived cycles, and full ones still run, a hundred
     # times less often; measured, what they find is about 1,000 objects per 30,000 requests.
     gc.set_threshold(700, 10, 1000)
-    try:  # this repository's example app; absent when the file serves another app
-        from example_app.falcon import start_in_worker
-    except ImportError:
-        return
-    start_in_worker(getattr(worker, "wsgi", None))
+    start_in_worker = _example_app_hook("start_in_worker")
+    if start_in_worker is not None:
+        start_in_worker(getattr(worker, "wsgi", None))
+
+
+def _example_app_hook(name: str) -> Any:
+    """``example_app.falcon.<name>``, or None where this file serves another app."""
+    try:
+        from example_app import falcon
+    except ModuleNotFoundError as exc:
+        if exc.name != "example_app":  # example_app is there but broken: say so
+            raise
+        return None
+    return getattr(falcon, name)

@@ -51,12 +51,13 @@ FAIR_SLICE = 0.005
 BATCH_EVENTS = 64
 
 
-class Interrupted(GreenletExit, GeneratorExit):  # type: ignore[misc]
+class Interrupted(GreenletExit):  # type: ignore[misc]
     """Thrown into a blocked generator when its client leaves or the worker shuts down.
 
-    A ``GeneratorExit``, as when a generator is closed at its ``yield``: cleanup written as
-    ``except GeneratorExit:`` runs too, and ``except Exception`` does not swallow it. A
-    ``GreenletExit`` too, as gevent expects of an exception that ends a greenlet's work.
+    A ``GreenletExit``, so that ``except Exception`` in user code does not swallow it. Not a
+    ``GeneratorExit``: the idiom ``except GeneratorExit: return`` in a helper generator would
+    end the helper quietly and let its caller run on (measured: a disconnected stream ran its
+    next blocking second). Cleanup belongs in ``finally``, which runs either way.
     """
 
 
@@ -118,7 +119,7 @@ class GeventStream:
         if self._running is not None:
             self._running.close()
         else:  # never iterated: still close the user's generator
-            close_stream_source(self._source, self._token, "closed")
+            close_stream_source(self._source, self._token, "closed", early=True)
 
     # -- the request greenlet ---------------------------------------------------------------
 
@@ -180,7 +181,11 @@ class GeventStream:
                 data += self._gzip.finish()
             if data:
                 yield data
+        except GeneratorExit:  # the server closed the body (a write failed: the client is gone)
+            self._ended_by = self._ended_by or "closed"
+            raise
         finally:
+            early = self._ended_by is not None  # disconnect, shutdown or closed, before the end
             self._ended_by = self._ended_by or "closed"
             if self._watcher is not None:
                 self._watcher.close()
@@ -189,7 +194,7 @@ class GeventStream:
                 shutdown.unregister(self)
             if self._writing:
                 self._wait_for_helper()
-            close_stream_source(source, token, self._ended_by)
+            close_stream_source(source, token, self._ended_by, early=early)
             # Break the cycles (greenlet -> frame -> body -> greenlet, and the server's response
             # object) now rather than at the next full collection.
             self._greenlet = self._write = None

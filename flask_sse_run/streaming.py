@@ -84,18 +84,23 @@ def close_iterator(source: Any) -> None:
         close()
 
 
-def close_stream_source(source: Any, token: CancelToken, reason: str) -> None:
-    """Cancel ``token``, then close ``source`` with it current.
+def close_stream_source(source: Any, token: CancelToken, reason: str, *, early: bool) -> None:
+    """Close ``source`` with ``token`` current (its ``finally`` blocks run now); cancel ``token``.
 
-    In that order, a generator closed before its end (its client gone, noticed at a write)
-    sees ``disconnected()`` true in its ``finally`` blocks, as it does when interrupted.
+    ``early``: the stream ends before its generator did (the client left, the worker shuts
+    down, the server closed the body after a failed write). The token is then cancelled first,
+    so the generator's ``finally`` sees ``disconnected()`` true, as it does when interrupted.
+    Otherwise (the generator ended or failed, or an item could not be encoded: the client is
+    still there) it is cancelled after.
     """
-    token.cancel(reason)
+    if early:
+        token.cancel(reason)
     bound = TOKEN_VAR.set(token)
     try:
         close_iterator(source)
     finally:
         TOKEN_VAR.reset(bound)
+        token.cancel(reason)
 
 
 def inline_body(source: Iterator[Any], options: StreamOptions, *, token: CancelToken) -> Iterator[bytes]:
@@ -103,6 +108,7 @@ def inline_body(source: Iterator[Any], options: StreamOptions, *, token: CancelT
     gzip = options.new_gzip()
     write = gzip.write if gzip is not None else bytes
     error: BaseException | None = None
+    early = False
     try:
         while True:
             # The token is bound around each step only: a context variable set across a yield
@@ -115,11 +121,14 @@ def inline_body(source: Iterator[Any], options: StreamOptions, *, token: CancelT
             finally:
                 TOKEN_VAR.reset(bound)
             yield write(encode(item))
+    except GeneratorExit:  # the server closed the body (a write failed: the client is gone)
+        early = True
+        raise
     except Exception as exc:
         error = exc
         options.logger.error("stream %s failed", options.request_id, exc_info=exc)
     finally:
-        close_stream_source(source, token, "closed")
+        close_stream_source(source, token, "closed", early=early)
     tail = closing_events(options, error)
     if tail:
         yield write(tail)

@@ -33,6 +33,13 @@ def test_close_mid_stream_runs_the_generators_finally_at_once(seen: dict[str, An
     assert seen["close_mid_stream"] == {"first": "data: tick\n\n", "log": ["finally, disconnected() True"]}
 
 
+def test_an_unencodable_item_ends_the_stream_without_telling_the_generator_its_client_left(
+    seen: dict[str, Any],
+) -> None:
+    assert seen["unencodable"]["body"].startswith("event: error\n")
+    assert seen["unencodable"]["log"] == ["finally, disconnected() False"]
+
+
 def test_held_events_and_pings_go_through_the_servers_write_while_the_generator_blocks(
     seen: dict[str, Any],
 ) -> None:

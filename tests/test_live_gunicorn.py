@@ -177,11 +177,13 @@ def countdown(start: int):
 
 def test_gunicorn_conf_serves_an_app_of_ones_own(tmp_path: Path) -> None:
     # The way the README says: gunicorn -c gunicorn.conf.py yourmodule:app, from your project,
-    # where this repository's example_app cannot be imported.
+    # where this repository's example_app cannot be imported (even with FALCON_MODEL set, which
+    # makes the file's hooks look for it).
     project = tmp_path / "project"
     project.mkdir()
     (project / "myapp.py").write_text(OWN_APP)
-    with gunicorn("myapp:app", tmp_path=tmp_path, cwd=project, env={"PYTHONPATH": ""}) as srv:
+    env = {"PYTHONPATH": "", "FALCON_MODEL": "tiiuae/falcon-7b-instruct"}
+    with gunicorn("myapp:app", tmp_path=tmp_path, cwd=project, env=env) as srv:
         response = requests.post(f"{srv.url}/countdown", json={"start": 3}, timeout=10)
         log = srv.log()
     assert response.status_code == 200

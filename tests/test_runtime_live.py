@@ -112,8 +112,7 @@ def test_a_disconnect_closes_a_blocked_generator_at_once(server: Server) -> None
     after = stats(server)
     # Far sooner than the next keep-alive write (0.5 s) would have noticed.
     assert after["last_finally"] - left < 0.3
-    # Closed as a generator is closed: GeneratorExit where it waited, and it knows why.
-    assert after["generator_exit"] == before["generator_exit"] + 1
+    # And its finally knows why.
     assert after["disconnected_in_finally"] == before["disconnected_in_finally"] + 1
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 
+import pytest
+
 from flask_sse_run.cancellation import CancelToken, current_token, disconnected
 from flask_sse_run.streaming import TrustedHeaders, close_stream_source
 
@@ -27,7 +29,8 @@ def test_copies_of_trusted_headers_do_not_write_into_the_original() -> None:
     assert list(merged.items()) == [("A", "1"), ("D", "4")]
 
 
-def test_closing_a_stream_source_cancels_first_and_binds_the_token() -> None:
+@pytest.mark.parametrize("early", [True, False])
+def test_closing_a_stream_source_binds_the_token_and_cancels_it(early: bool) -> None:
     seen: list[tuple[bool, object]] = []
     token = CancelToken()
 
@@ -39,6 +42,9 @@ def test_closing_a_stream_source_cancels_first_and_binds_the_token() -> None:
 
     source = gen()
     next(source)
-    close_stream_source(source, token, "closed")
-    assert seen == [(True, token)]
-    assert token.reason == "closed" and current_token() is None  # unbound again afterwards
+    close_stream_source(source, token, "closed", early=early)
+    # Early (the client left): cancelled before the finally runs, so it knows. Otherwise the
+    # client is still there while the generator cleans up.
+    assert seen == [(early, token)]
+    assert token.cancelled and token.reason == "closed"
+    assert current_token() is None  # unbound again afterwards

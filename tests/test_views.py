@@ -305,6 +305,23 @@ def test_a_generator_closed_mid_stream_sees_disconnected_in_its_finally() -> Non
     assert seen == [True]
 
 
+def test_a_generator_whose_item_cannot_be_encoded_is_not_told_its_client_left() -> None:
+    app = Flask(__name__)
+    sse = SSERun(app)
+    seen: list[bool] = []
+
+    @sse.function
+    def unencodable() -> Iterator[object]:
+        try:
+            yield object()
+        finally:
+            seen.append(disconnected())
+
+    response = app.test_client().post("/unencodable")
+    assert b"event: error" in response.data  # the client is still there, and told
+    assert seen == [False]
+
+
 # --- JSON for clients that ask for it -----------------------------------------------------------
 
 

@@ -49,6 +49,20 @@ first = next(chunks)
 stream.close()
 results["close_mid_stream"] = {"first": first.decode(), "log": log}
 
+
+# An item that cannot be encoded ends the stream with an error event; the client is still
+# there, so the generator's finally does not see disconnected().
+def unencodable(log: list[str]) -> Iterator[object]:
+    try:
+        yield object()
+    finally:
+        log.append(f"finally, disconnected() {disconnected()}")
+
+
+log = []
+failing = GeventStream(unencodable(log), options, token=CancelToken(), sock=None)
+results["unencodable"] = {"body": b"".join(failing).decode(), "log": log}
+
 # Keep-alive while the generator blocks is written by a helper through write().
 log, written = [], []
 
