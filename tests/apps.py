@@ -203,11 +203,13 @@ def create_app(**config: Any) -> Flask:
     return app
 
 
-def endless_app() -> tuple[Flask, threading.Event]:
-    """An app serving ``/endless`` (yields 1 forever) and the event set when it is closed."""
+def endless_app() -> tuple[Flask, threading.Event, list[bool]]:
+    """An app serving ``/endless`` (yields 1 forever), the event set when it is closed, and
+    what ``disconnected()`` said in its ``finally``."""
     app = Flask(__name__)
     sse = SSERun(app)
     closed = threading.Event()
+    disconnected_in_finally: list[bool] = []
 
     @sse.function
     def endless() -> Iterator[int]:
@@ -215,6 +217,7 @@ def endless_app() -> tuple[Flask, threading.Event]:
             while True:
                 yield 1
         finally:
+            disconnected_in_finally.append(disconnected())
             closed.set()
 
-    return app, closed
+    return app, closed, disconnected_in_finally

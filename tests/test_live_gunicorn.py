@@ -36,6 +36,23 @@ def timed_events(response: requests.Response) -> list[tuple[float, str]]:
     return out
 
 
+def assert_seed_stream(url: str) -> None:
+    """POST the seed's request to ``url``/run: three events, the first at once, one a second."""
+    started = time.monotonic()
+    with requests.post(
+        f"{url}/run",
+        json={"upper_range": 3},
+        headers={"Accept-Encoding": "identity"},
+        stream=True,
+        timeout=10,
+    ) as response:
+        assert response.status_code == 200
+        events = timed_events(response)
+    assert [data for _, data in events] == ["Number 0 ", "Number 1 ", "Number 2 "]
+    assert events[0][0] - started < 0.9
+    assert all(after - before >= 0.9 for (before, _), (after, _) in itertools.pairwise(events))
+
+
 def test_the_seed_example_streams_one_event_a_second_with_requests(server: Server) -> None:
     started = time.monotonic()
     with requests.post(
@@ -128,22 +145,10 @@ def test_the_seed_example_streams_under_the_flask_development_server(tmp_path: P
         )  # fmt: skip
     try:
         wait_until_listening(port, process)
-        started = time.monotonic()
-        with requests.post(
-            f"http://127.0.0.1:{port}/run",
-            json={"upper_range": 3},
-            headers={"Accept-Encoding": "identity"},
-            stream=True,
-            timeout=10,
-        ) as response:
-            assert response.status_code == 200
-            events = timed_events(response)
+        assert_seed_stream(f"http://127.0.0.1:{port}")
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=10)
-    assert [data for _, data in events] == ["Number 0 ", "Number 1 ", "Number 2 "]
-    assert events[0][0] - started < 0.9
-    assert all(after - before >= 0.9 for (before, _), (after, _) in itertools.pairwise(events))
 
 
 def wait_until_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -205,16 +210,5 @@ def test_example_app_serves_the_seed_function(tmp_path: Path) -> None:
 def test_the_seed_example_streams_under_sync_and_thread_workers(tmp_path: Path, worker_class: str) -> None:
     # No gevent: the generator runs in the request's thread and each item is written at once.
     with gunicorn(tmp_path=tmp_path, env={"GUNICORN_WORKER_CLASS": worker_class}) as srv:
-        started = time.monotonic()
-        with requests.post(
-            f"{srv.url}/run",
-            json={"upper_range": 3},
-            headers={"Accept-Encoding": "identity"},
-            stream=True,
-            timeout=10,
-        ) as response:
-            events = timed_events(response)
+        assert_seed_stream(srv.url)
         assert f"Using worker: {worker_class}" in srv.log()
-    assert [data for _, data in events] == ["Number 0 ", "Number 1 ", "Number 2 "]
-    assert events[0][0] - started < 0.9
-    assert all(after - before >= 0.9 for (before, _), (after, _) in itertools.pairwise(events))

@@ -67,7 +67,7 @@ def test_iter_events_yields_each_event_as_it_is_yielded() -> None:
 
 
 def test_leaving_iter_events_early_closes_the_generator() -> None:
-    app, closed = endless_app()
+    app, closed, _ = endless_app()
     for event in iter_events(app.test_client().post("/endless", buffered=False)):
         assert event.data == "1"
         break
