@@ -180,6 +180,7 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
     except Exception:
         logger.exception("function %s failed (request id %s)", name, rid)
         return error_response(RequestError(500, "the function failed; see the server log"), rid)
+
     if stream and isinstance(result, Iterator):
         return _stream_response(result, req, settings, rid)
     if isinstance(result, (Awaitable, AsyncIterator)):  # checked after the common case
@@ -206,9 +207,8 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
 def _async_result(name: str, result: Awaitable[Any] | AsyncIterator[Any], rid: str) -> Response:
     # Registration refuses async functions, but a plain function can still return a coroutine
     # (or an async generator): nothing here could run it, so say so rather than fail on it.
-    close = getattr(result, "close", None)
-    if inspect.iscoroutine(result) and close is not None:
-        close()  # it never ran: no "coroutine was never awaited" warning
+    if inspect.iscoroutine(result):
+        result.close()  # it never ran: no "coroutine was never awaited" warning
     current_app.logger.error(
         "function %s returned %s, which a WSGI worker cannot run: return a value, a generator "
         "or an iterator (request id %s)",
