@@ -34,6 +34,30 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
+def answers(port: int, timeout: float = 2.0) -> bool:
+    """Whether an HTTP request to 127.0.0.1:``port`` gets a response (any status)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(b"GET /__ready__ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return sock.recv(16).startswith(b"HTTP/1.")
+    except OSError:
+        return False
+
+
+def wait_until_answering(server: Server, timeout: float) -> None:
+    """Wait for a worker to answer a request, not for the master's socket: the master listens
+    before any worker has booted (imported the app, loaded a model), and a test timed from a
+    listening socket counts the worker's boot."""
+    deadline = time.monotonic() + timeout
+    while not answers(server.port):
+        if server.process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited at start-up:\n{server.log()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gunicorn did not answer in time:\n{server.log()}")
+        time.sleep(0.05)
+
+
 @contextmanager
 def gunicorn(
     app: str = "tests.apps:create_app()",
@@ -66,17 +90,7 @@ def gunicorn(
         )
     server = Server(process, port, log)
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited at start-up:\n{server.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"gunicorn did not listen in time:\n{server.log()}") from None
-                time.sleep(0.05)
+        wait_until_answering(server, startup_timeout)
         yield server
     finally:
         if process.poll() is None:

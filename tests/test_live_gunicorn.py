@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from flask_sse_run.testing import SSEParser
-from tests.live import ROOT, Server, free_port, gunicorn
+from tests.live import ROOT, Server, answers, free_port, gunicorn
 
 SEED_BODY = b"data: Number 0 \n\ndata: Number 1 \n\ndata: Number 2 \n\n"
 
@@ -153,14 +153,10 @@ def test_the_seed_example_streams_under_the_flask_development_server(tmp_path: P
 
 def wait_until_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
-    while True:
+    while not answers(port):
         assert process.poll() is None, "the server exited at start-up"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            assert time.monotonic() < deadline, "the server did not listen in time"
-            time.sleep(0.05)
+        assert time.monotonic() < deadline, "the server did not answer in time"
+        time.sleep(0.05)
 
 
 OWN_APP = """

@@ -24,7 +24,9 @@ from tests.sse_clients import run_streams
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with gunicorn(tmp_path=tmp_path_factory.mktemp("runtime"), config={"SSE_RUN_KEEPALIVE": 0.5}) as srv:
+    # No keep-alive: a disconnect these tests see noticed was noticed by the read watcher, not
+    # by a ping's failed write, however slow the machine.
+    with gunicorn(tmp_path=tmp_path_factory.mktemp("runtime"), config={"SSE_RUN_KEEPALIVE": 0}) as srv:
         yield srv
 
 
@@ -70,34 +72,34 @@ def test_the_worker_collects_garbage_as_gunicorn_conf_says(server: Server) -> No
     assert worker["gc_threshold"] == [700, 10, 1000]
 
 
-def test_keepalive_pings_while_the_generator_blocks(server: Server) -> None:
+def test_keepalive_pings_while_the_generator_blocks(tmp_path: Path) -> None:
     parser = SSEParser()
     arrivals: list[tuple[float, str]] = []
-    started = time.monotonic()
-    with requests.post(
-        f"{server.url}/sleeper",
-        json={"seconds": 1.8},
-        stream=True,
-        timeout=10,
-        headers={"Accept-Encoding": "identity"},
-    ) as response:
-        for chunk in response.raw.stream(1024):
-            seen = len(parser.comments)
-            events = parser.feed(chunk)
-            now = time.monotonic() - started
-            arrivals += [(now, "ping")] * (len(parser.comments) - seen) + [(now, e.data) for e in events]
+    with gunicorn(tmp_path=tmp_path, config={"SSE_RUN_KEEPALIVE": 0.5}) as srv:
+        started = time.monotonic()
+        with requests.post(
+            f"{srv.url}/sleeper",
+            json={"seconds": 1.8},
+            stream=True,
+            timeout=10,
+            headers={"Accept-Encoding": "identity"},
+        ) as response:
+            for chunk in response.raw.stream(1024):
+                seen = len(parser.comments)
+                events = parser.feed(chunk)
+                now = time.monotonic() - started
+                arrivals += [(now, "ping")] * (len(parser.comments) - seen) + [(now, e.data) for e in events]
     labels = [label for _, label in arrivals]
     assert labels[0] == "start" and labels[-1] == "end"
     pings = [t for t, label in arrivals if label == "ping"]
     assert len(pings) == 3  # at 0.5, 1.0 and 1.5 s of silence
-    assert all(abs(b - a - 0.5) < 0.2 for a, b in itertools.pairwise(pings))
+    assert all(abs(b - a - 0.5) < 0.3 for a, b in itertools.pairwise(pings))
 
 
-def test_keepalive_zero_sends_no_pings(tmp_path: Path) -> None:
-    with gunicorn(tmp_path=tmp_path, config={"SSE_RUN_KEEPALIVE": 0}) as srv:
-        sock = open_stream(srv, "/sleeper", b'{"seconds": 1.2}')
-        body = read_until(sock, b"0\r\n\r\n")
-        sock.close()
+def test_keepalive_zero_sends_no_pings(server: Server) -> None:
+    sock = open_stream(server, "/sleeper", b'{"seconds": 1.2}')
+    body = read_until(sock, b"0\r\n\r\n")
+    sock.close()
     assert b"data: start" in body and b"data: end" in body
     assert b": ping" not in body
 
@@ -110,8 +112,8 @@ def test_a_disconnect_closes_a_blocked_generator_at_once(server: Server) -> None
     left = time.time()
     wait_for(lambda: stats(server)["finally"] == before["finally"] + 1, timeout=2)
     after = stats(server)
-    # Far sooner than the next keep-alive write (0.5 s) would have noticed.
-    assert after["last_finally"] - left < 0.3
+    # No ping is ever written here: the read watcher noticed (at once; margin for a slow machine).
+    assert after["last_finally"] - left < 2.0
     # And its finally knows why.
     assert after["disconnected_in_finally"] == before["disconnected_in_finally"] + 1
 
@@ -133,16 +135,17 @@ def test_a_blocking_iterator_in_a_thread_streams_while_the_worker_serves_others(
         started = time.monotonic()
         with requests.post(
             f"{server.url}/blocking_ticks",
-            json={"n": 5, "interval": 0.3},
+            json={"n": 3, "interval": 1.0},
             headers={"Accept-Encoding": "identity"},
             stream=True,
             timeout=10,
         ) as response:
             for chunk in response.raw.stream(1024):
                 arrivals += [(time.monotonic() - started, e.data) for e in parser.feed(chunk)]
-    assert [data for _, data in arrivals] == ["0", "1", "2", "3", "4"]
-    assert all(0.2 < b - a < 0.5 for (a, _), (b, _) in itertools.pairwise(arrivals))  # no bursts
-    assert len(latencies) > 50 and max(latencies) < 0.1
+    assert [data for _, data in arrivals] == ["0", "1", "2"]
+    assert all(b - a > 0.6 for (a, _), (b, _) in itertools.pairwise(arrivals))  # no bursts
+    # A worker frozen by the thread's blocking second would answer a poll a second late.
+    assert len(latencies) > 50 and max(latencies) < 0.6
 
 
 def test_a_client_leaving_stops_the_thread_of_a_blocking_iterator(server: Server) -> None:
@@ -162,9 +165,9 @@ def test_hundreds_of_dropped_clients_leave_nothing_behind(server: Server) -> Non
     results = run_streams(server.port, "/sleeper", {"seconds": 60}, 300, timeout=20, drop_after_events=1)
     assert all(len(r.event_times) >= 1 for r in results)
     dropped_at = time.time()
-    # Within keep-alive (0.5 s) + 1 s, every generator's finally has run ...
-    wait_for(lambda: stats(server)["finally"] == before["finally"] + 300, timeout=1.5)
-    assert stats(server)["last_finally"] - dropped_at < 1.5
+    # Noticed by the read watchers (no pings here), every generator's finally has run ...
+    wait_for(lambda: stats(server)["finally"] == before["finally"] + 300, timeout=10)
+    assert stats(server)["last_finally"] - dropped_at < 5  # not at the generators' 60 s
     # ... and the worker holds no more greenlets, threads or open files than before.
     time.sleep(0.3)
     after = stats(server)
@@ -191,10 +194,14 @@ def test_a_never_blocking_stream_does_not_starve_the_others(tmp_path: Path) -> N
         finally:
             firehose.kill()
         body = (tmp_path / "fire.out").read_bytes()
-        assert body.count(b"\n\n") > 1_000_000 and body.count(b"\n\n") % 1000 == 0
+        # The firehose ran its 7 s to a clean end (it yields in thousands); how many events it
+        # made is a speed, measured by the benchmark, not here.
+        assert body.count(b"\n\n") >= 1000 and body.count(b"\n\n") % 1000 == 0
         assert all(r.status == 200 and r.complete and len(r.event_times) == 4 for r in slow)
+        # Starved, the slow streams would wait for the firehose's 7 s; served fairly, each
+        # tick arrives about a second after the last (margin for a loaded machine).
         worst = max(r.max_gap() for r in slow)
-        assert worst <= 1.2, worst
+        assert worst <= 2.5, worst
         assert "WORKER TIMEOUT" not in srv.log()
 
 
@@ -222,18 +229,18 @@ def test_events_ready_together_go_out_in_few_writes(server: Server) -> None:
 
 def test_the_first_event_goes_out_before_the_generator_computes_on(server: Server) -> None:
     started = time.monotonic()
-    sock = open_stream(server, "/busy_after_first", b'{"seconds": 1.0}')
+    sock = open_stream(server, "/busy_after_first", b'{"seconds": 3.0}')
     read_until(sock, b"data: first\n\n")
-    assert time.monotonic() - started < 0.5  # not held while the generator computes for 1 s
+    assert time.monotonic() - started < 1.5  # not held while the generator computes for 3 s
     assert b"data: second" in read_until(sock, b"data: second")
     sock.close()
 
 
 def test_held_events_do_not_wait_for_a_generator_that_blocks(server: Server) -> None:
     started = time.monotonic()
-    sock = open_stream(server, "/burst_then_wait", b'{"n": 5, "wait": 2}')
+    sock = open_stream(server, "/burst_then_wait", b'{"n": 5, "wait": 3}')
     first = read_until(sock, b"data: 4\n\n")
-    assert time.monotonic() - started < 0.5  # not after the 2 s block
+    assert time.monotonic() - started < 1.5  # not after the 3 s block
     assert all(f"data: {i}\n\n".encode() in first for i in range(5))
     assert b"data: 5" not in first
     sock.close()

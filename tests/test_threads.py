@@ -33,11 +33,12 @@ def test_items_arrive_in_order_from_another_thread() -> None:
 def test_each_item_arrives_as_it_is_produced() -> None:
     def slow() -> Iterator[float]:
         for _ in range(3):
-            time.sleep(0.2)
+            time.sleep(0.5)
             yield time.monotonic()
 
+    # Each as it is made, not with the next one (0.5 s later) or at the end.
     for produced in iterate_in_thread(slow()):
-        assert time.monotonic() - produced < 0.1
+        assert time.monotonic() - produced < 0.3
 
 
 def test_an_exception_in_the_thread_is_raised_in_the_stream_after_earlier_items() -> None:
@@ -134,7 +135,7 @@ def test_under_gevent_the_hub_stays_responsive_while_the_thread_blocks() -> None
     # One item every 0.2 s, not a burst at the end.
     times = [t for _, t in full["arrivals"]]
     assert all(later - earlier > 0.15 for earlier, later in itertools.pairwise(times))
-    assert full["max_tick_gap"] < 0.1  # other greenlets ran every 5 ms throughout
+    assert full["max_tick_gap"] < 0.3  # other greenlets ran throughout (a frozen hub: 0.6 s)
     assert full["log"][-1] == "finally"
     thread_ids = {entry.split(":")[1] for entry in full["log"][:-1]}
     assert thread_ids and str(full["hub_thread"]) not in thread_ids
