@@ -9,6 +9,7 @@ __all__ = [
     "RegistrationError",
     "RequestError",
     "SSERunError",
+    "UnreadableBody",
 ]
 
 
@@ -50,3 +51,15 @@ class RequestError(SSERunError):
         if self.detail is not None:
             body["detail"] = self.detail
         return body
+
+
+class UnreadableBody(RequestError):
+    """The request body could not be read: broken chunked framing, or the client stopped mid-body.
+
+    A 400 for the client; ``reason`` (the server's exception type, never the client's bytes) is
+    for the one log line the view writes.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(400, "the request body could not be read: malformed framing or an incomplete body")
+        self.reason = reason

@@ -12,7 +12,7 @@ import math
 import re
 from typing import Any, Protocol
 
-from .errors import RequestError
+from .errors import RequestError, UnreadableBody
 from .negotiation import JSON
 
 __all__ = ["Readable", "read_json_object"]
@@ -101,14 +101,21 @@ def read_json_object(
     ``content_type`` is the request's Content-Type header as sent (looked at only when the body
     is not empty).
 
-    Raises :class:`RequestError`: 413 over ``max_body`` bytes, 415 for a non-JSON
-    Content-Type, 400 for invalid UTF-8 or JSON, NaN/Infinity or numbers beyond a float's
-    range, duplicate keys, nesting too deep (over ``MAX_DEPTH``), lone surrogates (``"\\ud800"``),
-    or JSON that is not an object.
+    Raises :class:`RequestError`: 400 (:class:`~flask_sse_run.errors.UnreadableBody`) when the
+    body cannot be read (malformed chunked framing, a connection closed mid-body), 413 over
+    ``max_body`` bytes, 415 for a non-JSON Content-Type, 400 for invalid UTF-8 or JSON,
+    NaN/Infinity or numbers beyond a float's range, duplicate keys, nesting too deep (over
+    ``MAX_DEPTH``), lone surrogates (``"\\ud800"``), or JSON that is not an object.
     """
     if content_length is not None and content_length > max_body:
         raise RequestError(413, f"body is larger than {max_body} bytes")
-    raw = stream.read(max_body + 1)
+    try:
+        raw = stream.read(max_body + 1)
+    except RequestError:
+        raise
+    except Exception as exc:  # the server's parse errors (a bad chunk size, a missing CRLF ...)
+        # and its NoMoreData (an OSError) when the client half-closes mid-body.
+        raise UnreadableBody(type(exc).__name__) from None
     if len(raw) > max_body:
         raise RequestError(413, f"body is larger than {max_body} bytes")
     if not raw.strip():

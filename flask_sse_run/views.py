@@ -19,7 +19,7 @@ from .binding import MAX_KEY_SHOWN, NAME_PATTERN
 from .body_timeout import with_deadline
 from .cancellation import CancelToken
 from .concurrency import gevent_patched
-from .errors import RequestError
+from .errors import RequestError, UnreadableBody
 from .events import json_dumps, json_value
 from .negotiation import STREAM, request_id, wants_stream
 from .payload import read_json_object
@@ -165,6 +165,10 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
             settings.max_body,
         )
         kwargs = registered.binder.bind(payload)
+    except UnreadableBody as exc:
+        # One line, no traceback: a broken client is not a server fault.
+        current_app.logger.warning("request %s: the body could not be read (%s)", rid, exc.reason)
+        return error_response(exc, rid)
     except RequestError as exc:
         return error_response(exc, rid)
     except HTTPException as exc:  # raised by Werkzeug while reading, e.g. MAX_CONTENT_LENGTH

@@ -232,6 +232,54 @@ def test_options_is_204_with_allow_through_gunicorn(server: Server) -> None:
     assert response.headers["Allow"] == "OPTIONS, POST"
 
 
+CHUNKED_HEAD = (
+    b"POST /count HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+UNREADABLE = "the request body could not be read: malformed framing or an incomplete body"
+
+
+@pytest.mark.parametrize(
+    ("body", "half_close"),
+    [
+        (b"zz\r\n{}\r\n0\r\n\r\n", False),
+        (b"2;\x01\r\n{}\r\n0\r\n\r\n", False),
+        (b"2\r\n{}XX0\r\n\r\n", False),
+        (b"2\r\n{}\r\n0\r\nno-colon-here\r\n\r\n", False),
+        (b'8\r\n{"n": ', True),
+    ],
+    ids=["chunk-size", "chunk-extension", "chunk-without-crlf", "trailer-without-colon", "half-close"],
+)
+def test_a_body_that_cannot_be_read_is_a_400_json_error_logged_in_one_line(
+    server: Server, body: bytes, half_close: bool
+) -> None:
+    raw = Raw(server)
+    raw.send(CHUNKED_HEAD + body)
+    if half_close:
+        raw.sock.shutdown(socket.SHUT_WR)
+    response = raw.read_all()
+    head, _, payload = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), response
+    assert b"Content-Type: application/json" in head and b"X-Request-ID: " in head
+    assert _dechunk(payload) == b'{"error":"%s"}' % UNREADABLE.encode()
+    rid = next(line for line in head.split(b"\r\n") if line.startswith(b"X-Request-ID: "))[14:].decode()
+    log = server.log()
+    assert f"request {rid}: the body could not be read (" in log
+    assert "Traceback" not in log and "Error handling request" not in log
+
+
+def _dechunk(body: bytes) -> bytes:
+    if not body.startswith((b"{", b"[")):  # chunked framing
+        out = b""
+        while body:
+            size_line, _, body = body.partition(b"\r\n")
+            size = int(size_line, 16)
+            if not size:
+                break
+            out, body = out + body[:size], body[size + 2 :]
+        return out
+    return body
+
+
 # --- slow clients ----------------------------------------------------------------------------
 
 
