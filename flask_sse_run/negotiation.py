@@ -35,19 +35,45 @@ def wants_stream(header: str | None, req: Request | None = None) -> bool:
     """Whether to answer with an event stream (True) or one JSON document (False).
 
     ``header`` is the raw Accept header (``req.accept_mimetypes`` is parsed only when it is not
-    one of the common exact values). No Accept header, ``*/*`` or ``text/event-stream`` mean a
-    stream; a client that accepts ``application/json`` but not ``text/event-stream`` gets JSON.
-    Raises :class:`RequestError` (406) when it accepts neither.
+    one of the common exact values). Each type's quality is that of the most specific range
+    matching it (RFC 9110 12.5.1: ``text/event-stream;q=0, */*`` refuses streams). The stream
+    wins ties: a client that takes ``text/event-stream`` at least as much as ``application/json``
+    (axios's ``application/json, text/plain, */*`` does, through ``*/*``) gets a stream; JSON
+    only when it ranks JSON strictly higher. Raises :class:`RequestError` (406) when it takes
+    neither.
     """
     if not header or header in _STREAM_ACCEPTS:
         return True
     if header == JSON:
         return False
     accept = req.accept_mimetypes if req is not None else parse_accept_header(header, MIMEAccept)
-    best = accept.best_match([STREAM, JSON])
-    if best is None:
+    stream_q, json_q = _quality(accept, STREAM), _quality(accept, JSON)
+    if not stream_q and not json_q:
         raise RequestError(406, f"this endpoint answers {STREAM} or {JSON}")
-    return best == STREAM
+    return stream_q >= json_q
+
+
+def _quality(accept: MIMEAccept, mimetype: str) -> float:
+    """The quality ``accept`` gives ``mimetype``: the q of its most specific matching range.
+
+    Werkzeug's ``quality()`` takes the first match in order of q, so a ``*/*`` of q=1 would
+    override an explicit ``text/event-stream;q=0``.
+    """
+    kind = mimetype.partition("/")[0]
+    best, quality = -1, 0.0
+    for value, q in accept:
+        value = value.partition(";")[0].strip().lower()
+        if value == mimetype:
+            specificity = 2
+        elif value == f"{kind}/*":
+            specificity = 1
+        elif value in ("*/*", "*"):
+            specificity = 0
+        else:
+            continue
+        if specificity > best:
+            best, quality = specificity, q
+    return quality
 
 
 def request_id(header: str | None) -> str:

@@ -24,15 +24,28 @@ from flask_sse_run.negotiation import request_id, wants_stream
         ("text/event-stream, */*", True),
         ("application/json;q=0.9, text/event-stream;q=0.1", False),
         ("", True),
+        # axios's default, and its reverse: the wildcard takes streams as much as JSON.
+        ("application/json, text/plain, */*", True),
+        ("*/*, application/json", True),
+        ("application/json, */*;q=0.8", False),
+        ("application/json;q=0.5, text/*;q=0.5", True),
+        ("application/json;q=0.5, text/*", True),
+        # The most specific range decides: an explicit q=0 is a refusal, whatever */* says.
+        ("text/event-stream;q=0, */*", False),
+        ("application/json;q=0, */*", True),
+        ("TEXT/EVENT-STREAM;q=0.3, application/json;q=0.2", True),
     ],
 )
 def test_negotiates_stream_or_json(header: str | None, stream: bool) -> None:
     assert wants_stream(header) is stream
 
 
-def test_accepting_neither_is_406() -> None:
+@pytest.mark.parametrize(
+    "header", ["text/html", "text/event-stream;q=0, application/json;q=0", "*/*;q=0", "image/*"]
+)
+def test_accepting_neither_is_406(header: str) -> None:
     with pytest.raises(RequestError) as info:
-        wants_stream("text/html")
+        wants_stream(header)
     assert info.value.status == 406
 
 

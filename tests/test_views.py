@@ -318,6 +318,15 @@ def test_json_clients_get_the_collected_items(client: FlaskClient) -> None:
     assert isinstance(body["run_time_ms"], float) and body["run_time_ms"] >= 0
 
 
+@pytest.mark.parametrize("accept", ["application/json, text/plain, */*", "*/*, application/json"])
+def test_clients_that_take_streams_as_much_as_json_get_a_stream(client: FlaskClient, accept: str) -> None:
+    # axios's default Accept: a stream (with its pings), not a JSON document after the whole run.
+    response = client.post("/count", json={"n": 2}, headers={"Accept": accept})
+    assert response.status_code == 200
+    assert response.content_type == "text/event-stream; charset=utf-8"
+    assert response.data == b'data: {"i":0}\n\ndata: {"i":1}\n\n'
+
+
 def counting_app() -> tuple[Flask, list[int], threading.Event]:
     """An app whose ``numbers`` generator records what it yielded and whether it was closed."""
     app = Flask(__name__)
