@@ -119,7 +119,7 @@ class GeventStream:
         if self._running is not None:
             self._running.close()
         else:  # never iterated: still close the user's generator
-            close_stream_source(self._source, self._token, "closed", early=True)
+            close_stream_source(self._source, self._token, "closed", early=True, options=self._options)
 
     # -- the request greenlet ---------------------------------------------------------------
 
@@ -194,7 +194,7 @@ class GeventStream:
                 shutdown.unregister(self)
             if self._writing:
                 self._wait_for_helper()
-            close_stream_source(source, token, self._ended_by, early=early)
+            close_stream_source(source, token, self._ended_by, early=early, options=options)
             # Break the cycles (greenlet -> frame -> body -> greenlet, and the server's response
             # object) now rather than at the next full collection.
             self._greenlet = self._write = None

@@ -84,7 +84,9 @@ def close_iterator(source: Any) -> None:
         close()
 
 
-def close_stream_source(source: Any, token: CancelToken, reason: str, *, early: bool) -> None:
+def close_stream_source(
+    source: Any, token: CancelToken, reason: str, *, early: bool, options: StreamOptions
+) -> None:
     """Close ``source`` with ``token`` current (its ``finally`` blocks run now); cancel ``token``.
 
     ``early``: the stream ends before its generator did (the client left, the worker shuts
@@ -92,12 +94,18 @@ def close_stream_source(source: Any, token: CancelToken, reason: str, *, early: 
     so the generator's ``finally`` sees ``disconnected()`` true, as it does when interrupted.
     Otherwise (the generator ended or failed, or an item could not be encoded: the client is
     still there) it is cancelled after.
+
+    A generator whose closing fails (its ``finally`` raises, or it ignores ``GeneratorExit``)
+    is logged once, with the request id, and never raises here: the client still gets the
+    stream's clean end.
     """
     if early:
         token.cancel(reason)
     bound = TOKEN_VAR.set(token)
     try:
         close_iterator(source)
+    except Exception as exc:
+        options.logger.error("stream %s: closing the generator failed", options.request_id, exc_info=exc)
     finally:
         TOKEN_VAR.reset(bound)
         token.cancel(reason)
@@ -128,7 +136,7 @@ def inline_body(source: Iterator[Any], options: StreamOptions, *, token: CancelT
         error = exc
         options.logger.error("stream %s failed", options.request_id, exc_info=exc)
     finally:
-        close_stream_source(source, token, "closed", early=early)
+        close_stream_source(source, token, "closed", early=early, options=options)
     tail = closing_events(options, error)
     if tail:
         yield write(tail)

@@ -168,6 +168,25 @@ def ticks(n: int, interval: float = 1.0) -> Iterator[float]:
         time.sleep(interval)
 
 
+@sse.function
+def bad_close(mode: str) -> Iterator[int]:
+    """Never blocks, and fails when closed: its ``finally`` raises ("raise"), or it catches
+    everything around its ``yield`` and yields on ("ignore": "generator ignored GeneratorExit")."""
+    i = 0
+    try:
+        while True:
+            try:
+                yield i
+            except BaseException:
+                if mode != "ignore":
+                    raise
+                yield -1
+            i += 1
+    finally:
+        if mode == "raise":
+            raise RuntimeError("cleanup failed")
+
+
 def worker_stats() -> dict[str, Any]:
     """What a worker holds: the tests and the benchmark compare these before and after."""
     import gc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -318,3 +319,21 @@ def test_sigterm_ends_open_streams_with_the_shutdown_event(tmp_path: Path) -> No
         assert b"event: restarting\ndata: \n\n" in rest
         assert rest.endswith(b"0\r\n\r\n")  # the body was ended, not cut
         assert srv.process.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize("mode", ["raise", "ignore"])
+def test_sigterm_ends_cleanly_even_when_closing_the_generator_fails(tmp_path: Path, mode: str) -> None:
+    with gunicorn(tmp_path=tmp_path, env={"GUNICORN_GRACEFUL_TIMEOUT": "20"}) as srv:
+        body = json.dumps({"mode": mode}).encode()
+        sock = open_stream(srv, "/bad_close", body)
+        sock.settimeout(10)
+        read_until(sock, b"data: 1000\n\n")
+        os.kill(srv.process.pid, signal.SIGTERM)
+        rest = read_until(sock, b"\r\n0\r\n\r\n")
+        sock.close()
+        assert b"event: shutdown\ndata: \n\n" in rest
+        assert rest.endswith(b"\r\n0\r\n\r\n")  # the final chunk: the body was ended, not cut
+        assert srv.process.wait(timeout=10) == 0
+        log = srv.log()
+    assert log.count("closing the generator failed") == 1
+    assert "Error handling request" not in log
