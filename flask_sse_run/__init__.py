@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from .cancellation import CancelToken, current_token, disconnected
 from .concurrency import thread_executor
+from .disconnect import Interrupted
 from .errors import ConfigurationError, RegistrationError, RequestError, SSERunError
 from .events import Event
 from .extension import SSERun
-from .gevent_stream import Interrupted
 from .threads import StreamClosed, ThreadChannel, iterate_in_thread, run_in_thread
 
 __all__ = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
@@ -29,6 +30,8 @@ class RegisteredFunction:
     binder: Binder
     #: Served without a bearer token even when auth is on.
     public: bool = False
+    #: A generator function: calling it runs none of its code, so there is nothing to watch.
+    generator: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,9 @@ class SSERun:
             qualifier = self.url_prefix.strip("/").replace("/", "_").replace("-", "_")
             model_name = f"{qualifier}_{fname}_parameters" if qualifier else None
             binder = inspect_function(f, fname, model_name=model_name)
-            self.functions[fname] = RegisteredFunction(func=f, binder=binder, public=public)
+            self.functions[fname] = RegisteredFunction(
+                func=f, binder=binder, public=public, generator=inspect.isgeneratorfunction(f)
+            )
             return f
 
         return register(func) if func is not None else register

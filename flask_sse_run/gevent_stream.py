@@ -34,12 +34,11 @@ from time import perf_counter
 from typing import Any
 
 import gevent
-from gevent import GreenletExit
 from gevent.event import Event as GEvent
 
 from . import shutdown
 from .cancellation import TOKEN_VAR, CancelToken
-from .disconnect import watch_for_disconnect
+from .disconnect import Interrupted, watch_for_disconnect
 from .events import KEEPALIVE, encode
 from .streaming import StreamOptions, close_stream_source, closing_events
 
@@ -49,16 +48,6 @@ __all__ = ["BATCH_EVENTS", "FAIR_SLICE", "GeventStream", "Interrupted"]
 FAIR_SLICE = 0.005
 #: Most events sent in one write.
 BATCH_EVENTS = 64
-
-
-class Interrupted(GreenletExit):  # type: ignore[misc]
-    """Thrown into a blocked generator when its client leaves or the worker shuts down.
-
-    A ``GreenletExit``, so that ``except Exception`` in user code does not swallow it. Not a
-    ``GeneratorExit``: the idiom ``except GeneratorExit: return`` in a helper generator would
-    end the helper quietly and let its caller run on (measured: a disconnected stream ran its
-    next blocking second). Cleanup belongs in ``finally``, which runs either way.
-    """
 
 
 class GeventStream:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from flask import Request, Response, current_app, request, stream_with_context
@@ -17,13 +18,14 @@ from werkzeug.exceptions import HTTPException
 from .auth import authenticate
 from .binding import MAX_KEY_SHOWN, NAME_PATTERN
 from .body_timeout import with_deadline
-from .cancellation import CancelToken
+from .cancellation import TOKEN_VAR, CancelToken
 from .concurrency import gevent_patched
+from .disconnect import Interrupted, interrupt_on_disconnect
 from .errors import RequestError, UnreadableBody
 from .events import json_dumps, json_value
 from .negotiation import STREAM, request_id, wants_stream
 from .payload import read_json_object
-from .streaming import StreamOptions, StreamResponse, TrustedHeaders, close_iterator, inline_body
+from .streaming import StreamOptions, StreamResponse, TrustedHeaders, close_stream_source, inline_body
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -102,7 +104,9 @@ def _accepts_gzip(req: Request) -> bool:
     return req.accept_encodings.best_match(["gzip", "identity"]) == "gzip"
 
 
-def _stream_response(result: Iterator[Any], req: Request, settings: Settings, rid: str) -> Response:
+def _stream_response(
+    result: Iterator[Any], req: Request, settings: Settings, rid: str, token: CancelToken
+) -> Response:
     gzip = settings.gzip and _accepts_gzip(req)
     options = StreamOptions(
         request_id=rid,
@@ -113,7 +117,6 @@ def _stream_response(result: Iterator[Any], req: Request, settings: Settings, ri
         keepalive=settings.keepalive,
         gzip=gzip,
     )
-    token = CancelToken()
     body: Iterable[bytes]
     if gevent_patched():
         body = _gevent_stream()(
@@ -177,21 +180,34 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
 
     logger = current_app.logger
     started = time.perf_counter()
+    token = CancelToken()
+    # Under gevent, a client that leaves interrupts whatever runs for it before a response
+    # exists: a plain function waiting in cooperative I/O, a generator collected for JSON.
+    sock = req.environ.get("gunicorn.socket") if gevent_patched() else None
     try:
-        result = registered.func(**kwargs)
+        # Calling a generator function runs none of its code: nothing to watch.
+        with _watching(None if registered.generator else sock, token):
+            result = _call_bound(registered.func, kwargs, token)
     except RequestError as exc:  # the function's own refusal (503 when busy, 422 ...)
         return error_response(exc, rid)
+    except Interrupted:
+        return _client_left(name, rid)
     except Exception:
         logger.exception("function %s failed (request id %s)", name, rid)
         return error_response(RequestError(500, "the function failed; see the server log"), rid)
 
     if stream and isinstance(result, Iterator):
-        return _stream_response(result, req, settings, rid)
+        return _stream_response(result, req, settings, rid, token)
     if isinstance(result, (Awaitable, AsyncIterator)):  # checked after the common case
         return _async_result(name, result, rid)
 
+    interrupted = False
     try:
-        value = _collect(result) if isinstance(result, Iterator) else json_value(result)
+        if isinstance(result, Iterator):
+            with _watching(sock, token):
+                value = _call_bound(_collect, {"items": result}, token)
+        else:
+            value = json_value(result)
         body_json = {
             "run_id": rid,
             "run_time_ms": round((time.perf_counter() - started) * 1000, 3),
@@ -200,12 +216,35 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
         return _json_response(body_json, 200, rid)
     except RequestError as exc:  # too many items, or the generator's own refusal
         return error_response(exc, rid)
+    except Interrupted:
+        interrupted = True
+        return _client_left(name, rid)
     except Exception:
         logger.exception("function %s failed (request id %s)", name, rid)
         return error_response(RequestError(500, "the function failed; see the server log"), rid)
     finally:
         if isinstance(result, Iterator):
-            close_iterator(result)
+            options = StreamOptions(request_id=rid, logger=logger)
+            close_stream_source(result, token, "closed", early=interrupted, options=options)
+
+
+def _watching(sock: Any, token: CancelToken) -> AbstractContextManager[None]:
+    return nullcontext() if sock is None else interrupt_on_disconnect(sock, token)
+
+
+def _call_bound(func: Callable[..., Any], kwargs: dict[str, Any], token: CancelToken) -> Any:
+    # The token is current while the function runs: disconnected() and iterate_in_thread see it.
+    bound = TOKEN_VAR.set(token)
+    try:
+        return func(**kwargs)
+    finally:
+        TOKEN_VAR.reset(bound)
+
+
+def _client_left(name: str, rid: str) -> Response:
+    # Nobody reads this answer; 499 (nginx's "client closed request") marks it in the access log.
+    current_app.logger.info("request %s: the client left; function %s was interrupted", rid, name)
+    return error_response(RequestError(499, "the client closed the connection"), rid)
 
 
 def _async_result(name: str, result: Awaitable[Any] | AsyncIterator[Any], rid: str) -> Response:

@@ -81,6 +81,9 @@ STATS: dict[str, Any] = {
     "cancelled_seen": 0,
     "thread_finally": 0,
     "last_finally": 0.0,
+    "plain_started": 0,
+    "plain_finally": 0,
+    "plain_disconnected": 0,
 }
 
 
@@ -95,6 +98,18 @@ def sleeper(seconds: float) -> Iterator[str]:
         STATS["finally"] += 1
         STATS["disconnected_in_finally"] += disconnected()
         STATS["last_finally"] = time.time()
+
+
+@sse.function
+def plain_sleeper(seconds: float) -> dict[str, float]:
+    """A plain function (no generator) that waits in cooperative I/O before it answers."""
+    STATS["plain_started"] += 1
+    try:
+        time.sleep(seconds)
+        return {"slept": seconds}
+    finally:
+        STATS["plain_finally"] += 1
+        STATS["plain_disconnected"] += disconnected()
 
 
 @sse.function

@@ -35,10 +35,13 @@ def stats(server: Server) -> dict[str, float]:
     return requests.get(f"{server.url}/stats", timeout=5).json()  # type: ignore[no-any-return]
 
 
-def open_stream(server: Server, path: str, body: bytes) -> socket.socket:
+def open_stream(
+    server: Server, path: str, body: bytes, *, accept: str = "text/event-stream"
+) -> socket.socket:
+    """POST ``body`` to ``path`` on a raw socket."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     sock.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: {accept}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
@@ -117,6 +120,74 @@ def test_a_disconnect_closes_a_blocked_generator_at_once(server: Server) -> None
     assert after["last_finally"] - left < 2.0
     # And its finally knows why.
     assert after["disconnected_in_finally"] == before["disconnected_in_finally"] + 1
+
+
+@pytest.mark.parametrize(
+    "after",
+    [b"\r\n", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"],
+    ids=["stray-crlf", "pipelined-request"],
+)
+def test_a_disconnect_is_noticed_behind_bytes_the_client_sent_after_its_request(
+    server: Server, after: bytes
+) -> None:
+    before = stats(server)
+    sock = open_stream(server, "/sleeper", b'{"seconds": 60}')
+    read_until(sock, b"data: start")
+    # Sent once the stream runs, so the server has not read them with the request.
+    sock.sendall(after)
+    time.sleep(0.3)  # they have reached the server and woken its watch
+    sock.close()
+    # No pings on this server (they would notice at a failed write): the watch saw the hang-up.
+    wait_for(lambda: stats(server)["finally"] == before["finally"] + 1, timeout=5)
+    assert stats(server)["disconnected_in_finally"] == before["disconnected_in_finally"] + 1
+
+
+def test_a_pipelined_request_behind_a_stream_is_still_answered(server: Server) -> None:
+    # The watch leaves what the client sent for the server: nothing is read away.
+    sock = open_stream(server, "/sleeper", b'{"seconds": 1}')
+    data = read_until(sock, b"data: start")
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    data += read_until(sock, b'{"status":"ok"}')
+    sock.close()
+    assert b"data: end" in data and data.count(b"HTTP/1.1 200") == 2
+
+
+def test_a_json_client_that_leaves_interrupts_the_generator_being_collected(server: Server) -> None:
+    before = stats(server)
+    sock = open_stream(server, "/sleeper", b'{"seconds": 60}', accept="application/json")
+    wait_for(lambda: stats(server)["started"] == before["started"] + 1, timeout=5)
+    sock.close()
+    wait_for(lambda: stats(server)["finally"] == before["finally"] + 1, timeout=5)
+    assert stats(server)["disconnected_in_finally"] == before["disconnected_in_finally"] + 1
+
+
+def test_a_client_that_leaves_interrupts_a_plain_function_waiting_in_cooperative_io(server: Server) -> None:
+    before = stats(server)
+    sock = open_stream(server, "/plain_sleeper", b'{"seconds": 60}', accept="application/json")
+    wait_for(lambda: stats(server)["plain_started"] == before["plain_started"] + 1, timeout=5)
+    sock.close()
+    wait_for(lambda: stats(server)["plain_finally"] == before["plain_finally"] + 1, timeout=5)
+    assert stats(server)["plain_disconnected"] == before["plain_disconnected"] + 1
+    assert '"POST /plain_sleeper HTTP/1.1" 499' in server.log()  # the access log marks it
+
+
+def test_json_clients_that_leave_do_not_use_up_the_workers_connections(tmp_path: Path) -> None:
+    # Each left request used to hold its greenlet (and a CLOSE_WAIT socket) for the whole run:
+    # with worker_connections used up by them, the worker then answered nobody.
+    clients = 20
+    env = {"GUNICORN_WORKER_CONNECTIONS": str(clients + 1)}  # one more, for the /stats polls
+    with gunicorn(tmp_path=tmp_path, config={"SSE_RUN_KEEPALIVE": 0}, env=env) as srv:
+        socks = [
+            open_stream(srv, "/sleeper", b'{"seconds": 3600}', accept="application/json")
+            for _ in range(clients)
+        ]
+        wait_for(lambda: stats(srv)["started"] == clients, timeout=10)
+        for sock in socks:
+            sock.close()
+        wait_for(lambda: stats(srv)["finally"] == clients, timeout=10)
+        # Their connections are free again: as many new clients are all served.
+        results = run_streams(srv.port, "/sleeper", {"seconds": 0}, clients, timeout=20)
+        assert all(r.status == 200 and r.complete and len(r.event_times) == 2 for r in results)
 
 
 def test_long_running_work_learns_its_client_left(server: Server) -> None:
