@@ -138,6 +138,14 @@ def _stream_response(
     return StreamResponse(body, status=200, headers=TrustedHeaders(headers), direct_passthrough=True)
 
 
+def _in_thread_pool(parse: Callable[[bytes], dict[str, Any]], raw: bytes) -> dict[str, Any]:
+    # A native thread: the interpreter hands the GIL back to the hub's thread every few
+    # milliseconds, which a parse in the hub's own thread never would.
+    import gevent  # only when gevent has patched the process
+
+    return gevent.get_hub().threadpool.apply(parse, (raw,))  # type: ignore[no-any-return]
+
+
 def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Response:
     """Validate the request, call the function ``name`` and answer with a stream or JSON.
 
@@ -166,6 +174,7 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
             req.environ.get("CONTENT_TYPE", ""),
             req.content_length,
             settings.max_body,
+            offload=_in_thread_pool if gevent_patched() else None,
         )
         kwargs = registered.binder.bind(payload)
     except UnreadableBody as exc:
