@@ -81,6 +81,7 @@ STATS: dict[str, Any] = {
     "cancelled_seen": 0,
     "thread_finally": 0,
     "last_finally": 0.0,
+    "thread_items": 0,
     "plain_started": 0,
     "plain_finally": 0,
     "plain_disconnected": 0,
@@ -138,6 +139,7 @@ def blocking_ticks(n: int, interval: float) -> Iterator[int]:
         try:
             for i in range(n):
                 blocking_sleep(interval)
+                STATS["thread_items"] += 1
                 yield i
         finally:
             STATS["thread_finally"] += 1

@@ -231,6 +231,32 @@ def test_a_client_leaving_stops_the_thread_of_a_blocking_iterator(server: Server
     assert stats(server)["threads"] <= before["threads"] + 1  # the pool's idle thread at most
 
 
+def test_dropped_clients_give_the_thread_pool_back_after_their_current_item(server: Server) -> None:
+    # More dropped streams than the pool's 32 threads, each thread blocked in a 1 s item: each
+    # finishes that item and fetches no other, the 8 still queued never start, and a new stream
+    # gets a thread about a second later, not after every dropped stream has run on.
+    before = stats(server)
+    socks = [open_stream(server, "/blocking_ticks", b'{"n": 1000, "interval": 1.0}') for _ in range(40)]
+    wait_for(lambda: stats(server)["thread_items"] >= before["thread_items"] + 32, timeout=10)
+    for sock in socks:
+        sock.close()
+    dropped = stats(server)
+    started = time.monotonic()
+    with requests.post(
+        f"{server.url}/blocking_ticks",
+        json={"n": 1, "interval": 0.0},
+        headers={"Accept-Encoding": "identity"},
+        stream=True,
+        timeout=20,
+    ) as response:
+        assert response.raw.read(9) == b"data: 0\n\n"
+    waited = time.monotonic() - started
+    wait_for(lambda: stats(server)["thread_finally"] == before["thread_finally"] + 33, timeout=10)
+    # At most the item each thread was making when its client left.
+    assert stats(server)["thread_items"] - dropped["thread_items"] <= 32 + 1
+    assert waited < 5  # one blocking item (1 s) and margin; running on would take 1000 s
+
+
 def test_hundreds_of_dropped_clients_leave_nothing_behind(server: Server) -> None:
     run_streams(server.port, "/sleeper", {"seconds": 0}, 20, timeout=10)  # warm lazily made objects
     before = stats(server)
