@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["default_executor", "gevent_patched", "raw_lock", "thread_executor"]
+__all__ = ["default_executor", "gevent_patched", "gunicorn_sync_worker", "raw_lock", "thread_executor"]
 
 
 _patched = False  # patching cannot be undone: once seen, it is remembered (a per-request check)
@@ -28,6 +28,15 @@ def gevent_patched() -> bool:
         monkey = sys.modules.get("gevent.monkey")
         _patched = monkey is not None and bool(monkey.is_module_patched("threading"))
     return _patched
+
+
+def gunicorn_sync_worker() -> bool:
+    """Whether this process is a worker of gunicorn's default ``sync`` worker class.
+
+    gunicorn's master imports the worker class's module before it forks: a sync worker holds
+    ``gunicorn.workers.sync``, and no other worker class imports it.
+    """
+    return "gunicorn.workers.sync" in sys.modules
 
 
 _original_allocate_lock: Callable[[], Any] | None = None

@@ -12,12 +12,20 @@ from flask import Flask
 
 from .auth import Authenticator
 from .binding import Binder, inspect_function, validate_name
+from .concurrency import gunicorn_sync_worker
 from .config import Settings
 from .errors import RegistrationError
 from .openapi import OPENAPI_PATH, openapi_view
 from .views import EXTENSION_KEY, call_function, unknown_path
 
-__all__ = ["RegisteredFunction", "SSERun", "State"]
+__all__ = ["SYNC_WORKER_WARNING", "RegisteredFunction", "SSERun", "State"]
+
+#: Logged once per app at start-up under gunicorn's sync worker.
+SYNC_WORKER_WARNING = (
+    "flask-sse-run: gunicorn's sync worker cannot stream for long: it cuts every stream at its "
+    "timeout (WORKER TIMEOUT) and serves no other request while one runs. Run the gevent "
+    "worker instead: gunicorn -k gevent (or -c gunicorn.conf.py from this project)"
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -104,6 +112,8 @@ class SSERun:
             settings = Settings.from_config(app.config)
             state = State(extension=self, settings=settings, auth=Authenticator.from_settings(settings))
             app.extensions[EXTENSION_KEY] = state
+            if gunicorn_sync_worker():
+                app.logger.warning(SYNC_WORKER_WARNING)
         state.instances.append(self)
         # A static rule: Werkzeug matches it before the "<name>" rule below.
         _add_rule(app, f"{self.url_prefix}{OPENAPI_PATH}", f"sse_run.openapi{self.url_prefix}", openapi_view)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from flask_sse_run.extension import SYNC_WORKER_WARNING
 from flask_sse_run.testing import SSEParser
 from tests.live import ROOT, Server, answers, free_port, gunicorn
 
@@ -200,6 +201,7 @@ def test_example_app_serves_the_seed_function(tmp_path: Path) -> None:
         )
         assert response.content == b"data: Number 0 \n\n"
         assert "Using worker: gevent" in srv.log()
+        assert SYNC_WORKER_WARNING not in srv.log()
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])
@@ -207,4 +209,7 @@ def test_the_seed_example_streams_under_sync_and_thread_workers(tmp_path: Path, 
     # No gevent: the generator runs in the request's thread and each item is written at once.
     with gunicorn(tmp_path=tmp_path, env={"GUNICORN_WORKER_CLASS": worker_class}) as srv:
         assert_seed_stream(srv.url)
-        assert f"Using worker: {worker_class}" in srv.log()
+        log = srv.log()
+    assert f"Using worker: {worker_class}" in log
+    # The sync worker cuts streams at its timeout: it is told at start-up, once, what to run.
+    assert log.count(SYNC_WORKER_WARNING) == (1 if worker_class == "sync" else 0)
