@@ -34,6 +34,9 @@ class Settings(BaseModel):
     shutdown_event: str = "shutdown"
     #: Seconds a client may take to send its whole request body (408 after); 0 turns it off.
     body_timeout: float = Field(30.0, ge=0)
+    #: Seconds a stream's data may go unacknowledged, or a write may block, before the stream
+    #: ends as a disconnect (a client whose network vanished, or that stopped reading); 0: off.
+    send_timeout: float = Field(30.0, ge=0)
     #: Static bearer tokens that are let in; ``None`` (and no ``jwt_key``) leaves auth off.
     auth_tokens: tuple[str, ...] | None = Field(None, strict=False)
     #: Key that verifies JWT bearer tokens (an HMAC secret or a PEM public key).

@@ -73,6 +73,8 @@ class SSERun:
     - ``SSE_RUN_GZIP`` [True]: gzip streams for clients that accept it.
     - ``SSE_RUN_SHUTDOWN_EVENT`` ["shutdown"]: event sent to open streams on graceful shutdown.
     - ``SSE_RUN_BODY_TIMEOUT`` [30]: seconds to receive the whole body (408 after); 0 = off.
+    - ``SSE_RUN_SEND_TIMEOUT`` [30]: seconds a stream's data may go unacknowledged, or a write
+      may block, before the stream ends as a disconnect; 0 = off.
     - ``SSE_RUN_AUTH_TOKENS`` [None]: static bearer tokens (16+ characters) that are let in.
     - ``SSE_RUN_JWT_KEY`` [None]: HMAC secret or PEM public key that verifies JWT bearer tokens.
     - ``SSE_RUN_JWT_ALGORITHMS`` [("HS256",)]: accepted JWT algorithms (never ``none``).

@@ -116,6 +116,7 @@ def _stream_response(
         shutdown_event=settings.shutdown_event,
         keepalive=settings.keepalive,
         gzip=gzip,
+        send_timeout=settings.send_timeout,
     )
     body: Iterable[bytes]
     if gevent_patched():

@@ -82,6 +82,8 @@ STATS: dict[str, Any] = {
     "thread_finally": 0,
     "last_finally": 0.0,
     "thread_items": 0,
+    "endless_finally": 0,
+    "endless_disconnected": 0,
     "plain_started": 0,
     "plain_finally": 0,
     "plain_disconnected": 0,
@@ -183,6 +185,20 @@ def ticks(n: int, interval: float = 1.0) -> Iterator[float]:
     for _ in range(n):
         yield time.time()
         time.sleep(interval)
+
+
+@sse.function
+def endless(size: int = 1000, interval: float = 0.0) -> Iterator[str]:
+    """``size`` characters an event, forever (every ``interval`` seconds, or as fast as the
+    client takes them); STATS counts its ends."""
+    try:
+        while True:
+            yield "x" * size
+            if interval:
+                time.sleep(interval)
+    finally:
+        STATS["endless_finally"] += 1
+        STATS["endless_disconnected"] += disconnected()
 
 
 @sse.function

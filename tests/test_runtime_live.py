@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import requests
 
 from flask_sse_run.testing import SSEParser
 from tests.latency import polled_latencies
-from tests.live import Server, gunicorn
+from tests.live import ROOT, Server, gunicorn
 from tests.sse_clients import run_streams
 
 
@@ -434,3 +435,43 @@ def test_sigterm_ends_cleanly_even_when_closing_the_generator_fails(tmp_path: Pa
         log = srv.log()
     assert log.count("closing the generator failed") == 1
     assert "Error handling request" not in log
+
+
+def test_a_client_that_stops_reading_is_ended_after_the_send_timeout(tmp_path: Path) -> None:
+    config = {"SSE_RUN_SEND_TIMEOUT": 1, "SSE_RUN_KEEPALIVE": 0}
+    with gunicorn(tmp_path=tmp_path, config=config) as srv:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+        sock.connect(("127.0.0.1", srv.port))
+        body = b'{"size": 10000}'
+        sock.sendall(
+            b"POST /endless HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        # Never read: the server's writes block once the buffers are full, and the stream ends
+        # where its write waits, about a second later, as a failed write would end it.
+        took = wait_for(lambda: stats(srv)["endless_finally"] == 1, timeout=20)
+        sock.close()
+        assert stats(srv)["endless_disconnected"] == 1
+        assert took < 15  # not never: without the timeout the write waits as long as the client
+        log = srv.log()
+    assert "Traceback" not in log and "Error handling request" not in log
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None,
+    reason="needs root, unshare and ip (iproute2) to make a network namespace",
+)
+def test_a_client_whose_network_vanishes_is_ended_after_the_send_timeout(tmp_path: Path) -> None:
+    # A real cut: server and client in a network namespace of their own whose loopback goes
+    # down mid-stream, so no FIN or RST ever arrives; only unacknowledged pings tell.
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, str(ROOT / "tests/scripts/network_cut.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    # SSE_RUN_SEND_TIMEOUT is 2 s and a ping is due 0.5 s into the silence: ended seconds after
+    # the cut, not the quarter of an hour Linux's retransmissions would take.
+    assert seen["finally"] == 1 and seen["disconnected"] == 1, seen
+    assert seen["ended_after_cut"] < 30, seen
