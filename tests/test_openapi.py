@@ -78,8 +78,9 @@ def test_the_document_is_valid_with_auth_a_prefix_and_nested_models() -> None:
 def test_each_function_is_a_post_operation_whose_body_is_its_signature() -> None:
     doc = document(create_app())
     assert sorted(doc["paths"]) == [
-        "/big", "/blocking_ticks", "/burst_then_wait", "/busy_after_first", "/count", "/events",
-        "/fail_after", "/firehose", "/plain", "/run", "/sleeper", "/ticks", "/watcher", "/whoami",
+        "/bad_close", "/big", "/blocking_ticks", "/burst_then_wait", "/busy_after_first", "/count",
+        "/endless", "/events", "/fail_after", "/firehose", "/plain", "/plain_sleeper", "/run",
+        "/sleeper", "/ticks", "/watcher", "/whoami",
     ]  # fmt: skip
     operation = doc["paths"]["/count"]["post"]
     assert list(doc["paths"]["/count"]) == ["post"]
