@@ -16,7 +16,7 @@ import inspect
 import itertools
 import re
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,22 @@ class Binder:
     # parameter so that a parameter called e.g. ``json`` or ``model_config`` cannot clash
     # with BaseModel's own attributes.
     params: tuple[tuple[str, str], ...]
+    #: Parameters that take a list (or tuple): in a query string, even one value is a list.
+    sequences: frozenset[str] = frozenset()
+
+    def query_payload(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The arguments in a query string (``GET /run?upper_range=3``), for :meth:`bind`.
+
+        ``args`` is Werkzeug's ``MultiDict``: a repeated key, or any key of a list parameter,
+        gives a list of strings; any other key its string, which pydantic's lax mode coerces
+        (``"3"`` to ``3``, ``"true"`` to ``True``).
+        """
+        getlist = args.getlist  # type: ignore[attr-defined]
+        payload: dict[str, Any] = {}
+        for key in args:
+            values = getlist(key)
+            payload[key] = values if len(values) > 1 or key in self.sequences else values[0]
+        return payload
 
     def bind(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Validate ``payload`` and return the keyword arguments for the function.
@@ -179,7 +195,14 @@ def inspect_function(func: Callable[..., Any], name: str, *, model_name: str | N
         model.model_json_schema(by_alias=True)
     except Exception as exc:
         raise RegistrationError(f"{name}: cannot validate these parameters: {exc}") from exc
-    return Binder(name=name, model=model, params=tuple(params))
+    properties = model.model_json_schema(by_alias=True).get("properties", {})
+    sequences = frozenset(param for param, prop in properties.items() if _takes_a_list(prop))
+    return Binder(name=name, model=model, params=tuple(params), sequences=sequences)
+
+
+def _takes_a_list(schema: Mapping[str, Any]) -> bool:
+    # list[int], tuple[str, ...], Optional[list[int]] (an anyOf holding an array).
+    return schema.get("type") == "array" or any(_takes_a_list(s) for s in schema.get("anyOf", ()))
 
 
 def _is_async(func: Callable[..., Any]) -> bool:

@@ -15,7 +15,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["default_executor", "gevent_patched", "gunicorn_sync_worker", "raw_lock", "thread_executor"]
+__all__ = [
+    "default_executor",
+    "gevent_patched",
+    "gunicorn_sync_worker",
+    "new_event",
+    "raw_lock",
+    "spawn",
+    "thread_executor",
+]
 
 
 _patched = False  # patching cannot be undone: once seen, it is remembered (a per-request check)
@@ -52,6 +60,29 @@ def raw_lock() -> Any:
 
         _original_allocate_lock = monkey.get_original("_thread", "allocate_lock")
     return _original_allocate_lock()
+
+
+def new_event() -> Any:
+    """An event flag for waiting greenlets (gevent's) or threads (``threading``'s)."""
+    if gevent_patched():
+        from gevent.event import Event
+
+        return Event()
+    return threading.Event()
+
+
+def spawn(target: Callable[[], object]) -> Any:
+    """Run ``target`` on its own: a greenlet under gevent, else a daemon thread.
+
+    Returns the greenlet (so it can be interrupted) or the thread.
+    """
+    if gevent_patched():
+        import gevent
+
+        return gevent.spawn(target)
+    thread = threading.Thread(target=target, daemon=True, name="sse-run-producer")
+    thread.start()
+    return thread
 
 
 def thread_executor(max_workers: int, name: str = "sse-run") -> concurrent.futures.Executor:

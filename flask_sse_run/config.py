@@ -45,6 +45,18 @@ class Settings(BaseModel):
     jwt_algorithms: tuple[str, ...] = Field(("HS256",), strict=False)
     #: Audience a JWT's ``aud`` claim must name; ``None`` accepts tokens without ``aud``.
     jwt_audience: str | None = None
+    #: Make every function's streams resumable runs (a function's ``resumable=`` wins).
+    resumable: bool = False
+    #: Seconds a run goes on after its last client left, waiting for a reconnect.
+    resume_window: float = Field(30.0, ge=0)
+    #: Seconds an ended run's events stay readable.
+    resume_ttl: float = Field(60.0, ge=0)
+    #: Most events a run holds for reconnects (the oldest go first).
+    resume_max_events: int = Field(10_000, gt=0)
+    #: Most bytes of events a run holds for reconnects.
+    resume_max_bytes: int = Field(1 << 20, gt=0)
+    #: Most runs (running, or ended and held for the TTL) one worker holds; 503 beyond.
+    max_runs: int = Field(10_000, gt=0)
     #: ``info.title`` of ``openapi.json``; ``None`` uses the app's name.
     openapi_title: str | None = None
     #: ``info.version`` of ``openapi.json``: the version of your API, not of this package.

@@ -22,10 +22,19 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-__all__ = ["KEEPALIVE", "Event", "encode", "encode_comment", "json_dumps", "json_value"]
+__all__ = [
+    "KEEPALIVE",
+    "Encoded",
+    "Event",
+    "encode",
+    "encode_comment",
+    "encode_with_id",
+    "json_dumps",
+    "json_value",
+]
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 #: Compact JSON, NaN refused: the encoding of event data, and of the JSON responses too.
@@ -93,6 +102,16 @@ class Event:
         return b"".join(parts)
 
 
+class Encoded(bytes):
+    """Bytes already in the wire format (whole events), written as they are.
+
+    What a stream replays from a run's buffer: those events were encoded, with their ids, when
+    the run produced them. Not for user code: a generator's ``bytes`` are text to send.
+    """
+
+    __slots__ = ()
+
+
 def encode(item: Any) -> bytes:
     """Encode one yielded item as one complete SSE event.
 
@@ -103,9 +122,22 @@ def encode(item: Any) -> bytes:
         if "\n" not in item and "\r" not in item:
             return b"data: " + item.encode("utf-8") + b"\n\n"
         return _field_lines(b"data: ", item) + b"\n"
+    if type(item) is Encoded:
+        return item
     if isinstance(item, Event):
         return item.encode()
     return _field_lines(b"data: ", _data_text(item)) + b"\n"
+
+
+def encode_with_id(item: Any, event_id: str) -> bytes:
+    """Encode ``item`` as :func:`encode` does, with ``id: event_id`` (which replaces an
+    :class:`Event`'s own ``id``: a run's ids are what a client resumes from).
+
+    ``event_id`` must be a valid id (no CR, LF or NUL); it is not checked here, on the hot path.
+    """
+    if isinstance(item, Event):
+        return replace(item, id=event_id).encode()
+    return b"id: " + event_id.encode("ascii") + b"\n" + encode(item)
 
 
 def json_value(item: Any) -> Any:

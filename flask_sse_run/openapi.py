@@ -29,7 +29,8 @@ from pydantic.json_schema import models_json_schema
 from .docstrings import parameter_docs
 from .errors import RequestError
 from .negotiation import request_id
-from .views import EXTENSION_KEY, MAX_JSON_ITEMS, error_response, options_response
+from .responses import error_response, options_response
+from .views import EXTENSION_KEY, MAX_JSON_ITEMS
 
 if TYPE_CHECKING:
     from .config import Settings

@@ -84,6 +84,9 @@ STATS: dict[str, Any] = {
     "thread_items": 0,
     "endless_finally": 0,
     "endless_disconnected": 0,
+    "resumable_started": 0,
+    "resumable_finally": 0,
+    "resumable_cancelled": 0,
     "plain_started": 0,
     "plain_finally": 0,
     "plain_disconnected": 0,
@@ -199,6 +202,20 @@ def endless(size: int = 1000, interval: float = 0.0) -> Iterator[str]:
     finally:
         STATS["endless_finally"] += 1
         STATS["endless_disconnected"] += disconnected()
+
+
+@sse.function(resumable=True, methods=("GET", "POST"))
+def resumable_ticks(n: int, interval: float = 0.1, tags: list[str] | None = None) -> Iterator[Any]:
+    """``n`` numbered ticks, ``interval`` seconds apart, as a resumable run; STATS counts its
+    starts and ends (and the ends that were cancellations)."""
+    STATS["resumable_started"] += 1
+    try:
+        for i in range(n):
+            yield {"i": i, "tags": tags} if tags else i
+            time.sleep(interval)
+    finally:
+        STATS["resumable_finally"] += 1
+        STATS["resumable_cancelled"] += disconnected()
 
 
 @sse.function
