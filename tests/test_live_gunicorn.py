@@ -193,13 +193,21 @@ def test_gunicorn_conf_serves_an_app_of_ones_own(tmp_path: Path) -> None:
     assert "Traceback" not in log and "No module named" not in log
 
 
-def test_example_app_serves_the_seed_function(tmp_path: Path) -> None:
+def test_example_app_serves_the_seed_function_as_a_resumable_run(tmp_path: Path) -> None:
     with gunicorn("wsgi:app", tmp_path=tmp_path) as srv:
         assert requests.get(f"{srv.url}/health", timeout=5).json() == {"status": "ok"}
         response = requests.post(
-            f"{srv.url}/run", json={"upper_range": 1}, headers={"Accept-Encoding": "identity"}, timeout=10
+            f"{srv.url}/run", json={"upper_range": 2}, headers={"Accept-Encoding": "identity"}, timeout=10
         )
-        assert response.content == b"data: Number 0 \n\n"
+        run_id = response.headers["X-Run-ID"]
+        assert response.content == (
+            f"id: {run_id}:1\ndata: Number 0 \n\nid: {run_id}:2\ndata: Number 1 \n\n".encode()
+        )
+        # EventSource's way in: GET with the arguments in the query string.
+        response = requests.get(
+            f"{srv.url}/run", params={"upper_range": 1}, headers={"Accept-Encoding": "identity"}, timeout=10
+        )
+        assert response.content == f"id: {response.headers['X-Run-ID']}:1\ndata: Number 0 \n\n".encode()
         assert "Using worker: gevent" in srv.log()
         assert SYNC_WORKER_WARNING not in srv.log()
 
