@@ -218,6 +218,12 @@ def resumable_ticks(n: int, interval: float = 0.1, tags: list[str] | None = None
         STATS["resumable_cancelled"] += disconnected()
 
 
+@sse.function(resumable=True)
+def resumable_fail(n: int) -> Iterator[int]:
+    yield from range(n)
+    raise ValueError("the run failed")
+
+
 @sse.function
 def bad_close(mode: str) -> Iterator[int]:
     """Never blocks, and fails when closed: its ``finally`` raises ("raise"), or it catches

@@ -80,7 +80,7 @@ def test_each_function_is_a_post_operation_whose_body_is_its_signature() -> None
     assert sorted(doc["paths"]) == [
         "/bad_close", "/big", "/blocking_ticks", "/burst_then_wait", "/busy_after_first", "/count",
         "/endless", "/events", "/fail_after", "/firehose", "/plain", "/plain_sleeper",
-        "/resumable_ticks", "/run", "/sleeper", "/ticks", "/watcher", "/whoami",
+        "/resumable_fail", "/resumable_ticks", "/run", "/sleeper", "/ticks", "/watcher", "/whoami",
     ]  # fmt: skip
     operation = doc["paths"]["/count"]["post"]
     assert list(doc["paths"]["/count"]) == ["post"]

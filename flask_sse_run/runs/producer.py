@@ -201,6 +201,8 @@ class Producer:
                     break
                 finally:
                     TOKEN_VAR.reset(bound)
+                if self._ended_by is not None:  # cancelled while it made this item: not sent
+                    break
                 seq += 1
                 try:
                     self._batch.append((seq, encode_with_id(item, event_id(self.run_id, seq))))
