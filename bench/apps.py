@@ -66,4 +66,6 @@ def extension_app() -> Flask:
     sse = SSERun(app)
     for name, gen in GENERATORS.items():
         sse.function(name=name)(gen)
+        # The same generator as a resumable run (bench_runs compares the two).
+        sse.function(name=f"{name}_resumable", resumable=True)(gen)
     return app

@@ -102,14 +102,17 @@ class Event:
         return b"".join(parts)
 
 
-class Encoded(bytes):
+class Encoded:
     """Bytes already in the wire format (whole events), written as they are.
 
     What a stream replays from a run's buffer: those events were encoded, with their ids, when
     the run produced them. Not for user code: a generator's ``bytes`` are text to send.
     """
 
-    __slots__ = ()
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
 def encode(item: Any) -> bytes:
@@ -123,21 +126,21 @@ def encode(item: Any) -> bytes:
             return b"data: " + item.encode("utf-8") + b"\n\n"
         return _field_lines(b"data: ", item) + b"\n"
     if type(item) is Encoded:
-        return item
+        return item.data
     if isinstance(item, Event):
         return item.encode()
     return _field_lines(b"data: ", _data_text(item)) + b"\n"
 
 
-def encode_with_id(item: Any, event_id: str) -> bytes:
-    """Encode ``item`` as :func:`encode` does, with ``id: event_id`` (which replaces an
+def encode_with_id(item: Any, id_prefix: bytes, seq: int) -> bytes:
+    """Encode ``item`` as :func:`encode` does, with ``id: <id_prefix><seq>`` (which replaces an
     :class:`Event`'s own ``id``: a run's ids are what a client resumes from).
 
-    ``event_id`` must be a valid id (no CR, LF or NUL); it is not checked here, on the hot path.
+    ``id_prefix`` (ASCII, no CR, LF or NUL) is not checked here, on the hot path.
     """
     if isinstance(item, Event):
-        return replace(item, id=event_id).encode()
-    return b"id: " + event_id.encode("ascii") + b"\n" + encode(item)
+        return replace(item, id=f"{id_prefix.decode('ascii')}{seq}").encode()
+    return b"id: %b%d\n%b" % (id_prefix, seq, encode(item))
 
 
 def json_value(item: Any) -> Any:

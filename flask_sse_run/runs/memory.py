@@ -14,6 +14,7 @@ event that each change replaces.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -92,7 +93,7 @@ class MemoryRunStore(RunStore):
             if run is None or run.status != RUNNING:
                 return
             run.events.extend(events)
-            run.nbytes += sum(len(data) for _, data in events)
+            run.nbytes += sum([len(data) for _, data in events])
             run.last_seq = events[-1][0]
             held = run.events
             while len(held) > 1 and (len(held) > self.max_events or run.nbytes > self.max_bytes):
@@ -137,9 +138,16 @@ class MemoryRunStore(RunStore):
                 return RunSlice((), 0, run.status, run.last_seq)
             first = held[0][0]
             missed = max(0, first - 1 - after)
-            # Seqs are consecutive in the deque: the position indexes it directly.
-            start = max(0, after + 1 - first)
-            events = [held[i] for i in range(start, min(len(held), start + limit))]
+            # Seqs are consecutive: what follows the position is the deque's last `newer`
+            # entries, taken from the right end (a deque is indexed in O(distance from an end),
+            # and a live reader is near the newest).
+            newer = min(len(held), held[-1][0] - max(after, first - 1))
+            skip = len(held) - newer
+            if newer > limit:  # far behind: walk from the left, only as far as needed
+                events = list(itertools.islice(held, skip, skip + limit))
+            else:
+                events = list(itertools.islice(reversed(held), newer))
+                events.reverse()
             return RunSlice(events, missed, run.status, run.last_seq)
 
     def wait(self, run_id: str, after: int, timeout: float) -> None:

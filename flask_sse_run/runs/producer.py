@@ -104,7 +104,7 @@ class Producer:
         shutdown.register(self)
         if shutdown.shutting_down():
             self._ended_by = "shutdown"
-        source, token = self._source, self.token
+        source, token, id_prefix = self._source, self.token, f"{self.run_id}:".encode()
         seq, error = 0, None
         try:
             turn, started = loop.iteration, perf_counter()
@@ -128,7 +128,7 @@ class Producer:
                     TOKEN_VAR.reset(bound)
                 seq += 1
                 try:
-                    data = encode_with_id(item, event_id(self.run_id, seq))
+                    data = encode_with_id(item, id_prefix, seq)
                 except Exception as exc:  # an item that cannot be encoded ends the run
                     seq -= 1
                     error = exc
@@ -186,7 +186,7 @@ class Producer:
     # -- without gevent --------------------------------------------------------------------------
 
     def _run_thread(self) -> None:
-        source, token = self._source, self.token
+        source, token, id_prefix = self._source, self.token, f"{self.run_id}:".encode()
         seq, error = 0, None
         try:
             while self._ended_by is None:
@@ -205,7 +205,7 @@ class Producer:
                     break
                 seq += 1
                 try:
-                    self._batch.append((seq, encode_with_id(item, event_id(self.run_id, seq))))
+                    self._batch.append((seq, encode_with_id(item, id_prefix, seq)))
                 except Exception as exc:
                     seq -= 1
                     error = exc

@@ -50,7 +50,7 @@ def tail(store: RunStore, run_id: str, after: int) -> Iterator[Encoded]:
                 yield Encoded(missed_event(run_id, position, found.missed))
             if found.events:
                 position = found.events[-1][0]
-                yield Encoded(b"".join(data for _, data in found.events))
+                yield Encoded(b"".join([data for _, data in found.events]))
                 continue
             if found.ended:
                 return
