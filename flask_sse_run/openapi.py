@@ -126,7 +126,7 @@ _NO_RUN = (
 )
 
 
-def resumable(registered: RegisteredFunction, settings: Settings) -> bool:
+def _resumable(registered: RegisteredFunction, settings: Settings) -> bool:
     """Whether ``registered``'s streams are resumable runs (as documented)."""
     wanted = settings.resumable if registered.resumable is None else registered.resumable
     # A run is started only from an iterator: a function that returns a value has none.
@@ -179,7 +179,7 @@ def build_document(
             item["post"] = _operation(base_id, name, registered, settings, runs_path, body=body)
         paths[path] = item
     for prefix, registry in instances:
-        if settings.resumable or any(resumable(r, settings) for r in registry.values()):
+        if settings.resumable or any(_resumable(r, settings) for r in registry.values()):
             paths[f"{prefix}{RUNS_PATH}"] = _runs_path(prefix, registry, settings)
     paths = dict(sorted(paths.items()))
     _make_operation_ids_unique(paths)
@@ -256,7 +256,7 @@ def _operation(
     """A function's POST (``body``: its schema's ref and the schema) or GET (``query``) operation;
     ``runs_path`` is where its runs are followed (for a resumable function's 202)."""
     doc = inspect.getdoc(registered.func) or ""
-    runs = resumable(registered, settings)
+    runs = _resumable(registered, settings)
     success: dict[str, Any] = {"application/json": {"schema": {"$ref": _REF.format(model=_RESULT)}}}
     if _may_stream(registered.func):
         stream = _STREAM_DESCRIPTION
@@ -429,7 +429,7 @@ def _runs_path(prefix: str, registry: Mapping[str, RegisteredFunction], settings
     if settings.auth_enabled:
         denied = _error_response("401")
         get_responses["401"] = delete_responses["401"] = denied
-        if any(r.public and resumable(r, settings) for r in registry.values()):
+        if any(r.public and _resumable(r, settings) for r in registry.values()):
             # A public function's run is reached without a token, any other with one.
             security = [{_SECURITY: []}, {}]
     get = {
