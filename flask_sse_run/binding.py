@@ -24,7 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import RegistrationError, RequestError
 
-__all__ = ["MAX_KEY_SHOWN", "MAX_PROBLEMS", "NAME_PATTERN", "Binder", "inspect_function", "validate_name"]
+__all__ = [
+    "MAX_KEY_SHOWN",
+    "MAX_PROBLEMS",
+    "NAME_PATTERN",
+    "Binder",
+    "check_query_parameters",
+    "inspect_function",
+    "validate_name",
+]
 
 #: What a function's name (its URL segment) may be.
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
@@ -198,6 +206,50 @@ def inspect_function(func: Callable[..., Any], name: str, *, model_name: str | N
     properties = model.model_json_schema(by_alias=True).get("properties", {})
     sequences = frozenset(param for param, prop in properties.items() if _takes_a_list(prop))
     return Binder(name=name, model=model, params=tuple(params), sequences=sequences)
+
+
+def check_query_parameters(binder: Binder) -> None:
+    """Raise :class:`RegistrationError` unless every parameter can come from a query string.
+
+    A query string carries strings, and lists of them: a parameter that takes a model, a
+    ``dict`` or a list of lists could never be bound from one, so a function with such a
+    parameter cannot be served with ``GET``.
+    """
+    schema = binder.model.model_json_schema(by_alias=True)
+    defs = schema.get("$defs", {})
+    for name, prop in schema.get("properties", {}).items():
+        if not (_is_scalar(prop, defs) or _is_scalar_list(prop, defs)):
+            raise RegistrationError(
+                f"{binder.name}: parameter {name}: a query string cannot carry it (only text, numbers, "
+                "booleans, enums and lists of them); serve this function with POST only"
+            )
+
+
+def _resolve(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> Mapping[str, Any]:
+    ref = schema.get("$ref")
+    return defs.get(ref.rsplit("/", 1)[1], {}) if isinstance(ref, str) else schema
+
+
+def _is_scalar(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> bool:
+    schema = _resolve(schema, defs)
+    if "anyOf" in schema:
+        return all(_is_scalar(part, defs) for part in schema["anyOf"])
+    if "enum" in schema or "const" in schema:
+        return True
+    return schema.get("type") in ("string", "integer", "number", "boolean", "null")
+
+
+def _is_scalar_list(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> bool:
+    schema = _resolve(schema, defs)
+    if "anyOf" in schema:
+        return all(_is_scalar(part, defs) or _is_scalar_list(part, defs) for part in schema["anyOf"])
+    if schema.get("type") != "array":
+        return False
+    items = [
+        *schema.get("prefixItems", ()),
+        *([schema["items"]] if isinstance(schema.get("items"), dict) else []),
+    ]
+    return all(_is_scalar(item, defs) for item in items)
 
 
 def _takes_a_list(schema: Mapping[str, Any]) -> bool:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar, overload
 from flask import Flask
 
 from .auth import Authenticator
-from .binding import Binder, inspect_function, validate_name
+from .binding import Binder, check_query_parameters, inspect_function, validate_name
 from .concurrency import gunicorn_sync_worker
 from .config import Settings
 from .errors import RegistrationError
@@ -207,6 +207,8 @@ class SSERun:
             qualifier = self.url_prefix.strip("/").replace("/", "_").replace("-", "_")
             model_name = f"{qualifier}_{fname}_parameters" if qualifier else None
             binder = inspect_function(f, fname, model_name=model_name)
+            if "GET" in served:
+                check_query_parameters(binder)
             self.functions[fname] = RegisteredFunction(
                 func=f,
                 binder=binder,

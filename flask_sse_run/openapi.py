@@ -172,7 +172,7 @@ def build_document(
         item: dict[str, Any] = {}
         runs_path = path.rsplit("/", 1)[0] + RUNS_PATH
         if "GET" in registered.methods:
-            query = _query_parameters(body_schema, schemas)
+            query = _query_parameters(body_schema)
             item["get"] = _operation(f"{base_id}_get", name, registered, settings, runs_path, query=query)
         if "POST" in registered.methods:
             body = (ref, body_schema)
@@ -470,17 +470,15 @@ def _runs_path(prefix: str, registry: Mapping[str, RegisteredFunction], settings
     return {"get": get, "delete": delete}
 
 
-def _query_parameters(body_schema: Mapping[str, Any], schemas: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _query_parameters(body_schema: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One query parameter per property of the body schema (the binder reads them by the same
-    names: a repeated key, or any key of a list parameter, is a list)."""
+    names: a repeated key, or any key of a list parameter, is a list). Registration refused GET
+    for a function with a parameter a query string cannot carry."""
     required = set(body_schema.get("required", ()))
     parameters = []
     for param, prop in body_schema.get("properties", {}).items():
         schema = _query_schema(prop)
         description = schema.pop("description", None)
-        if not _fits_a_query(schema, schemas):
-            note = "Cannot be sent in a query string (it is not a value or a list of values): use POST."
-            description = f"{description} {note}" if description else note
         parameter: dict[str, Any] = {"name": param, "in": "query", "required": param in required}
         if description:
             parameter["description"] = description
@@ -507,32 +505,8 @@ def _query_schema(prop: Mapping[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def _resolve(schema: Mapping[str, Any], schemas: Mapping[str, Any]) -> Mapping[str, Any]:
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith(_REF.format(model="")):
-        resolved: Mapping[str, Any] = schemas.get(ref.rsplit("/", 1)[1], {})
-        return resolved
-    return schema
-
-
 def _is_array(schema: Mapping[str, Any]) -> bool:
     return schema.get("type") == "array" or any(_is_array(s) for s in schema.get("anyOf", ()))
-
-
-def _fits_a_query(schema: Mapping[str, Any], schemas: Mapping[str, Any], *, item: bool = False) -> bool:
-    """Whether a query string can carry the value: not an object, nor a list of lists or objects
-    (the binder hands pydantic strings and lists of strings)."""
-    schema = _resolve(schema, schemas)
-    options = [*schema.get("anyOf", ()), *schema.get("oneOf", ()), *schema.get("allOf", ())]
-    if options:
-        return all(_fits_a_query(option, schemas, item=item) for option in options)
-    if schema.get("type") == "object" or "properties" in schema or "additionalProperties" in schema:
-        return False
-    if schema.get("type") == "array":
-        if item or "prefixItems" in schema:
-            return False
-        return _fits_a_query(schema.get("items", {}), schemas, item=True)
-    return True
 
 
 def _error_response(code: str, description: str | None = None) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from typing import Annotated, Any, Literal, Optional
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
-from flask_sse_run.binding import MAX_PROBLEMS, inspect_function, validate_name
+from flask_sse_run import SSERun
+from flask_sse_run.binding import MAX_PROBLEMS, check_query_parameters, inspect_function, validate_name
 from flask_sse_run.errors import RegistrationError, RequestError
 
 
@@ -247,3 +248,39 @@ def test_json_schema_uses_parameter_names_and_defaults() -> None:
     assert schema["properties"]["bounded"]["maximum"] == 1000
     assert schema["properties"]["mode"]["default"] == "fast"
     assert schema["additionalProperties"] is False
+
+
+def _get_friendly(
+    text: str,
+    number: int,
+    ratio: float,
+    flag: bool,
+    mode: Literal["fast", "slow"],
+    color: Color,
+    items: list[int],
+    pair: tuple[str, str] = ("a", "b"),
+    maybe: int | None = None,
+    maybe_items: list[str] | None = None,
+) -> None:
+    pass
+
+
+def test_text_numbers_booleans_enums_and_lists_of_them_can_come_from_a_query_string() -> None:
+    check_query_parameters(inspect_function(_get_friendly, "friendly"))
+
+
+@pytest.mark.parametrize(
+    "annotation",
+    [dict[str, int], Options, list[list[int]], list[Options], Optional[Options]],  # noqa: UP045
+)
+def test_a_parameter_a_query_string_cannot_carry_refuses_get_at_registration(annotation: Any) -> None:
+    def func(value: Any) -> None:
+        pass
+
+    func.__annotations__["value"] = annotation
+    with pytest.raises(RegistrationError, match="parameter value: a query string cannot carry it"):
+        check_query_parameters(inspect_function(func, "func"))
+    sse = SSERun()
+    with pytest.raises(RegistrationError):
+        sse.function(methods=("GET", "POST"))(func)
+    sse.function(methods=("POST",))(func)  # fine with a JSON body
