@@ -57,6 +57,11 @@ class Settings(BaseModel):
     resume_max_bytes: int = Field(1 << 20, gt=0)
     #: Most runs (running, or ended and held for the TTL) one worker holds; 503 beyond.
     max_runs: int = Field(10_000, gt=0)
+    #: Redis URL (``redis://``, ``rediss://``, ``unix://``) of the run store shared by every
+    #: worker and replica; ``None``: each worker keeps its own runs in memory.
+    redis_url: str | None = None
+    #: Prefix of every Redis key the run store writes (several apps can share one Redis).
+    redis_prefix: str = Field("sse-run:", min_length=1)
     #: ``info.title`` of ``openapi.json``; ``None`` uses the app's name.
     openapi_title: str | None = None
     #: ``info.version`` of ``openapi.json``: the version of your API, not of this package.

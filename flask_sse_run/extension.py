@@ -14,11 +14,12 @@ from .auth import Authenticator
 from .binding import Binder, check_query_parameters, inspect_function, validate_name
 from .concurrency import gunicorn_sync_worker
 from .config import Settings
-from .errors import RegistrationError
+from .errors import ConfigurationError, RegistrationError
 from .openapi import OPENAPI_PATH, openapi_view
 from .runs.memory import MemoryRunStore
 from .runs.responses import run_view
 from .runs.runtime import Runs
+from .runs.store import RunStore
 from .views import EXTENSION_KEY, call_function, unknown_path
 
 __all__ = ["SYNC_WORKER_WARNING", "RegisteredFunction", "SSERun", "State"]
@@ -223,12 +224,30 @@ class SSERun:
 
 
 def _runs(settings: Settings) -> Runs:
-    store = MemoryRunStore(
-        max_events=settings.resume_max_events,
-        max_bytes=settings.resume_max_bytes,
-        max_runs=settings.max_runs,
-        ttl=settings.resume_ttl,
-    )
+    store: RunStore
+    if settings.redis_url is None:
+        store = MemoryRunStore(
+            max_events=settings.resume_max_events,
+            max_bytes=settings.resume_max_bytes,
+            max_runs=settings.max_runs,
+            ttl=settings.resume_ttl,
+        )
+    else:
+        try:
+            from .runs.redis_store import RedisRunStore
+        except ImportError:  # pragma: no cover - the redis extra is not installed
+            raise ConfigurationError("SSE_RUN_REDIS_URL needs redis-py: pip install redis") from None
+        try:
+            store = RedisRunStore(
+                settings.redis_url,
+                prefix=settings.redis_prefix,
+                max_events=settings.resume_max_events,
+                max_runs=settings.max_runs,
+                ttl=settings.resume_ttl,
+                window=settings.resume_window,
+            )
+        except ValueError:  # the URL is not echoed: it may hold a password
+            raise ConfigurationError("SSE_RUN_REDIS_URL: not a redis://, rediss:// or unix:// URL") from None
     return Runs(store, window=settings.resume_window)
 
 

@@ -26,6 +26,8 @@ __all__ = ["JANITOR_INTERVAL", "Runs"]
 
 #: How often windows, cancels and expiry are checked (seconds).
 JANITOR_INTERVAL = 0.5
+#: How often the store is told that runs produced here are alive (seconds).
+TOUCH_INTERVAL = 10.0
 
 
 class Runs:
@@ -36,6 +38,7 @@ class Runs:
         self.window = window
         self.producers: dict[str, Producer] = {}
         self._janitor: Any = None
+        self._touched = time.monotonic()
 
     def start(
         self, function: str, prefix: str, owner: str | None, source: Iterator[Any], options: StreamOptions
@@ -97,6 +100,9 @@ class Runs:
                 producer.cancel("cancelled")
         try:
             self.store.expire()
+            if time.monotonic() - self._touched >= TOUCH_INTERVAL:
+                self._touched = time.monotonic()
+                self.store.touch(list(self.producers))
         except Exception:
             pass  # tried again next round
 

@@ -146,6 +146,9 @@ class RunStore(ABC):
     def expire(self) -> None:  # noqa: B027 - optional: stores whose entries expire by themselves
         """Forget ended runs older than the TTL (called every second or so by the runtime)."""
 
+    def touch(self, run_ids: Sequence[str]) -> None:  # noqa: B027 - optional
+        """Keep the entries of these running runs (produced here) from expiring."""
+
     def pending(self) -> bool:
         """Whether :meth:`expire` still has runs to look after (the janitor stops otherwise)."""
         return False
