@@ -38,6 +38,9 @@ setup(
             "schemathesis>=4.30",
             # RS256 tokens in the auth tests (PyJWT needs it for every public-key algorithm).
             "cryptography>=42",
+            # The example page's browser test: drives Debian's chromium through its chromedriver
+            # (apt-get install chromium chromium-driver; nothing is downloaded).
+            "selenium>=4.11",
         ],
         "dev": ["ruff>=0.6", "mypy>=1.10", "types-requests"],
     },

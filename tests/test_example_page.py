@@ -5,6 +5,7 @@ the page ends with every event once and in order, and the function ran once."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
@@ -138,3 +139,32 @@ def test_the_page_survives_a_cut_connection_with_every_event_once_in_order_and_o
     assert resumed and resumed[0] < UPPER_RANGE, heads
     assert resumed[-1] == UPPER_RANGE, heads
     assert int(status["reconnects"]) == len(resumed)
+
+
+@pytest.mark.timeout(300)
+def test_the_pages_stop_button_closes_the_stream_and_cancels_the_run_on_the_server(tmp_path: Path) -> None:
+    with (
+        gunicorn("tests.page_app:create_app()", tmp_path=tmp_path) as server,
+        chromium(tmp_path) as driver,
+    ):
+        driver.get(f"{server.url}/")
+        field = wait_for(driver, lambda d: d.find_element("id", "run-upper-range"), 60, "the form")
+        field.clear()
+        field.send_keys("3600")
+        driver.find_element("id", "run-start").click()
+        wait_for(driver, lambda d: len(page_events(d)) >= 1, 60, "the first event")
+        driver.find_element("id", "run-stop").click()
+        wait_for(
+            driver,
+            lambda d: d.find_element("id", "run-state").text == "stopped: run cancelled on the server",
+            60,
+            "the DELETE of the run",
+        )
+        # The run of an hour ended now: cancelled, not left running without a client.
+        deadline = time.monotonic() + 30
+        while (stats := requests.get(f"{server.url}/stats", timeout=10).json())["finished"] == 0:
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.1)
+        assert stats == {"started": 1, "finished": 1}
+        assert driver.find_element("id", "run-start").is_enabled()
+        assert not driver.find_element("id", "run-stop").is_enabled()
