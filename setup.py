@@ -42,6 +42,9 @@ setup(
             "cryptography>=42",
             # The Redis run store's tests (against a real redis-server that .ci/run installs).
             "redis>=5",
+            # The example page's browser test: drives Debian's chromium through its chromedriver
+            # (apt-get install chromium chromium-driver; nothing is downloaded).
+            "selenium>=4.11",
         ],
         "dev": ["ruff>=0.6", "mypy>=1.10", "types-requests"],
     },
