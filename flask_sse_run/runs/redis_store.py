@@ -45,6 +45,18 @@ TIMEOUT = 2.0
 RUNNING_TTL = 120
 #: How long the reader's ``XREAD`` blocks before it looks at its list of runs again (ms).
 BLOCK_MS = 5000
+_APPEND = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+  return 0
+end
+for i = 3, #ARGV, 2 do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], ARGV[i] .. '-0', 'd', ARGV[i + 1])
+end
+redis.call('HSET', KEYS[1], 'last_seq', ARGV[#ARGV - 1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
 _DETACH = """
 local left = redis.call('HINCRBY', KEYS[1], 'clients', -1)
 if left <= 0 then
@@ -70,16 +82,16 @@ class RedisRunStore(RunStore):
         import redis
 
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        # Nothing connects here: a Redis that is down at start-up makes requests 503, not the
+        # app fail to start, and serves again once it is back.
         self._redis = redis.Redis.from_url(
             url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, retry_on_timeout=False
         )
         # The reader blocks in XREAD up to BLOCK_MS: its own connection, with room for that.
         self._reader_client = redis.Redis.from_url(
-            url,
-            socket_timeout=TIMEOUT + BLOCK_MS / 1000,
-            socket_connect_timeout=TIMEOUT,
-            single_connection_client=True,
+            url, socket_timeout=TIMEOUT + BLOCK_MS / 1000, socket_connect_timeout=TIMEOUT
         )
+        self._reader_connection: Any = None
         self.prefix = prefix
         self.max_events = max_events
         self.max_runs = max_runs
@@ -87,6 +99,7 @@ class RedisRunStore(RunStore):
         self._running_ttl = max(RUNNING_TTL, int(window * 2) + 10)
         self._detach = self._redis.register_script(_DETACH)
         self._attach = self._redis.register_script(_ATTACH)
+        self._append = self._redis.register_script(_APPEND)
         self._local: set[str] = set()  # runs produced by this process, still running
         self._waiters: dict[str, list[tuple[int, Any]]] = {}  # events key -> (after, event)
         self._reading: set[str] = set()  # the keys of the XREAD in progress
@@ -132,16 +145,13 @@ class RedisRunStore(RunStore):
         self._local.add(run_id)
 
     def append(self, run_id: str, events: Sequence[tuple[int, bytes]]) -> None:
-        """One round trip: every event, the run's ``last_seq``, the keys' expiry."""
-        key, events_key = self._key(run_id), self._events_key(run_id)
+        """One round trip (a script, so nothing is added to a run that ended): every event, the
+        run's ``last_seq``, the keys' expiry."""
+        args: list[Any] = [self.max_events, self._running_ttl]
+        for seq, data in events:
+            args += (seq, data)
         with self._call():
-            pipe = self._redis.pipeline(transaction=False)
-            for seq, data in events:
-                pipe.xadd(events_key, {"d": data}, id=f"{seq}-0", maxlen=self.max_events, approximate=True)
-            pipe.hset(key, "last_seq", events[-1][0])
-            pipe.expire(key, self._running_ttl)
-            pipe.expire(events_key, self._running_ttl)
-            pipe.execute()
+            self._append(keys=[self._key(run_id), self._events_key(run_id)], args=args)
 
     def finish(self, run_id: str, status: str) -> None:
         """Mark the run ended, wake its readers (the end entry), and start the TTL."""
@@ -287,11 +297,15 @@ class RedisRunStore(RunStore):
                 self._reading = set(streams)
                 try:
                     if self._reader_id is None:
-                        self._reader_id = int(self._reader_client.client_id())
-                    found: Any = self._reader_client.xread(streams, count=1, block=BLOCK_MS)  # type: ignore[arg-type]
+                        # One connection, kept: CLIENT UNBLOCK names the connection that blocks.
+                        self._reader_connection = self._reader_client.client()  # type: ignore[no-untyped-call]
+                        self._reader_id = int(self._reader_connection.client_id())
+                    found: Any = self._reader_connection.xread(streams, count=1, block=BLOCK_MS)
                 except self._errors:
                     # Redis gone: wake every waiter so that its read reports it, then retry.
                     self._reader_id = None
+                    if self._reader_connection is not None:
+                        self._reader_connection.close()
                     self._wake(list(self._waiters))
                     _sleep(0.5)
                     continue

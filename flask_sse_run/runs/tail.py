@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from ..events import Encoded, Event
 from .ids import event_id
-from .store import RunStore
+from .store import RunStore, StoreUnavailable
 
 __all__ = ["MISSED_EVENT", "READ_LIMIT", "missed_event", "tail"]
 
@@ -38,8 +38,10 @@ def tail(store: RunStore, run_id: str, after: int) -> Iterator[Encoded]:
     The client counts as attached to the run (its reconnect window does not run) from the
     first step until the generator is closed.
     """
-    store.attach(run_id)
+    attached = False
     try:
+        store.attach(run_id)
+        attached = True
         position = after
         while True:
             found = store.read(run_id, position, READ_LIMIT)
@@ -55,5 +57,12 @@ def tail(store: RunStore, run_id: str, after: int) -> Iterator[Encoded]:
             if found.ended:
                 return
             store.wait(run_id, position, WAIT_TIMEOUT)
+    except StoreUnavailable as exc:  # the store went away mid-stream: say so, and end cleanly
+        failure = {"type": "StoreUnavailable", "message": exc.message}
+        yield Encoded(Event(data=failure, event="error").encode())
     finally:
-        store.detach(run_id)
+        if attached:
+            try:
+                store.detach(run_id)
+            except StoreUnavailable:
+                pass  # gone: the run's window cannot be kept either way
