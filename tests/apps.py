@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask, current_app, request
 
 from flask_sse_run import Event, SSERun, ThreadChannel, disconnected, iterate_in_thread, run_in_thread
 
@@ -216,6 +216,26 @@ def resumable_ticks(n: int, interval: float = 0.1, tags: list[str] | None = None
     finally:
         STATS["resumable_finally"] += 1
         STATS["resumable_cancelled"] += disconnected()
+
+
+@sse.function(resumable=True, methods=("GET", "POST"))
+def shared_ticks(n: int, interval: float = 0.1, label: str = "") -> Iterator[int]:
+    """Resumable ticks that count their starts and ends (and cancellations) in the app's Redis,
+    under ``tests:<label>:``: what tests read across workers and replicas."""
+    import redis
+
+    counters = redis.Redis.from_url(current_app.config["SSE_RUN_REDIS_URL"])
+    counters.incr(f"tests:{label}:started")
+    counters.set(f"tests:{label}:pid", os.getpid())
+    try:
+        for i in range(n):
+            yield i
+            time.sleep(interval)
+    finally:
+        counters.incr(f"tests:{label}:finally")
+        if disconnected():
+            counters.incr(f"tests:{label}:cancelled")
+        counters.close()
 
 
 @sse.function(resumable=True)

@@ -135,8 +135,8 @@ def test_each_function_is_a_post_operation_whose_body_is_its_signature() -> None
     assert list(doc["paths"]) == [
         "/bad_close", "/big", "/blocking_ticks", "/burst_then_wait", "/busy_after_first", "/count",
         "/endless", "/events", "/fail_after", "/firehose", "/plain", "/plain_sleeper",
-        "/resumable_fail", "/resumable_ticks", "/run", "/runs/{run_id}", "/sleeper", "/ticks",
-        "/watcher", "/whoami",
+        "/resumable_fail", "/resumable_ticks", "/run", "/runs/{run_id}", "/shared_ticks", "/sleeper",
+        "/ticks", "/watcher", "/whoami",
     ]  # fmt: skip
     operation = doc["paths"]["/count"]["post"]
     assert list(doc["paths"]["/count"]) == ["post"]
