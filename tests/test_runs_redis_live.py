@@ -128,7 +128,7 @@ def test_delete_on_one_replica_stops_the_generator_on_the_other(
 def test_the_window_ends_a_run_no_client_anywhere_came_back_to(
     replicas: tuple[Server, Server], redis_server: RedisServer
 ) -> None:
-    a, b = replicas
+    a, _ = replicas
     counters = Counters(redis_server.url)
     client = open_stream(
         a, path="/shared_ticks", json={"n": 10_000, "interval": 0.1, "label": counters.label}
