@@ -4,17 +4,21 @@ Keys, under ``SSE_RUN_REDIS_PREFIX`` (default ``sse-run:``), so that several app
 
 * ``<prefix>run:<run_id>``: a hash, the run's state (``function``, ``prefix``, ``owner``,
   ``status``, ``last_seq``, ``clients``, ``idle_since``, ``cancel``);
-* ``<prefix>run:<run_id>:events``: a stream, one entry per event, with the entry id
-  ``<seq>-0`` and the encoded event in field ``d``; ``XADD ... MAXLEN ~`` bounds it. When the run
-  ends, one more entry, ``<last seq>-1``, marks the end (it wakes blocked readers).
+* ``<prefix>run:<run_id>:events``: a stream, one entry per batch of events the producer
+  appends, with the entry id ``<last seq of the batch>-0`` and the fields ``s`` (its first seq),
+  ``d`` (the encoded events, one after the other) and ``o`` (their lengths, 32-bit integers), so
+  a position inside a batch is exact; ``XADD ... MINID ~`` keeps about the last
+  ``SSE_RUN_RESUME_MAX_EVENTS`` events. When the run ends, one more entry, ``<last seq>-1``,
+  marks the end (it wakes blocked readers).
 
 Both keys expire: while the run is produced, ``RUNNING_TTL`` seconds after the producer last
 touched them (so a worker killed mid-run does not leave them forever), then
 ``SSE_RUN_RESUME_TTL`` seconds after the end.
 
-Round trips: an append is one pipelined round trip per batch of events (``XADD`` for each, the
-hash's ``last_seq``, the expiries), whatever the batch holds. Every worker has one reader, a
-greenlet (or thread) doing ``XREAD BLOCK`` on every run some local response waits for; a
+Round trips: an append is one script call per batch of events (one ``XADD``, the hash's
+``last_seq``, the expiries), whatever the batch holds; a read is one pipelined round trip, and
+hands on each batch whole (a chunk), cut only where the position falls inside it. Every worker
+has one reader, a greenlet (or thread) doing ``XREAD BLOCK`` on every run some local response waits for; a
 response that starts waiting on a new run unblocks it (``CLIENT UNBLOCK``) so that the next read
 includes that run. A cancel (``DELETE`` anywhere) sets the hash's ``cancel`` field, which the
 producing worker's janitor reads twice a second; so does the window, from ``clients`` and
@@ -22,13 +26,14 @@ producing worker's janitor reads twice a second; so does the window, from ``clie
 
 Every call has a timeout; one that fails raises :class:`~.store.StoreUnavailable` (503). Redis
 coming back needs no restart: redis-py reconnects. Deliberate limits: the byte bound of the
-in-process store is not applied (``MAXLEN`` counts events), and a worker killed while its
+in-process store is not applied (the bound counts events), and a worker killed while its
 clients were attached leaves their count up, so that run's window waits for its natural end.
 """
 
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -45,14 +50,13 @@ TIMEOUT = 2.0
 RUNNING_TTL = 120
 #: How long the reader's ``XREAD`` blocks before it looks at its list of runs again (ms).
 BLOCK_MS = 5000
+# ARGV: min id kept, TTL, last seq, first seq, the events' bytes, their lengths.
 _APPEND = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then
   return 0
 end
-for i = 3, #ARGV, 2 do
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], ARGV[i] .. '-0', 'd', ARGV[i + 1])
-end
-redis.call('HSET', KEYS[1], 'last_seq', ARGV[#ARGV - 1])
+redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[1], ARGV[3] .. '-0', 's', ARGV[4], 'd', ARGV[5], 'o', ARGV[6])
+redis.call('HSET', KEYS[1], 'last_seq', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
@@ -145,11 +149,18 @@ class RedisRunStore(RunStore):
         self._local.add(run_id)
 
     def append(self, run_id: str, events: Sequence[tuple[int, bytes]]) -> None:
-        """One round trip (a script, so nothing is added to a run that ended): every event, the
-        run's ``last_seq``, the keys' expiry."""
-        args: list[Any] = [self.max_events, self._running_ttl]
-        for seq, data in events:
-            args += (seq, data)
+        """One round trip, one stream entry for the whole batch (a script, so nothing is added
+        to a run that ended): the events, the run's ``last_seq``, the keys' expiry."""
+        first, last = events[0][0], events[-1][0]
+        lengths = array("I", [len(data) for _, data in events])
+        args: list[int | bytes] = [
+            max(1, last - self.max_events + 1),  # MINID: what falls out of the bound
+            self._running_ttl,
+            last,
+            first,
+            b"".join([data for _, data in events]),
+            lengths.tobytes(),
+        ]
         with self._call():
             self._append(keys=[self._key(run_id), self._events_key(run_id)], args=args)
 
@@ -210,15 +221,10 @@ class RedisRunStore(RunStore):
             (status, last_seq), oldest, entries = pipe.execute()
         if status is None:
             return None
-        events = [
-            (int(entry_id.split(b"-", 1)[0]), fields[b"d"])
-            for entry_id, fields in entries
-            if b"d" in fields  # not the end entry
-        ]
+        events = [_chunk(fields, after) for _, fields in entries if b"d" in fields]  # not the end entry
         missed = 0
-        if events and oldest:
-            first = int(oldest[0][0].split(b"-", 1)[0])
-            missed = max(0, first - 1 - after)
+        if events and oldest and b"s" in oldest[0][1]:
+            missed = max(0, int(oldest[0][1][b"s"]) - 1 - after)
         return RunSlice(events, missed, status.decode(), int(last_seq or 0))
 
     def wait(self, run_id: str, after: int, timeout: float) -> None:
@@ -319,6 +325,17 @@ class RedisRunStore(RunStore):
         for key in keys:
             for _, event in self._waiters.pop(key, ()):
                 event.set()
+
+
+def _chunk(fields: dict[bytes, bytes], after: int) -> tuple[int, bytes]:
+    """``(last seq, bytes)`` of the events of one stream entry (a batch) above ``after``."""
+    lengths = array("I")
+    lengths.frombytes(fields[b"o"])
+    first, data = int(fields[b"s"]), fields[b"d"]
+    last = first + len(lengths) - 1
+    if first > after:
+        return last, data
+    return last, data[sum(lengths[: after - first + 1]) :]  # the position falls inside it
 
 
 def _sleep(seconds: float) -> None:

@@ -88,7 +88,8 @@ class RunInfo:
 class RunSlice:
     """Events of a run after a position, as :meth:`RunStore.read` found them."""
 
-    #: ``(seq, encoded event)`` in order.
+    #: Chunks in order, each ``(seq of its last event, encoded events)``: one event, or several
+    #: consecutive ones as a store keeps them (the Redis store, a batch), never one cut in two.
     events: Sequence[tuple[int, bytes]]
     #: Events after the position that the store no longer holds (dropped to stay in bounds).
     missed: int
@@ -124,7 +125,8 @@ class RunStore(ABC):
 
     @abstractmethod
     def read(self, run_id: str, after: int, limit: int) -> RunSlice | None:
-        """Up to ``limit`` events with a seq above ``after``; ``None`` if the run is unknown."""
+        """Up to ``limit`` chunks of events with a seq above ``after``; ``None`` if the run is
+        unknown."""
 
     @abstractmethod
     def wait(self, run_id: str, after: int, timeout: float) -> None:
