@@ -109,6 +109,7 @@ def concurrent_streams(server: Server, clients: int, events: int, path: str = "/
     ok = [r for r in results if r.status == 200 and r.complete and len(r.event_times) == events]
     gaps = [g for r in ok for g in _gaps(r.started, r.event_times)]
     return {
+        "clients": clients,
         "failed": clients - len(ok),
         "gap_p99": percentile(gaps, 0.99),
         "gap_max": max(gaps, default=float("nan")),
