@@ -3,6 +3,8 @@ redis-server, as two replicas behind a load balancer would be."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -229,3 +231,29 @@ def test_a_redis_with_a_password_works_and_the_password_is_never_logged(tmp_path
             refused = requests.post(f"{srv.url}/resumable_ticks", json={"n": 1}, timeout=30)
             assert refused.status_code == 503
             assert wrong not in srv.log()
+
+
+def test_a_replica_shutting_down_ends_its_runs_with_the_shutdown_event_for_every_reader(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    graceful = {"GUNICORN_GRACEFUL_TIMEOUT": "20"}
+    with (
+        gunicorn(tmp_path=tmp_path / "a", config=config(redis_server.url), env=graceful) as a,
+        gunicorn(tmp_path=tmp_path / "b", config=config(redis_server.url)) as b,
+    ):
+        client = open_stream(a, path="/resumable_ticks", json={"n": 10_000, "interval": 0.1})
+        run_id = client.response.headers["X-Run-ID"]
+        first = client.take(1)
+        os.kill(a.process.pid, signal.SIGTERM)
+        rest = client.rest()  # the stream ends cleanly, with the shutdown event
+        assert rest[-1].event == "shutdown"
+        assert a.process.wait(timeout=20) == 0
+        # The run ended with the shutdown event too: a client that reconnects to the other
+        # replica reads how it ended, with its id, then nothing more.
+        replay = open_stream(b, "GET", f"/runs/{run_id}", params={"last_event_id": first[0].id}).rest()
+        assert replay[-1].event == "shutdown" and replay[-1].id.startswith(f"{run_id}:")
+        last = replay[-1].id
+        done = requests.get(f"{b.url}/runs/{run_id}", headers={"Last-Event-ID": last}, timeout=10)
+        assert done.status_code == 204
