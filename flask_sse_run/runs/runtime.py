@@ -87,11 +87,12 @@ class Runs:
     def check(self) -> None:
         """One round of the janitor (tests call it to avoid waiting)."""
         now = time.time()
-        for run_id, producer in list(self.producers.items()):
-            try:
-                info = self.store.get(run_id)
-            except Exception:  # a store that went away: its producer finds out when it appends
-                continue
+        producers = list(self.producers.items())
+        try:
+            infos = self.store.get_many([run_id for run_id, _ in producers]) if producers else []
+        except Exception:  # a store that went away: its producers find out when they append
+            infos = []
+        for (_, producer), info in zip(producers, infos, strict=False):
             if info is None or not info.running:
                 continue
             if info.cancel_requested:

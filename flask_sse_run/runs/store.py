@@ -123,6 +123,10 @@ class RunStore(ABC):
     def get(self, run_id: str) -> RunInfo | None:
         """The run's state, or ``None`` if unknown or expired."""
 
+    def get_many(self, run_ids: Sequence[str]) -> list[RunInfo | None]:
+        """:meth:`get` for each of ``run_ids`` (a store with round trips makes it one)."""
+        return [self.get(run_id) for run_id in run_ids]
+
     @abstractmethod
     def read(self, run_id: str, after: int, limit: int) -> RunSlice | None:
         """Up to ``limit`` chunks of events with a seq above ``after``; ``None`` if the run is
