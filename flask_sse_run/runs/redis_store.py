@@ -8,26 +8,31 @@ Keys, under ``SSE_RUN_REDIS_PREFIX`` (default ``sse-run:``), so that several app
   appends, with the entry id ``<last seq of the batch>-0`` and the fields ``s`` (its first seq),
   ``d`` (the encoded events, one after the other) and ``o`` (their lengths, 32-bit integers), so
   a position inside a batch is exact; ``XADD ... MINID ~`` keeps about the last
-  ``SSE_RUN_RESUME_MAX_EVENTS`` events. When the run ends, one more entry, ``<last seq>-1``,
-  marks the end (it wakes blocked readers).
+  ``SSE_RUN_RESUME_MAX_EVENTS`` events;
+* ``<prefix>changed``: a channel; every append and every end publishes the run's id on it.
 
 Both keys expire: while the run is produced, ``RUNNING_TTL`` seconds after the producer last
 touched them (so a worker killed mid-run does not leave them forever), then
 ``SSE_RUN_RESUME_TTL`` seconds after the end.
 
 Round trips: an append is one script call per batch of events (one ``XADD``, the hash's
-``last_seq``, the expiries), whatever the batch holds; a read is one pipelined round trip, and
-hands on each batch whole (a chunk), cut only where the position falls inside it. Every worker
-has one reader, a greenlet (or thread) doing ``XREAD BLOCK`` on every run some local response waits for; a
-response that starts waiting on a new run unblocks it (``CLIENT UNBLOCK``) so that the next read
-includes that run. A cancel (``DELETE`` anywhere) sets the hash's ``cancel`` field, which the
-producing worker's janitor reads twice a second; so does the window, from ``clients`` and
-``idle_since``.
+``last_seq``, the expiries, the announcement), whatever the batch holds; a read is one pipelined
+round trip, and hands on each batch whole (a chunk), cut only where the position falls inside
+it. Every worker has one subscriber to the channel, a greenlet (or thread) shared by every run
+its responses wait for; a waiting response is woken by its run's announcement and reads again.
+(``XREAD BLOCK`` on every waited-for stream would also be one connection, but costs Redis and the
+worker work in proportion to the number of streams at every call, and must be restarted each
+time a response starts waiting on another run: with a thousand streams, a thousand times a
+second. An announcement costs the same whatever the number of streams.) A cancel (``DELETE``
+anywhere) sets the hash's ``cancel`` field, which the producing worker's janitor reads twice a
+second; so does the window, from ``clients`` and ``idle_since``.
 
 Every call has a timeout; one that fails raises :class:`~.store.StoreUnavailable` (503). Redis
-coming back needs no restart: redis-py reconnects. Deliberate limits: the byte bound of the
-in-process store is not applied (the bound counts events), and a worker killed while its
-clients were attached leaves their count up, so that run's window waits for its natural end.
+coming back needs no restart: redis-py reconnects, and the subscriber subscribes again (waking
+every waiter to read again, so an announcement made while it was away is not missed). Deliberate
+limits: the byte bound of the in-process store is not applied (the bound counts events), and a
+worker killed while its clients were attached leaves their count up, so that run's window waits
+for its natural end.
 """
 
 from __future__ import annotations
@@ -48,9 +53,10 @@ TIMEOUT = 2.0
 #: Seconds a running run's keys live past the producer's last touch (it touches them at every
 #: append and every few seconds while idle).
 RUNNING_TTL = 120
-#: How long the reader's ``XREAD`` blocks before it looks at its list of runs again (ms).
-BLOCK_MS = 5000
-# ARGV: min id kept, TTL, last seq, first seq, the events' bytes, their lengths.
+#: How long the subscriber waits for a message before it looks whether anyone still waits (s).
+LISTEN_TIMEOUT = 5.0
+# KEYS: the hash, the stream, the channel. ARGV: min id kept, TTL, last seq, first seq, the
+# events' bytes, their lengths, the run id.
 _APPEND = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then
   return 0
@@ -59,6 +65,7 @@ redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[1], ARGV[3] .. '-0', 's', ARGV[4]
 redis.call('HSET', KEYS[1], 'last_seq', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('PUBLISH', KEYS[3], ARGV[7])
 return 1
 """
 _DETACH = """
@@ -91,11 +98,11 @@ class RedisRunStore(RunStore):
         self._redis = redis.Redis.from_url(
             url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, retry_on_timeout=False
         )
-        # The reader blocks in XREAD up to BLOCK_MS: its own connection, with room for that.
+        # The subscriber waits up to LISTEN_TIMEOUT for a message: room for that.
         self._reader_client = redis.Redis.from_url(
-            url, socket_timeout=TIMEOUT + BLOCK_MS / 1000, socket_connect_timeout=TIMEOUT
+            url, socket_timeout=TIMEOUT + LISTEN_TIMEOUT, socket_connect_timeout=TIMEOUT
         )
-        self._reader_connection: Any = None
+        self._channel = f"{prefix}changed"
         self.prefix = prefix
         self.max_events = max_events
         self.max_runs = max_runs
@@ -105,11 +112,8 @@ class RedisRunStore(RunStore):
         self._attach = self._redis.register_script(_ATTACH)
         self._append = self._redis.register_script(_APPEND)
         self._local: set[str] = set()  # runs produced by this process, still running
-        self._waiters: dict[str, list[tuple[int, Any]]] = {}  # events key -> (after, event)
-        self._reading: set[str] = set()  # the keys of the XREAD in progress
+        self._waiters: dict[str, list[Any]] = {}  # run id -> events of the greenlets waiting
         self._reader: Any = None
-        self._reader_id: int | None = None
-        self._reader_wake = new_event()
 
     # -- keys and errors -------------------------------------------------------------------------
 
@@ -153,29 +157,29 @@ class RedisRunStore(RunStore):
         to a run that ended): the events, the run's ``last_seq``, the keys' expiry."""
         first, last = events[0][0], events[-1][0]
         lengths = array("I", [len(data) for _, data in events])
-        args: list[int | bytes] = [
+        args: list[int | bytes | str] = [
             max(1, last - self.max_events + 1),  # MINID: what falls out of the bound
             self._running_ttl,
             last,
             first,
             b"".join([data for _, data in events]),
             lengths.tobytes(),
+            run_id,
         ]
         with self._call():
-            self._append(keys=[self._key(run_id), self._events_key(run_id)], args=args)
+            self._append(keys=[self._key(run_id), self._events_key(run_id), self._channel], args=args)
 
     def finish(self, run_id: str, status: str) -> None:
-        """Mark the run ended, wake its readers (the end entry), and start the TTL."""
+        """Mark the run ended, tell its readers, and start the TTL."""
         self._local.discard(run_id)
         key, events_key = self._key(run_id), self._events_key(run_id)
         with self._call():
-            last_seq = int(self._redis.hget(key, "last_seq") or 0)
             pipe = self._redis.pipeline(transaction=False)
             pipe.hset(key, "status", status)
-            pipe.xadd(events_key, {"end": status}, id=f"{last_seq}-1")
             ttl_ms = max(1, int(self.ttl * 1000))
             pipe.pexpire(key, ttl_ms)
             pipe.pexpire(events_key, ttl_ms)
+            pipe.publish(self._channel, run_id)
             pipe.execute()
 
     def touch(self, run_ids: Sequence[str]) -> None:
@@ -215,30 +219,39 @@ class RedisRunStore(RunStore):
             (status, last_seq), oldest, entries = pipe.execute()
         if status is None:
             return None
-        events = [_chunk(fields, after) for _, fields in entries if b"d" in fields]  # not the end entry
+        events = [_chunk(fields, after) for _, fields in entries]
         missed = 0
-        if events and oldest and b"s" in oldest[0][1]:
+        if events and oldest:
             missed = max(0, int(oldest[0][1][b"s"]) - 1 - after)
         return RunSlice(events, missed, status.decode(), int(last_seq or 0))
 
     def wait(self, run_id: str, after: int, timeout: float) -> None:
-        """Wait for an entry after ``after`` through the worker's one shared reader."""
-        key = self._events_key(run_id)
-        event = new_event()
-        entry = (after, event)
-        self._waiters.setdefault(key, []).append(entry)
-        try:
-            self._ensure_reader()
-            if key not in self._reading:
-                self._unblock_reader()
-            event.wait(timeout)
-        finally:
-            waiting = self._waiters.get(key)
-            if waiting is not None:
-                if entry in waiting:
-                    waiting.remove(entry)
-                if not waiting:
-                    del self._waiters[key]
+        """Wait for the run to change, through the worker's one subscriber.
+
+        Each round registers, then checks (one round trip): a change between the caller's last
+        read and the registration is not missed, and a wake-up that changed nothing (the
+        subscriber waking everyone after it reconnected) waits on.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            event = new_event()
+            self._waiters.setdefault(run_id, []).append(event)
+            try:
+                self._ensure_reader()
+                with self._call():
+                    status, last_seq = self._redis.hmget(self._key(run_id), "status", "last_seq")
+                if status is None or status != b"running" or int(last_seq or 0) > after:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0 or not event.wait(left):
+                    return
+            finally:
+                waiting = self._waiters.get(run_id)
+                if waiting is not None:
+                    if event in waiting:
+                        waiting.remove(event)
+                    if not waiting:
+                        del self._waiters[run_id]
 
     def attach(self, run_id: str) -> None:
         """A client follows the run (in any worker)."""
@@ -262,62 +275,40 @@ class RedisRunStore(RunStore):
         return bool(exists)
 
     def close(self) -> None:
-        """Close the connections (the reader stops at its next wake-up)."""
+        """Close the connections (the subscriber stops at its next wake-up)."""
         self._redis.close()
         self._reader_client.close()
 
-    # -- the shared reader -----------------------------------------------------------------------
+    # -- the shared subscriber ------------------------------------------------------------------
 
     def _ensure_reader(self) -> None:
         if self._reader is None:
-            self._reader = spawn(self._read_forever)
+            self._reader = spawn(self._listen)
 
-    def _unblock_reader(self) -> None:
-        reader_id = self._reader_id
-        if reader_id is None:
-            self._reader_wake.set()
-            return
+    def _listen(self) -> None:
         try:
-            self._redis.client_unblock(reader_id)
-        except self._errors:
-            pass  # the reader times out on its own: the new run joins its next read
-        self._reader_wake.set()
-
-    def _read_forever(self) -> None:
-        try:
-            while True:
-                if not self._waiters:
-                    self._reader_wake.clear()
-                    if not self._waiters:
-                        self._reader_wake.wait(BLOCK_MS / 1000)
-                    continue
-                streams = {
-                    key: f"{min(after for after, _ in waiting)}-0" for key, waiting in self._waiters.items()
-                }
-                self._reading = set(streams)
+            while self._waiters:
+                pubsub = self._reader_client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
                 try:
-                    if self._reader_id is None:
-                        # One connection, kept: CLIENT UNBLOCK names the connection that blocks.
-                        self._reader_connection = self._reader_client.client()  # type: ignore[no-untyped-call]
-                        self._reader_id = int(self._reader_connection.client_id())
-                    found: Any = self._reader_connection.xread(streams, count=1, block=BLOCK_MS)
+                    pubsub.subscribe(self._channel)
+                    # Subscribed now: a change made before went unannounced to these waiters.
+                    self._wake(list(self._waiters))
+                    while self._waiters:
+                        message = pubsub.get_message(timeout=LISTEN_TIMEOUT)
+                        if message is not None:
+                            self._wake([message["data"].decode()])
                 except self._errors:
-                    # Redis gone: wake every waiter so that its read reports it, then retry.
-                    self._reader_id = None
-                    if self._reader_connection is not None:
-                        self._reader_connection.close()
+                    # Redis gone: every waiter reads again (and reports it); then resubscribe.
                     self._wake(list(self._waiters))
                     _sleep(0.5)
-                    continue
                 finally:
-                    self._reading = set()
-                self._wake([key.decode() if isinstance(key, bytes) else key for key, _ in found or ()])
+                    pubsub.close()
         finally:
             self._reader = None
 
-    def _wake(self, keys: Sequence[str]) -> None:
-        for key in keys:
-            for _, event in self._waiters.pop(key, ()):
+    def _wake(self, run_ids: Sequence[str]) -> None:
+        for run_id in run_ids:
+            for event in self._waiters.pop(run_id, ()):
                 event.set()
 
 
