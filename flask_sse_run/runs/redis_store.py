@@ -93,6 +93,8 @@ class RedisRunStore(RunStore):
         import redis
 
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        # ValueError too: redis-py's reading a socket that close() closed.
+        self._listen_errors: tuple[type[BaseException], ...] = (*self._errors, ValueError)
         # Nothing connects here: a Redis that is down at start-up makes requests 503, not the
         # app fail to start, and serves again once it is back.
         self._redis = redis.Redis.from_url(
@@ -114,6 +116,7 @@ class RedisRunStore(RunStore):
         self._local: set[str] = set()  # runs produced by this process, still running
         self._waiters: dict[str, list[Any]] = {}  # run id -> events of the greenlets waiting
         self._reader: Any = None
+        self._closed = False
 
     # -- keys and errors -------------------------------------------------------------------------
 
@@ -209,20 +212,18 @@ class RedisRunStore(RunStore):
         return [_info(run_id, fields) for run_id, fields in zip(run_ids, found, strict=True)]
 
     def read(self, run_id: str, after: int, limit: int) -> RunSlice | None:
-        """One round trip: the state, the oldest entry held, and up to ``limit`` events after."""
-        events_key = self._events_key(run_id)
+        """One round trip: the state and up to ``limit`` batches holding events after ``after``."""
         with self._call():
             pipe = self._redis.pipeline(transaction=False)
             pipe.hmget(self._key(run_id), "status", "last_seq")
-            pipe.xrange(events_key, "-", "+", count=1)
-            pipe.xrange(events_key, f"{after + 1}-0", "+", count=limit)
-            (status, last_seq), oldest, entries = pipe.execute()
+            pipe.xrange(self._events_key(run_id), f"{after + 1}-0", "+", count=limit)
+            (status, last_seq), entries = pipe.execute()
         if status is None:
             return None
         events = [_chunk(fields, after) for _, fields in entries]
-        missed = 0
-        if events and oldest:
-            missed = max(0, int(oldest[0][1][b"s"]) - 1 - after)
+        # The first batch after the position starts later than the next seq: the ones between
+        # were trimmed away.
+        missed = max(0, int(entries[0][1][b"s"]) - 1 - after) if entries else 0
         return RunSlice(events, missed, status.decode(), int(last_seq or 0))
 
     def wait(self, run_id: str, after: int, timeout: float) -> None:
@@ -276,6 +277,7 @@ class RedisRunStore(RunStore):
 
     def close(self) -> None:
         """Close the connections (the subscriber stops at its next wake-up)."""
+        self._closed = True
         self._redis.close()
         self._reader_client.close()
 
@@ -286,25 +288,28 @@ class RedisRunStore(RunStore):
             self._reader = spawn(self._listen)
 
     def _listen(self) -> None:
-        try:
-            while self._waiters:
-                pubsub = self._reader_client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-                try:
-                    pubsub.subscribe(self._channel)
-                    # Subscribed now: a change made before went unannounced to these waiters.
-                    self._wake(list(self._waiters))
-                    while self._waiters:
-                        message = pubsub.get_message(timeout=LISTEN_TIMEOUT)
-                        if message is not None:
-                            self._wake([message["data"].decode()])
-                except self._errors:
-                    # Redis gone: every waiter reads again (and reports it); then resubscribe.
-                    self._wake(list(self._waiters))
-                    _sleep(0.5)
-                finally:
-                    pubsub.close()
-        finally:
-            self._reader = None
+        # Started by the first wait and kept for the store's life: one per worker, idle cheaply.
+        while not self._closed:
+            pubsub = self._reader_client.pubsub()  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(self._channel)
+                while not self._closed:
+                    message = pubsub.get_message(timeout=LISTEN_TIMEOUT)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        # Subscribed now: a change announced before went unheard by these.
+                        self._wake(list(self._waiters))
+                    elif message["type"] == "message":
+                        self._wake([message["data"].decode()])
+            except self._listen_errors:
+                if self._closed:
+                    return
+                # Redis gone: every waiter reads again (and reports it); then resubscribe.
+                self._wake(list(self._waiters))
+                _sleep(0.5)
+            finally:
+                pubsub.close()
 
     def _wake(self, run_ids: Sequence[str]) -> None:
         for run_id in run_ids:
