@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import io
+import json
+import socket
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +18,7 @@ from werkzeug.exceptions import Forbidden
 
 from flask_sse_run import SSERun
 from flask_sse_run.testing import parse_events, stream_events
+from tests.live import gunicorn
 
 
 def events(client: Any, path: str, **kwargs: Any) -> list[str]:
@@ -242,7 +247,8 @@ def test_url_defaults_of_a_registration_reach_the_view_args() -> None:
 
     @sse.function
     def tenant() -> Iterator[str]:
-        yield f"{request.view_args['tenant']} {request.view_args['name']}"
+        values = request.view_args or {}
+        yield f"{values['tenant']} {values['name']}"
 
     app.register_blueprint(blueprint, url_prefix="/acme", url_defaults={"tenant": "acme"})
     app.register_blueprint(blueprint, name="globex", url_prefix="/globex", url_defaults={"tenant": "globex"})
@@ -416,3 +422,54 @@ def test_schema_names_do_not_depend_on_when_functions_were_registered() -> None:
     early.function(name="other")(lambda n: n)
     assert early.functions["count"].binder.model.__name__ == "api_count_parameters"
     assert early.functions["other"].binder.model.__name__ == "api_other_parameters"
+
+
+def test_resumable_runs_live_under_the_prefix_of_the_registration_that_started_them() -> None:
+    blueprint, _ = counting_blueprint()
+    app = Flask(__name__)
+    app.register_blueprint(blueprint, url_prefix="/v1")
+    app.register_blueprint(blueprint, name="v2", url_prefix="/v2")
+    client = app.test_client()
+    started = client.post("/v1/count", json={"n": 3}, headers={"Prefer": "respond-async"})
+    run_id = started.get_json()["run_id"]
+    assert started.headers["Location"] == started.get_json()["events"] == f"/v1/runs/{run_id}"
+    followed = client.get(f"/v1/runs/{run_id}?last_event_id=1")
+    assert [(e.id, e.data) for e in parse_events(followed.data)] == [
+        (f"{run_id}:2", "api:1"),
+        (f"{run_id}:3", "api:2"),
+    ]
+    resumed = client.post("/v1/count", headers={"Last-Event-ID": f"{run_id}:2"})
+    assert [e.data for e in parse_events(resumed.data)] == ["api:2"]
+    # Another registration's URLs do not reach it, as another url_prefix would not.
+    assert client.get(f"/v2/runs/{run_id}").status_code == 404
+    assert client.post("/v2/count", headers={"Last-Event-ID": f"{run_id}:2"}).status_code == 204
+    assert client.delete(f"/v1/runs/{run_id}").status_code == 204
+
+
+# --- under gunicorn ------------------------------------------------------------------------------
+
+
+def post_and_wait(port: int, path: str) -> tuple[str, float]:
+    """POST ``path`` announcing a 100 kB body but sending 7 bytes of it; return the status line
+    and the seconds it took to come."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        started = time.monotonic()
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100000\r\nConnection: close\r\n\r\n".encode()
+            + b'{"n": 1'
+        )
+        status = sock.makefile("rb").readline().decode().strip()
+        return status, time.monotonic() - started
+
+
+def test_live_a_refusing_hook_answers_at_once_while_the_body_never_arrives(tmp_path: Path) -> None:
+    config = {"TEST_APP_CONFIG": json.dumps({"SSE_RUN_BODY_TIMEOUT": 2})}
+    with gunicorn("tests.blueprint_app:create_app()", tmp_path=tmp_path, env=config) as server:
+        refused, refused_after = post_and_wait(server.port, "/t/closed/ticks")
+        unknown, unknown_after = post_and_wait(server.port, "/t/nowhere/ticks")
+        # Past the hook, the view waits for the body: the body timeout's 408.
+        waited, waited_after = post_and_wait(server.port, "/t/acme/ticks")
+    assert refused == "HTTP/1.1 403 FORBIDDEN" and refused_after < 1
+    assert unknown == "HTTP/1.1 404 NOT FOUND" and unknown_after < 1
+    assert waited == "HTTP/1.1 408 REQUEST TIMEOUT" and 1.5 < waited_after < 5
