@@ -45,6 +45,8 @@ setup(
             # The example page's browser test: drives Debian's chromium through its chromedriver
             # (apt-get install chromium chromium-driver; nothing is downloaded).
             "selenium>=4.11",
+            # CORS tests: flask-cors as users add it, unchanged (the extension has no CORS code).
+            "flask-cors>=4",
         ],
         "dev": ["ruff>=0.6", "mypy>=1.10", "types-requests"],
     },

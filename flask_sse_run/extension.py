@@ -1,26 +1,34 @@
-"""The Flask extension: register functions, serve each at ``{url_prefix}/{name}``."""
+"""The Flask extension: register functions, serve each at ``{url_prefix}/{name}``.
+
+An instance serves an app directly (``SSERun(app)``) or through a blueprint (``SSERun(bp)``),
+as Flask-RESTX's ``Api(bp)`` does: ``init_app(bp)`` records a callback with
+:meth:`flask.Blueprint.record`, and each registration of the blueprint on an app mounts the
+instance there (:mod:`flask_sse_run.routing`). The state is per app either way, in
+``app.extensions["sse_run"]``, created by the first mount and found by the views through
+``current_app``: an instance keeps no app.
+"""
 
 from __future__ import annotations
 
-import functools
 import inspect
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, overload
 
-from flask import Flask
+from flask import Blueprint, Flask
+from flask.blueprints import BlueprintSetupState
 
 from .auth import Authenticator
 from .binding import Binder, check_query_parameters, inspect_function, validate_name
 from .concurrency import gunicorn_sync_worker
 from .config import Settings
 from .errors import ConfigurationError, RegistrationError
-from .openapi import OPENAPI_PATH, openapi_view
+from .routing import Mount, add_rules, blueprint_endpoints
 from .runs.memory import MemoryRunStore
-from .runs.responses import run_view
 from .runs.runtime import Runs
 from .runs.store import RunStore
-from .views import EXTENSION_KEY, call_function, unknown_path
+from .views import EXTENSION_KEY
 
 __all__ = ["SYNC_WORKER_WARNING", "RegisteredFunction", "SSERun", "State"]
 
@@ -66,8 +74,9 @@ class State:
     runs: Runs
     #: ``None`` when auth is off.
     auth: Authenticator | None = None
-    #: Every instance serving the app, each under its own ``url_prefix``.
-    instances: list[SSERun] = field(default_factory=list)
+    #: Every place an instance serves the app (on it, or through a blueprint's registration),
+    #: each under its own prefix, in the order they were added.
+    mounts: list[Mount] = field(default_factory=list)
 
 
 class SSERun:
@@ -79,7 +88,14 @@ class SSERun:
     other method on those URLs gets a JSON ``405`` (``OPTIONS``: ``204``), and with a non-empty
     ``url_prefix`` every other path under it a JSON ``404``; with none, the app's own 404 stands.
 
-    Config keys read by ``init_app`` (defaults in brackets):
+    ``SSERun(blueprint)`` (or ``init_app(blueprint)``) serves them wherever the blueprint is
+    registered instead: below its prefix (then ``url_prefix``), on its subdomain, with its
+    ``url_defaults``, as endpoints named after it (``api.sse_run_call``), and behind its
+    ``before_request`` hooks and error handlers, which run before the body is read. A blueprint
+    registered twice (two prefixes, or two apps) serves both.
+
+    Config keys read from the app by ``init_app(app)``, or by the blueprint's registration on it
+    (defaults in brackets):
 
     - ``SSE_RUN_MAX_BODY`` [1048576]: largest request body in bytes (413 above it).
     - ``SSE_RUN_KEEPALIVE`` [15]: seconds of silence before a ``: ping`` comment; 0 = off.
@@ -101,28 +117,69 @@ class SSERun:
     those registered with ``public=True`` then needs ``Authorization: Bearer <token>`` (401).
     """
 
-    def __init__(self, app: Flask | None = None, *, url_prefix: str = "") -> None:
+    def __init__(self, app: Flask | Blueprint | None = None, *, url_prefix: str = "") -> None:
         url_prefix = url_prefix.rstrip("/")
         if url_prefix and not url_prefix.startswith("/"):
             raise ValueError("url_prefix must start with '/'")
         self.url_prefix = url_prefix
         self.functions: dict[str, RegisteredFunction] = {}
+        # Qualifies the parameter models' names (components in openapi.json), so that two
+        # instances' functions of one name stay apart: the url_prefix, and the blueprint's name
+        # once the instance is given one.
+        self._qualifier = _qualifier(url_prefix)
+        self._blueprint_named = False
         if app is not None:
             self.init_app(app)
 
-    def init_app(self, app: Flask) -> None:
-        """Register the extension on ``app``.
+    def init_app(self, app: Flask | Blueprint) -> None:
+        """Serve the functions on ``app``, or wherever the blueprint ``app`` is registered.
 
-        Several instances may serve one app under different ``url_prefix`` values (the example
-        app serves its Falcon functions under ``/falcon``); the first one registered reads the
-        settings and the others share them. Raises :class:`RuntimeError` if this instance, or
-        another with the same ``url_prefix``, is already registered on ``app``, and
-        :class:`~flask_sse_run.ConfigurationError` if an ``SSE_RUN_*`` key is invalid.
+        Several instances may serve one app under different prefixes (the example app serves
+        its Falcon functions under ``/falcon``); the first one mounted reads the settings from
+        the app and the others share them. Given a blueprint, nothing happens until
+        ``app.register_blueprint(blueprint)``: each registration mounts the instance on that
+        app below the blueprint's prefix, reading the settings there if it is the app's first.
+        Raises :class:`RuntimeError` if this instance is already given to this blueprint, or
+        when mounted where an instance is already served on the app (the same prefix and
+        subdomain), and :class:`~flask_sse_run.ConfigurationError` if an ``SSE_RUN_*`` key is
+        invalid. Flask raises :class:`AssertionError` for a blueprint that was registered
+        already.
         """
-        endpoint = f"sse_run.call{self.url_prefix}" if self.url_prefix else "sse_run.call"
-        state = app.extensions.get(EXTENSION_KEY)
-        if endpoint in app.view_functions or (state is not None and self in state.instances):
-            raise RuntimeError("flask-sse-run is already registered on this app; call init_app once per app")
+        if isinstance(app, Blueprint):
+            self._give_blueprint(app)
+        else:
+            self._mount(app, Mount(self, self.url_prefix))
+
+    def _give_blueprint(self, blueprint: Blueprint) -> None:
+        if self._on_blueprint_registered in blueprint.deferred_functions:
+            raise RuntimeError("flask-sse-run is already on this blueprint; call init_app once per blueprint")
+        blueprint.record(self._on_blueprint_registered)
+        if not self._blueprint_named:
+            self._blueprint_named = True
+            self._qualifier = _qualifier(f"/{blueprint.name}{self.url_prefix}")
+            # Functions registered before: their models are named again, so that an instance's
+            # names do not depend on the order of set-up.
+            for name, registered in self.functions.items():
+                binder = inspect_function(registered.func, name, model_name=self._model_name(name))
+                self.functions[name] = replace(registered, binder=binder)
+
+    def _on_blueprint_registered(self, setup: BlueprintSetupState) -> None:
+        # What Blueprint.add_url_rule would do with each rule (BlueprintSetupState.add_url_rule):
+        # its prefix, subdomain, url_defaults and dotted name (nested blueprints included).
+        blueprint = f"{setup.name_prefix}.{setup.name}".lstrip(".")
+        prefix = (setup.url_prefix or "").rstrip("/") + self.url_prefix
+        mount = Mount(self, prefix, blueprint_endpoints(blueprint), setup.subdomain)
+        self._mount(setup.app, mount, setup.url_defaults)  # type: ignore[arg-type]  # a Flask app
+
+    def _mount(self, app: Flask, mount: Mount, defaults: Mapping[str, Any] | None = None) -> None:
+        state: State | None = app.extensions.get(EXTENSION_KEY)
+        if state is not None and any(
+            (m.url_prefix, m.subdomain) == (mount.url_prefix, mount.subdomain) for m in state.mounts
+        ):
+            raise RuntimeError(
+                f"flask-sse-run is already registered on this app at {mount.url_prefix or '/'!r}; call "
+                "init_app once per app, and give each instance (or blueprint registration) its own prefix"
+            )
         if state is None:
             for key, value in Settings.defaults().items():
                 app.config.setdefault(key, value)
@@ -136,29 +193,8 @@ class SSERun:
             app.extensions[EXTENSION_KEY] = state
             if gunicorn_sync_worker():
                 app.logger.warning(SYNC_WORKER_WARNING)
-        state.instances.append(self)
-        # A static rule: Werkzeug matches it before the "<name>" rule below.
-        _add_rule(app, f"{self.url_prefix}{OPENAPI_PATH}", f"sse_run.openapi{self.url_prefix}", openapi_view)
-        # One rule for every name: functions registered after init_app (even after the first
-        # request) are served without touching the URL map again.
-        _add_rule(
-            app,
-            f"{self.url_prefix}/<name>",
-            endpoint,
-            functools.partial(call_function, functions=self.functions, prefix=self.url_prefix),
-        )
-        _add_rule(
-            app,
-            f"{self.url_prefix}/runs/<run_id>",
-            f"sse_run.runs{self.url_prefix}",
-            functools.partial(run_view, functions=self.functions, prefix=self.url_prefix),
-        )
-        if self.url_prefix:
-            # The prefix is the extension's: nested paths and trailing slashes under it get our
-            # JSON 404 too. Without a prefix this would take over the app's own 404s.
-            _add_rule(
-                app, f"{self.url_prefix}/<path:rest>", f"sse_run.unknown{self.url_prefix}", unknown_path
-            )
+        add_rules(app, mount, defaults)
+        state.mounts.append(mount)
 
     @overload
     def function(self, func: F, /) -> F: ...
@@ -203,11 +239,7 @@ class SSERun:
             fname = validate_name(name if name is not None else f.__name__)
             if fname in self.functions:
                 raise RegistrationError(f"{fname!r} is already registered")
-            # The prefix in the model's name keeps schemas apart in openapi.json when two
-            # instances serve functions of the same name (/run and /falcon/run).
-            qualifier = self.url_prefix.strip("/").replace("/", "_").replace("-", "_")
-            model_name = f"{qualifier}_{fname}_parameters" if qualifier else None
-            binder = inspect_function(f, fname, model_name=model_name)
+            binder = inspect_function(f, fname, model_name=self._model_name(fname))
             if "GET" in served:
                 check_query_parameters(binder)
             self.functions[fname] = RegisteredFunction(
@@ -221,6 +253,15 @@ class SSERun:
             return f
 
         return register(func) if func is not None else register
+
+    def _model_name(self, name: str) -> str | None:
+        # The qualifier keeps schemas apart in openapi.json when two instances serve functions
+        # of the same name (/run and /falcon/run).
+        return f"{self._qualifier}_{name}_parameters" if self._qualifier else None
+
+
+def _qualifier(path: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", path.strip("/").replace("/", "_"))
 
 
 def _runs(settings: Settings) -> Runs:
@@ -249,11 +290,3 @@ def _runs(settings: Settings) -> Runs:
         except ValueError:  # the URL is not echoed: it may hold a password
             raise ConfigurationError("SSE_RUN_REDIS_URL: not a redis://, rediss:// or unix:// URL") from None
     return Runs(store, window=settings.resume_window)
-
-
-def _add_rule(app: Flask, path: str, endpoint: str, view: Callable[..., Any]) -> None:
-    # methods=None matches every method, which Flask's add_url_rule cannot express: with a list,
-    # an unlisted method (TRACE, PROPFIND) got Flask's HTML 405 and OPTIONS its automatic 200,
-    # both with an Allow naming the list. The views answer every method in JSON themselves.
-    app.url_map.add(app.url_rule_class(path, endpoint=endpoint, methods=None))
-    app.view_functions[endpoint] = view

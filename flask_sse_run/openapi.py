@@ -14,6 +14,11 @@ documents ``Last-Event-ID`` and ``Prefer: respond-async``, the ``202`` and ``204
 ``runs_get``, ``DELETE``: ``runs_delete``, qualified by the prefix like every operationId).
 OperationIds are unique: one that two paths would share gets ``_2``, ``_3`` ... on the later one.
 
+A prefix is a Werkzeug rule's (a blueprint's ``/<tenant>`` and ``<int:org>`` included): its
+variables become OpenAPI path templates (``/{tenant}``), each documented as a path parameter of
+every operation below it. A blueprint's subdomain is not in the paths (OpenAPI would need a
+server per host).
+
 Descriptions come from the function's docstring (first line: ``summary``; all of it:
 ``description``) and, per parameter, from ``Field(description=...)`` or else from the docstring
 (:func:`~flask_sse_run.docstrings.parameter_docs`).
@@ -28,6 +33,7 @@ import collections.abc
 import copy
 import inspect
 import json
+import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -67,6 +73,10 @@ _RUN_ID_PATTERN = "^[0-9a-f]{32}$"
 _SEQ = "(?:0|[1-9][0-9]{0,17})"
 _EVENT_ID_PATTERN = f"^[0-9a-f]{{32}}:{_SEQ}$"
 _POSITION_PATTERN = f"^(?:[0-9a-f]{{32}}:)?{_SEQ}$"
+# A variable of a Werkzeug rule: <name>, <converter:name>, <converter(arguments):name>.
+_RULE_VARIABLE = re.compile(
+    r"<(?:(?P<converter>[a-zA-Z_][a-zA-Z0-9_]*)(?:\((?P<arguments>.*?)\))?:)?(?P<name>[a-zA-Z_][a-zA-Z0-9_]*)>"
+)
 
 _STREAM_DESCRIPTION = """\
 A Server-Sent Events stream (WHATWG HTML, "server-sent events"); the schema describes one event. \
@@ -144,43 +154,47 @@ def build_document(
 ) -> dict[str, Any]:
     """The OpenAPI 3.1 document for ``functions`` served under ``url_prefix``.
 
-    ``more`` adds other instances' functions, as ``(url_prefix, functions)`` pairs.
+    ``more`` adds other instances' functions (or the same functions mounted again), as
+    ``(url_prefix, functions)`` pairs; a prefix may hold a Werkzeug rule's variables. Where two
+    give one path, the first is documented.
     ``settings`` decides the security scheme (when auth is on), the documented end event, and
     (``SSE_RUN_RESUMABLE``) which functions are resumable and whose ``/runs`` paths appear.
     """
-    instances = [(url_prefix, functions), *more]
-    operations = sorted(
-        (f"{prefix}/{name}", name, registered)
-        for prefix, registry in instances
-        for name, registered in registry.items()
-    )
+    instances = [(*_path_template(prefix), registry) for prefix, registry in [(url_prefix, functions), *more]]
+    found: dict[str, tuple[str, RegisteredFunction, list[dict[str, Any]]]] = {}
+    for prefix, path_parameters, registry in instances:
+        for name, registered in registry.items():
+            found.setdefault(f"{prefix}/{name}", (name, registered, path_parameters))
+    operations = sorted(found.items())
     refs, defs = models_json_schema(
-        [(registered.binder.model, "validation") for _, _, registered in operations],
+        [(registered.binder.model, "validation") for _, (_, registered, _) in operations],
         by_alias=True,
         ref_template=_REF,
     )
     schemas: dict[str, Any] = dict(defs.get("$defs", {}))
     paths: dict[str, Any] = {}
-    for path, name, registered in operations:
+    for path, (name, registered, path_parameters) in operations:
         ref = refs[(registered.binder.model, "validation")]["$ref"]
         body_schema = schemas[ref.rsplit("/", 1)[1]]
         _describe_parameters(body_schema, parameter_docs(inspect.getdoc(registered.func)))
         # The docstring is the operation's description; the body schema need not repeat it.
         body_schema.pop("description", None)
         # Unique across instances: /run and /falcon/run are "run" and "falcon_run".
-        base_id = path.strip("/").replace("/", "_").replace("-", "_")
+        base_id = _qualified(path)
         item: dict[str, Any] = {}
         runs_path = path.rsplit("/", 1)[0] + RUNS_PATH
         if "GET" in registered.methods:
-            query = _query_parameters(body_schema)
+            query = [*path_parameters, *_query_parameters(body_schema)]
             item["get"] = _operation(f"{base_id}_get", name, registered, settings, runs_path, query=query)
         if "POST" in registered.methods:
             body = (ref, body_schema)
-            item["post"] = _operation(base_id, name, registered, settings, runs_path, body=body)
+            item["post"] = _operation(
+                base_id, name, registered, settings, runs_path, body=body, query=path_parameters
+            )
         paths[path] = item
-    for prefix, registry in instances:
+    for prefix, path_parameters, registry in instances:
         if settings.resumable or any(_resumable(r, settings) for r in registry.values()):
-            paths[f"{prefix}{RUNS_PATH}"] = _runs_path(prefix, registry, settings)
+            paths.setdefault(f"{prefix}{RUNS_PATH}", _runs_path(prefix, registry, settings, path_parameters))
     paths = dict(sorted(paths.items()))
     _make_operation_ids_unique(paths)
     schemas.update(_own_schemas())
@@ -218,6 +232,32 @@ def build_document(
     return document
 
 
+def _path_template(prefix: str) -> tuple[str, list[dict[str, Any]]]:
+    """A rule's prefix as an OpenAPI path template (``/<int:org>/x`` is ``/{org}/x``), and a
+    path parameter for each of its variables, typed as its converter matches."""
+    parameters: list[dict[str, Any]] = []
+
+    def template(match: re.Match[str]) -> str:
+        converter, arguments = match["converter"] or "default", match["arguments"] or ""
+        schema: dict[str, Any] = {"type": "string"}
+        if converter in ("int", "float"):
+            schema = {"type": "integer" if converter == "int" else "number"}
+            if "signed=True" not in arguments.replace(" ", ""):
+                schema["minimum"] = 0
+        elif converter == "uuid":
+            schema["format"] = "uuid"
+        parameters.append({"name": match["name"], "in": "path", "required": True, "schema": schema})
+        return f"{{{match['name']}}}"
+
+    return _RULE_VARIABLE.sub(template, prefix), parameters
+
+
+def _qualified(path: str) -> str:
+    """An operationId's start for ``path``: ``falcon/run`` is ``falcon_run``, ``/{org}/run``
+    ``org_run``."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", path.strip("/").replace("{", "").replace("}", "").replace("/", "_"))
+
+
 def _make_operation_ids_unique(paths: dict[str, Any]) -> None:
     # A function named "run_get" next to a GET-able "run", or "a-b" next to "a_b": the later
     # one (in path order) gets a suffix.
@@ -253,8 +293,9 @@ def _operation(
     body: tuple[str, dict[str, Any]] | None = None,
     query: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A function's POST (``body``: its schema's ref and the schema) or GET (``query``) operation;
-    ``runs_path`` is where its runs are followed (for a resumable function's 202)."""
+    """A function's POST (``body``: its schema's ref and the schema) or GET operation;
+    ``query``: its parameters other than headers (the prefix's path parameters, then for GET
+    the query's); ``runs_path`` is where its runs are followed (for a resumable function's 202)."""
     doc = inspect.getdoc(registered.func) or ""
     runs = _resumable(registered, settings)
     success: dict[str, Any] = {"application/json": {"schema": {"$ref": _REF.format(model=_RESULT)}}}
@@ -384,9 +425,14 @@ def _no_content_response(description: str) -> dict[str, Any]:
     }
 
 
-def _runs_path(prefix: str, registry: Mapping[str, RegisteredFunction], settings: Settings) -> dict[str, Any]:
+def _runs_path(
+    prefix: str,
+    registry: Mapping[str, RegisteredFunction],
+    settings: Settings,
+    path_parameters: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
     """``{prefix}/runs/{run_id}``: follow a run (``GET``) or cancel it (``DELETE``)."""
-    qualifier = prefix.strip("/").replace("/", "_").replace("-", "_")
+    qualifier = _qualified(prefix)
     base_id = f"{qualifier}_runs" if qualifier else "runs"
     run_id = {
         "name": "run_id",
@@ -438,6 +484,7 @@ def _runs_path(prefix: str, registry: Mapping[str, RegisteredFunction], settings
         "description": "Stream a resumable run's events after a position (the header wins "
         "over the query), then the live ones until it ends. `EventSource` can read it.",
         "parameters": [
+            *path_parameters,
             run_id,
             {
                 "name": "Last-Event-ID",
@@ -462,7 +509,7 @@ def _runs_path(prefix: str, registry: Mapping[str, RegisteredFunction], settings
         "operationId": f"{base_id}_delete",
         "summary": "Cancel a run",
         "description": "Stop the run's function (its events stay readable until they expire).",
-        "parameters": [run_id, dict(_REQUEST_ID_PARAMETER)],
+        "parameters": [*path_parameters, run_id, dict(_REQUEST_ID_PARAMETER)],
         "responses": dict(sorted(delete_responses.items())),
     }
     if security is not None:
@@ -638,12 +685,12 @@ def openapi_view() -> Response:
         return error_response(
             RequestError(405, "this endpoint accepts GET only", headers={"Allow": _ALLOW}), rid
         )
-    first, *others = state.instances
+    first, *others = state.mounts
     document = build_document(
-        first.functions,
+        first.extension.functions,
         state.settings,
         url_prefix=first.url_prefix,
-        more=[(other.url_prefix, other.functions) for other in others],
+        more=[(other.url_prefix, other.extension.functions) for other in others],
         title=state.settings.openapi_title or current_app.name,
         server_url=request.script_root or "/",
     )

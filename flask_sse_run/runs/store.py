@@ -62,7 +62,8 @@ class RunInfo:
     """What is known of a run, apart from its events."""
 
     run_id: str
-    #: The registered function's name, and the ``url_prefix`` of the instance serving it.
+    #: The registered function's name, and the URL prefix it was started under: the instance's
+    #: ``url_prefix``, below a blueprint's prefix (with this request's values, ``/acme``).
     function: str
     prefix: str
     #: The JWT ``sub`` of the request that started it, or ``None`` (no JWT).
