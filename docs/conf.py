@@ -1,4 +1,7 @@
-"""Sphinx configuration of the flask-sse-run documentation (``sphinx-build -W -b html docs docs/_build/html``)."""
+"""Sphinx configuration of the flask-sse-run documentation.
+
+Build: ``sphinx-build -W -b html docs docs/_build/html`` (.ci/run does, warnings as errors).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 
 project = "flask-sse-run"
 author = "the flask-sse-run developers"
-copyright = "2026, the flask-sse-run developers"  # noqa: A001 - Sphinx's name for it
+copyright = "2026, the flask-sse-run developers"
 
 extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.viewcode"]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
