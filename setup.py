@@ -28,6 +28,9 @@ setup(
         # torch first: `pip install torch==2.13.0` before this extra takes the local CPU wheel.
         # accelerate: device_map="auto" (a model spread over the GPUs).
         "llm": ["torch>=2.1", "transformers>=5", "tokenizers>=0.20", "accelerate>=1.0"],
+        # flask_sse_run.relay's open_stream and the LLM upstream service (FALCON_UPSTREAM); no
+        # torch. urllib3 2.3 has read1: what has arrived, not a full buffer (latency per event).
+        "relay": ["requests>=2.32", "urllib3>=2.3"],
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -38,6 +41,11 @@ setup(
             "schemathesis>=4.30",
             # RS256 tokens in the auth tests (PyJWT needs it for every public-key algorithm).
             "cryptography>=42",
+            # The relay tests' real upstream: `transformers serve` (FastAPI, uvicorn, openai).
+            # 5.24 is the version whose /v1/completions stream was tested; its torch>=2.6 is
+            # met by the torch==2.13.0 installed first.
+            "transformers[serving]>=5.24",
+            "urllib3>=2.3",
         ],
         "dev": ["ruff>=0.6", "mypy>=1.10", "types-requests"],
     },
