@@ -110,3 +110,23 @@ def wait_idle(upstream: Upstream, timeout: float) -> float:
             return time.monotonic() - started
         before = now
     raise AssertionError(f"the upstream was still computing {timeout} s later")
+
+
+def save_engine_model(directory: Path) -> Path:
+    """A tiny random Falcon for ``transformers serve``: byte-level BPE, 40,000 tokens of context.
+
+    BPE because transformers' stop strings (``StopStringCriteria.clean_tokenizer_vocab``) fail
+    on the WordLevel test tokenizer ("substring not found": its vocabulary has no token for the
+    probe text "abcdef"). ``do_sample`` in its generation config because ``transformers serve``
+    samples only when the model's config says so: a request's ``temperature`` above 0 alone
+    does not turn sampling on. The long context lets a generation run long enough to be cut.
+    """
+    from transformers import GenerationConfig
+
+    from tests.tiny_falcon import save_model
+
+    save_model(directory, tokenizer="bpe", context=40_000)
+    config = GenerationConfig.from_pretrained(directory)
+    config.do_sample = True
+    config.save_pretrained(directory)
+    return directory
