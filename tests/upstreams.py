@@ -75,6 +75,9 @@ def transformers_serve(model_dir: Path, tmp_path: Path, startup_timeout: float =
         "HF_HUB_OFFLINE": "1",
         "HF_HUB_DISABLE_UPDATE_CHECK": "1",
         "CUDA_VISIBLE_DEVICES": "",
+        # One torch thread: a tiny model gains nothing from more, and on a shared machine
+        # torch's spinning worker threads made a 300-token run take 0.6 to 9.6 s.
+        "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
     }
     command = [
