@@ -11,7 +11,7 @@ Run from the repository root: ``python bench/bench_relay.py`` (about three minut
    the last token (best of ``--repeats``; ``median_ratio`` is the median of the pairs), and the
    time to the first text (median of ``--ttft-runs`` one-token requests, each path).
 2. **1,000 concurrent relayed streams on one worker.** ``transformers serve`` generates one
-   request at a time, so a synthetic engine (``bench/relay_apps.py``: flask-sse-run streaming
+   request at a time, so a synthetic engine (``tests/relay_apps.py``: flask-sse-run streaming
    OpenAI chunks, one a second) stands in; 1,000 clients (``tests/sse_clients.py``, one thread)
    read ``/falcon/run`` through a freshly started front worker: failed streams, the gap between
    events (p99, max) and the front worker's peak memory increase per stream.
@@ -137,7 +137,7 @@ def worker_pid(server: Server) -> int:
 def concurrent(clients: int, events: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        with gunicorn("bench.relay_apps:engine_app()", tmp_path=tmp, env=QUIET) as engine:
+        with gunicorn("tests.relay_apps:engine_app()", tmp_path=tmp, env=QUIET) as engine:
             wait_answering(f"{engine.url}/v1/models", engine.process, engine.log_path, 30)
             with front(f"{engine.url}/v1", tmp) as server:
                 body = {"prompt": PROMPT, "max_new_tokens": events, "temperature": 0}

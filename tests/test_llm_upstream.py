@@ -1,14 +1,19 @@
-"""The upstream service's pure parts: request mapping, refusals of what the engine cannot do, chunks."""
+"""The upstream service: request mapping, refusals of what the engine cannot do, chunks, and
+vLLM's stream shapes (``transformers serve``'s are in test_upstream_live.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
 
 from flask_sse_run import ConfigurationError, RequestError, UpstreamError
 from flask_sse_run.llm import GenerationParams, UpstreamService
 from flask_sse_run.llm.upstream import _ABSENT, _chunk, _finish_reason
+from tests.live import Server, gunicorn
+from tests.upstreams import wait_answering
 
 URL = "http://127.0.0.1:9/v1"
 STREAM = {"stream": True, "stream_options": {"include_usage": True}}
@@ -114,3 +119,58 @@ def test_error_chunks_and_garbage_raise_an_upstream_error(data: str, message: st
     with pytest.raises(UpstreamError) as failed:
         _chunk(data)
     assert (failed.value.status, failed.value.message) == (502, message)
+
+
+# -- vLLM's stream shapes, from a real server (tests/relay_apps.py's synthetic engine) --------
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    app = "tests.relay_apps:engine_app()"
+    with gunicorn(app, tmp_path=tmp_path_factory.mktemp("engine"), config={"ENGINE_INTERVAL": 0}) as server:
+        wait_answering(f"{server.url}/v1/models", server.process, server.log_path, 30)
+        yield server
+
+
+def generate(server: Server, prompt: str, **params: Any) -> tuple[str, dict[str, Any]]:
+    items = list(
+        UpstreamService(f"{server.url}/v1").stream(prompt, GenerationParams(temperature=0, **params))
+    )
+    assert [item["index"] for item in items[:-1]] == list(range(len(items) - 1))
+    return "".join(item["text"] for item in items[:-1]), items[-1]
+
+
+def test_the_usage_chunk_and_done_end_a_stream(synthetic: Server) -> None:
+    text, summary = generate(synthetic, "x", max_new_tokens=5)
+    assert text == " tok0 tok1 tok2 tok3 tok4"
+    assert (summary["finish_reason"], summary["generated_tokens"]) == ("length", 5)
+
+
+def test_a_stop_string_the_engine_strips_is_reported_by_its_stop_reason(synthetic: Server) -> None:
+    text, summary = generate(synthetic, "x", max_new_tokens=10, stop=("tok3",))
+    assert text == " tok0 tok1 tok2 "  # the engine cut it: our own stop check never saw it
+    assert (summary["finish_reason"], summary["generated_tokens"]) == ("stop", 3)
+
+
+def test_an_end_of_sequence_is_reported_as_eos(synthetic: Server) -> None:
+    text, summary = generate(synthetic, "eos", max_new_tokens=10)
+    assert text == " tok0 tok1 tok2" and summary["finish_reason"] == "eos"
+
+
+def ports(server: Server) -> list[str]:
+    """The client port of each completion request the engine has had."""
+    return requests.get(f"{server.url}/stats", timeout=5).json()["ports"]  # type: ignore[no-any-return]
+
+
+def test_streams_read_to_their_end_reuse_one_connection(synthetic: Server) -> None:
+    for _ in range(3):
+        generate(synthetic, "x", max_new_tokens=2)
+    # Read on past [DONE] to the body's end: the connection goes back to the pool, open.
+    assert len(set(ports(synthetic)[-3:])) == 1
+    stream = UpstreamService(f"{synthetic.url}/v1").stream(
+        "x", GenerationParams(max_new_tokens=50, temperature=0)
+    )
+    next(stream)
+    stream.close()  # a client that left: that connection is closed, not pooled half-read
+    generate(synthetic, "x", max_new_tokens=2)
+    assert ports(synthetic)[-1] != ports(synthetic)[-2]

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from flask_sse_run import Event, UpstreamError, relay
+from flask_sse_run import Event, UpstreamError, open_stream, relay
 from flask_sse_run.testing import ServerSentEvent, SSEParser
 from tests.live import Server, free_port, gunicorn
 from tests.upstreams import wait_answering
@@ -233,3 +233,16 @@ def test_a_requests_response_opened_by_hand_is_checked_when_relayed(upstream: Se
     assert refused.value.status == 404
     response = requests.post(f"{upstream.url}/produce", json={"n": 2}, stream=True, timeout=10)
     assert [data_of(item) for item in relay(response)] == ["0000000000", "0000000001"]
+
+
+def test_the_shared_session_ignores_proxy_settings_of_the_environment(
+    upstream: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, dead)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    # A proxy may buffer a stream, and reading these settings cost 1 ms a request: not used.
+    items = relay(open_stream(f"{upstream.url}/produce", json={"n": 1}))
+    assert [data_of(item) for item in items] == ["0000000000"]

@@ -279,9 +279,13 @@ class _CompletionStream:
         reason: str | None = None
         stop_reason: Any = _ABSENT
         usage: int | None = None
+        done = False
         for event in self._events:
-            if event.data == "[DONE]":
-                break
+            # Read on to the body's end after [DONE] (as OpenAI's client does): a connection
+            # read to its end goes back to the pool, open, for the next stream.
+            done = done or event.data == "[DONE]"
+            if done:
+                continue
             chunk = _chunk(event.data)
             if isinstance(chunk.get("usage"), dict):
                 usage = chunk["usage"].get("completion_tokens", usage)
@@ -300,7 +304,7 @@ class _CompletionStream:
             if stops.stopped:  # our stop string: no need for the rest (closing aborts it)
                 break
         else:
-            if reason is None:
+            if reason is None and not done:
                 raise UpstreamError(502, "the upstream stream ended before the generation finished")
         if not stops.stopped:
             tail = stops.flush()
