@@ -233,11 +233,12 @@ def test_a_client_that_leaves_ends_the_engines_generation(server: Server, engine
     assert wait_idle(engine, timeout=3) < 3
     health = requests.get(f"{server.url}/falcon/health", timeout=10).json()
     assert health["finished"].get("cancelled", 0) >= 1
-    # The engine generates one request at a time: the next one runs at once, not after 2048 tokens.
+    # The engine generates one request at a time: the next one runs at once, not after the
+    # 2000-odd tokens left of the first (over 8 s at this engine's best speed here).
     started = time.monotonic()
     with post(server, {"prompt": PROMPT, "max_new_tokens": 5, "temperature": 0}) as second:
         assert json.loads(timed_events(second)[-1][1].data)["generated_tokens"] == 5
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 4
 
 
 def test_an_engine_killed_mid_stream_gives_one_error_event_and_a_clean_end(
