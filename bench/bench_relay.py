@@ -101,7 +101,7 @@ def front(upstream: str, tmp: Path) -> Iterator[Server]:
 def overhead(tokens: int, repeats: int, ttft_runs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        model = save_engine_model(tmp / "model")
+        model = save_engine_model(tmp / "model", hidden_size=32, layers=2, heads=4)  # tiny_falcon "tiny"
         with transformers_serve(model, tmp) as engine, front(f"{engine.url}/v1", tmp) as server:
             direct(engine.url, 50), relayed(server.url, 50)  # warm-up
             pairs = []

@@ -115,21 +115,38 @@ def wait_idle(upstream: Upstream, timeout: float) -> float:
     raise AssertionError(f"the upstream was still computing {timeout} s later")
 
 
-def save_engine_model(directory: Path) -> Path:
-    """A tiny random Falcon for ``transformers serve``: byte-level BPE, 40,000 tokens of context.
+def save_engine_model(directory: Path, *, hidden_size: int = 512, layers: int = 8, heads: int = 8) -> Path:
+    """A random Falcon for ``transformers serve``: byte-level BPE, 40,000 tokens of context.
 
+    The default size (22M parameters, 40 to 80 tokens/s on one core here) makes a 2048-token
+    generation last long enough that a test can tell an aborted one from one run to its end;
+    the benchmark asks for Falcon-7B's architecture at ``tests/tiny_falcon.py``'s tiny size.
     BPE because transformers' stop strings (``StopStringCriteria.clean_tokenizer_vocab``) fail
     on the WordLevel test tokenizer ("substring not found": its vocabulary has no token for the
     probe text "abcdef"). ``do_sample`` in its generation config because ``transformers serve``
     samples only when the model's config says so: a request's ``temperature`` above 0 alone
-    does not turn sampling on. The long context lets a generation run long enough to be cut.
+    does not turn sampling on.
     """
-    from transformers import GenerationConfig
+    import torch
+    from transformers import FalconConfig, FalconForCausalLM
 
-    from tests.tiny_falcon import save_model
+    from tests.tiny_falcon import EOS, byte_bpe_tokenizer
 
-    save_model(directory, tokenizer="bpe", context=40_000)
-    config = GenerationConfig.from_pretrained(directory)
-    config.do_sample = True
-    config.save_pretrained(directory)
+    tokenizer = byte_bpe_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    config = FalconConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=40_000,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
+    torch.manual_seed(0)
+    model = FalconForCausalLM(config)
+    model.generation_config.do_sample = True
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return directory
