@@ -30,6 +30,9 @@ setup(
         "llm": ["torch>=2.1", "transformers>=5", "tokenizers>=0.20", "accelerate>=1.0"],
         # The Redis run store (SSE_RUN_REDIS_URL): runs shared by workers and replicas.
         "redis": ["redis>=5"],
+        # flask_sse_run.relay's open_stream and the LLM upstream service (FALCON_UPSTREAM); no
+        # torch. urllib3 2.3 has read1: what has arrived, not a full buffer (latency per event).
+        "relay": ["requests>=2.32", "urllib3>=2.3"],
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -47,6 +50,11 @@ setup(
             "selenium>=4.11",
             # CORS tests: flask-cors as users add it, unchanged (the extension has no CORS code).
             "flask-cors>=4",
+            # The relay tests' real upstream: `transformers serve` (FastAPI, uvicorn, openai).
+            # 5.24 is the version whose /v1/completions stream was tested; its torch>=2.6 is
+            # met by the torch==2.13.0 installed first.
+            "transformers[serving]>=5.24",
+            "urllib3>=2.3",
         ],
         "dev": ["ruff>=0.6", "mypy>=1.10", "types-requests"],
     },

@@ -5,7 +5,9 @@ Enabled by the environment variable ``FALCON_MODEL``: a hub id such as
 is downloaded, torch is not even imported) and the Falcon endpoints answer 503 saying how to
 enable them. ``FALCON_CONCURRENCY`` (default 1) generations run at a time, ``FALCON_MAX_QUEUE``
 (default 8) more wait; beyond that, 503 with ``Retry-After``. ``app.config`` keys of the same
-names win over the environment (tests use them).
+names win over the environment (tests use them). ``FALCON_UPSTREAM`` (an OpenAI-compatible
+engine's URL) streams from that engine instead, with no model in this process (see
+:func:`upstream_service`).
 
 The model loads in each gunicorn worker after the fork (``post_worker_init`` in
 ``gunicorn.conf.py`` starts it; otherwise the first request does), on the worker's dedicated
@@ -25,7 +27,7 @@ from flask import Flask, Response, current_app, jsonify
 from pydantic import Field
 
 from flask_sse_run import SSERun
-from flask_sse_run.llm import GenerationParams, GenerationService, import_runtime
+from flask_sse_run.llm import GenerationParams, GenerationService, UpstreamService, import_runtime
 
 __all__ = ["EXTENSION_KEY", "falcon", "init_falcon"]
 
@@ -59,7 +61,7 @@ def run(
     "tokens_per_s": ...}``. ``temperature`` 0 decodes greedily. The output ends before the first
     of the ``stop`` strings. ``min_new_tokens`` forbids EOS before that many tokens.
     """
-    service: GenerationService = current_app.extensions[EXTENSION_KEY]
+    service: GenerationService | UpstreamService = current_app.extensions[EXTENSION_KEY]
     params = GenerationParams(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min(min_new_tokens, max_new_tokens),
@@ -87,9 +89,29 @@ def _show_progress(logger: logging.Logger) -> None:
         logger.setLevel(logging.INFO)
 
 
-def init_falcon(app: Flask) -> GenerationService:
+def upstream_service(app: Flask) -> UpstreamService | None:
+    """The engine-backed service when ``FALCON_UPSTREAM`` is set (it wins over ``FALCON_MODEL``).
+
+    ``FALCON_UPSTREAM`` is an OpenAI-compatible base URL (``http://host:port/v1``: vLLM, TGI,
+    ``transformers serve``); ``FALCON_UPSTREAM_MODEL`` the model name to ask for (default: the
+    engine's only one), ``FALCON_UPSTREAM_API_KEY`` its bearer token, ``FALCON_UPSTREAM_EXTENSIONS``
+    the non-OpenAI parameters it takes (``top_k,repetition_penalty,min_new_tokens`` for vLLM).
+    """
+    url = _setting(app, "FALCON_UPSTREAM", None)
+    if not url:
+        return None
+    extensions = _setting(app, "FALCON_UPSTREAM_EXTENSIONS", "") or ""
+    return UpstreamService(
+        url,
+        model=_setting(app, "FALCON_UPSTREAM_MODEL", None),
+        api_key=_setting(app, "FALCON_UPSTREAM_API_KEY", None),
+        extensions=[name.strip() for name in extensions.split(",") if name.strip()],
+    )
+
+
+def init_falcon(app: Flask) -> GenerationService | UpstreamService:
     """Add the Falcon endpoints to ``app``; the model starts loading in a worker, not here."""
-    service = GenerationService(
+    service = upstream_service(app) or GenerationService(
         _setting(app, "FALCON_MODEL", None),
         concurrency=int(_setting(app, "FALCON_CONCURRENCY", "1") or 1),
         max_queue=int(_setting(app, "FALCON_MAX_QUEUE", "8") or 8),
@@ -119,7 +141,7 @@ def start_in_worker(app: Any) -> None:
 
 def prepare_worker() -> None:
     """Import the LLM runtime in a fresh worker when ``FALCON_MODEL`` is set: for gunicorn's hook."""
-    if os.environ.get("FALCON_MODEL"):
+    if os.environ.get("FALCON_MODEL") and not os.environ.get("FALCON_UPSTREAM"):  # an engine needs no torch
         # gevent's patching walks every object and trips over a deprecated torch alias.
         warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op", category=FutureWarning)
         try:

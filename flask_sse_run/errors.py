@@ -10,6 +10,7 @@ __all__ = [
     "RequestError",
     "SSERunError",
     "UnreadableBody",
+    "UpstreamError",
 ]
 
 
@@ -63,3 +64,26 @@ class UnreadableBody(RequestError):
     def __init__(self, reason: str) -> None:
         super().__init__(400, "the request body could not be read: malformed framing or an incomplete body")
         self.reason = reason
+
+
+class UpstreamError(RequestError):
+    """An upstream server whose stream is relayed refused, failed, went silent or was unreachable.
+
+    Raised by :mod:`flask_sse_run.relay`. Before the response starts it is a
+    :class:`RequestError`: a JSON error with ``status`` (the upstream's own 4xx, or 502, 503,
+    504). Raised inside a stream, the ``error`` event shows its message and status even
+    without ``SSE_RUN_EXPOSE_ERRORS``: the message is made by the relay from the upstream's
+    status and error text (one line, at most 300 characters), never from this server's own
+    state, so it is safe to show. ``upstream_status`` is the upstream's HTTP status, if any.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        upstream_status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status, message, headers=headers)
+        self.upstream_status = upstream_status

@@ -26,6 +26,7 @@ from werkzeug.datastructures import Headers
 
 from .cancellation import TOKEN_VAR, CancelToken
 from .compression import GzipStream
+from .errors import UpstreamError
 from .events import Event, encode
 
 __all__ = [
@@ -59,8 +60,14 @@ class StreamOptions:
 
 
 def error_event(exc: BaseException, *, expose: bool, request_id: str) -> bytes:
-    """The ``error`` event that ends a stream whose generator raised ``exc``."""
-    if expose:
+    """The ``error`` event that ends a stream whose generator raised ``exc``.
+
+    An :class:`~flask_sse_run.errors.UpstreamError` always shows its message and status: it
+    says what the upstream did, which the client needs to know (retry, or fix the request).
+    """
+    if isinstance(exc, UpstreamError):
+        data: dict[str, object] = {"type": "UpstreamError", "message": exc.message, "status": exc.status}
+    elif expose:
         data = {"type": type(exc).__name__, "message": str(exc)}
     else:
         data = {"type": "InternalError", "message": f"the stream failed (request id {request_id})"}

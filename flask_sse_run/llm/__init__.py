@@ -12,6 +12,7 @@ from .loading import LoadedModel, import_runtime, load_kwargs, load_pretrained
 from .params import GenerationParams
 from .service import GenerationService
 from .stops import StopStrings
+from .upstream import UpstreamService
 
 __all__ = [
     "DeviceQueue",
@@ -21,6 +22,7 @@ __all__ = [
     "LoadedModel",
     "StopStrings",
     "Ticket",
+    "UpstreamService",
     "import_runtime",
     "load_kwargs",
     "load_pretrained",

@@ -1,0 +1,269 @@
+"""Relaying a real engine: ``transformers serve`` with a tiny random Falcon on the CPU.
+
+The Falcon blueprint with ``FALCON_UPSTREAM`` (through Flask's test client, and under real
+gunicorn with the gevent worker), and the generic relay, against the engine's
+``/v1/completions`` stream. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+pytest.importorskip("fastapi")  # transformers[serving]
+pytest.importorskip("torch")
+
+from example_app import create_app
+from flask_sse_run.testing import ServerSentEvent, SSEParser, parse_events
+from tests import relay_apps
+from tests.live import ROOT, Server, free_port, gunicorn
+from tests.upstreams import Upstream, save_engine_model, transformers_serve, wait_answering, wait_idle
+
+PROMPT = "Tell me a story"
+NO_GZIP = {"Accept-Encoding": "identity"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_engine_model(tmp_path_factory.mktemp("engine-model"))
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Upstream]:
+    with transformers_serve(model_dir, tmp_path_factory.mktemp("engine")) as upstream:
+        yield upstream
+
+
+def engine_text(engine: Upstream, body: dict[str, Any]) -> str:
+    """What the engine itself streams for ``body`` (its own endpoint, no relay)."""
+    response = requests.post(f"{engine.url}/v1/completions", json={**body, "stream": True}, timeout=60)
+    chunks = [json.loads(e.data) for e in parse_events(response.content)]
+    return "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
+
+
+def run(client: Any, body: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+    response = client.post("/falcon/run", json=body)
+    if response.mimetype != "text/event-stream":
+        return response.status_code, [response.get_json()]
+    return response.status_code, [json.loads(e.data) for e in parse_events(response.get_data())]
+
+
+@pytest.fixture(scope="module")
+def client(engine: Upstream) -> Any:
+    return create_app({"TESTING": True, "FALCON_UPSTREAM": f"{engine.url}/v1"}).test_client()
+
+
+# -- the blueprint through the test client ----------------------------------------------------
+
+
+def test_the_blueprint_streams_the_engines_text_with_the_same_events(client: Any, engine: Upstream) -> None:
+    status, events = run(client, {"prompt": PROMPT, "max_new_tokens": 20, "temperature": 0})
+    assert status == 200
+    pieces, summary = events[:-1], events[-1]
+    assert [p["index"] for p in pieces] == list(range(len(pieces))) and all(p["text"] for p in pieces)
+    text = "".join(p["text"] for p in pieces)
+    assert text == engine_text(engine, {"prompt": PROMPT, "max_tokens": 20, "temperature": 0})
+    assert summary["finish_reason"] == "length" and summary["generated_tokens"] == 20  # the engine's usage
+    assert summary["time_to_first_token_ms"] > 0 and summary["tokens_per_s"] > 0
+
+
+def test_the_seed_and_sampling_parameters_reach_the_engine(client: Any) -> None:
+    body = {"prompt": PROMPT, "max_new_tokens": 30, "temperature": 1.0, "top_p": 0.95, "seed": 3}
+
+    def text(**change: Any) -> str:
+        return "".join(e.get("text", "") for e in run(client, {**body, **change})[1][:-1])
+
+    first = text()
+    assert text() == first
+    assert text(seed=4) != first
+    assert text(temperature=0) != first  # greedy
+
+
+def test_stop_strings_end_the_text_before_them(client: Any) -> None:
+    body: dict[str, Any] = {"prompt": PROMPT, "max_new_tokens": 40, "temperature": 1.0}
+    for seed in range(11, 31):  # a sampled text long enough to hold a stop string in its middle
+        body["seed"] = seed
+        full = "".join(e.get("text", "") for e in run(client, body)[1][:-1])
+        if len(full) >= 12:
+            break
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    status, events = run(client, {**body, "stop": [stop]})
+    assert status == 200
+    assert "".join(e.get("text", "") for e in events[:-1]) == full[: full.find(stop)]
+    assert events[-1]["finish_reason"] == "stop"
+
+
+def test_parameters_the_engine_cannot_take_get_422_before_it_is_asked(client: Any) -> None:
+    status, (body,) = run(
+        client, {"prompt": PROMPT, "top_k": 5, "repetition_penalty": 1.3, "min_new_tokens": 2}
+    )
+    assert status == 422
+    assert [d["loc"] for d in body["detail"]] == [["top_k"], ["repetition_penalty"], ["min_new_tokens"]]
+    status, (body,) = run(client, {"prompt": PROMPT, "temperature": 5})  # the blueprint's own validation
+    assert status == 422 and body["detail"][0]["loc"] == ["temperature"]
+
+
+def test_the_engines_refusal_keeps_its_status_and_message(engine: Upstream, model_dir: Path) -> None:
+    config = {"TESTING": True, "FALCON_UPSTREAM": f"{engine.url}/v1", "FALCON_UPSTREAM_MODEL": "other"}
+    status, (body,) = run(create_app(config).test_client(), {"prompt": PROMPT})
+    assert status == 400
+    assert body == {
+        "error": f"the upstream refused the request (HTTP 400): Server is pinned to '{model_dir}'; "
+        "requested 'other'."
+    }
+
+
+def test_health_reports_the_engine(client: Any, model_dir: Path, engine: Upstream) -> None:
+    response = client.get("/falcon/health")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "ready" and body["upstream"] == f"{engine.url}/v1"
+    assert body["model"] == str(model_dir) and body["models"] == [str(model_dir)]
+    assert body["finished"]["length"] >= 1 and body["last_generation"]["generated_tokens"] >= 1
+
+
+def test_an_unreachable_engine_is_reported_and_refused_with_503() -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    client = create_app({"TESTING": True, "FALCON_UPSTREAM": url}).test_client()
+    health = client.get("/falcon/health")
+    assert health.status_code == 503
+    assert health.get_json() == {
+        "status": "failed",
+        "upstream": url,
+        "error": "the upstream is unreachable: ConnectionError",
+    }
+    status, (body,) = run(client, {"prompt": PROMPT})
+    assert status == 503 and body == {"error": "the upstream is unreachable (ConnectionRefusedError)"}
+
+
+def test_the_app_in_front_of_an_engine_imports_no_torch(engine: Upstream) -> None:
+    script = (
+        "import json, sys\n"
+        "from example_app import create_app\n"
+        f"client = create_app({{'FALCON_UPSTREAM': '{engine.url}/v1'}}).test_client()\n"
+        "body = {'prompt': 'Tell me a story', 'max_new_tokens': 3, 'temperature': 0}\n"
+        "response = client.post('/falcon/run', json=body)\n"
+        "assert response.status_code == 200, response.get_data()\n"
+        "print(json.dumps([m for m in ('torch', 'transformers') if m in sys.modules]))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (
+            {"prompt": PROMPT, "stream": True, "unexpected": 1},
+            422,
+            "the upstream refused the request (HTTP 422): Unexpected fields in the request: {'unexpected'}",
+        ),
+        (
+            {"prompt": PROMPT, "stream": True, "generation_config": "not json"},
+            502,
+            "the upstream failed (HTTP 500): Internal Server Error",
+        ),
+    ],
+)
+def test_the_generic_relay_maps_the_engines_refusals(
+    engine: Upstream, body: dict[str, Any], status: int, message: str
+) -> None:
+    client = relay_apps.create_app(TESTING=True).test_client()
+    response = client.post("/relay_from", json={"url": f"{engine.url}/v1/completions", "body": body})
+    assert (response.status_code, response.get_json()) == (status, {"error": message})
+
+
+# -- under gunicorn's gevent worker ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, engine: Upstream) -> Iterator[Server]:
+    env = {"FALCON_UPSTREAM": f"{engine.url}/v1", "FALCON_MODEL": ""}
+    with gunicorn("wsgi:app", tmp_path=tmp_path_factory.mktemp("front"), env=env) as srv:
+        wait_answering(f"{srv.url}/falcon/health", srv.process, srv.log_path, 30)
+        yield srv
+
+
+def post(server: Server, body: dict[str, Any]) -> requests.Response:
+    return requests.post(f"{server.url}/falcon/run", json=body, headers=NO_GZIP, stream=True, timeout=60)
+
+
+def timed_events(
+    response: requests.Response, limit: int | None = None
+) -> list[tuple[float, ServerSentEvent]]:
+    parser, out = SSEParser(), []
+    for chunk in response.raw.stream(65536, decode_content=True):
+        now = time.monotonic()
+        out.extend((now, event) for event in parser.feed(chunk))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def test_pieces_arrive_as_the_engine_makes_them(server: Server) -> None:
+    started = time.monotonic()
+    with post(server, {"prompt": PROMPT, "max_new_tokens": 100, "temperature": 0}) as response:
+        events = timed_events(response)
+    summary = json.loads(events[-1][1].data)
+    assert summary["finish_reason"] == "length" and summary["generated_tokens"] == 100
+    times = [t - started for t, _ in events[:-1]]
+    # Streamed, not collected: the first piece comes early and the pieces spread over the run.
+    assert times[0] < 0.25 * times[-1], (times[0], times[-1])
+    assert times[len(times) // 2] - times[0] > 0.25 * (times[-1] - times[0])
+
+
+def test_a_client_that_leaves_ends_the_engines_generation(server: Server, engine: Upstream) -> None:
+    response = post(server, {"prompt": PROMPT, "max_new_tokens": 2048, "temperature": 0})
+    assert len(timed_events(response, limit=20)) >= 20
+    response.close()
+    # 2048 tokens take the engine over 25 s; it stops computing at once instead.
+    assert wait_idle(engine, timeout=3) < 3
+    health = requests.get(f"{server.url}/falcon/health", timeout=10).json()
+    assert health["finished"].get("cancelled", 0) >= 1
+    # The engine generates one request at a time: the next one runs at once, not after the
+    # 2000-odd tokens left of the first (over 25 s at this model's best speed here).
+    started = time.monotonic()
+    with post(server, {"prompt": PROMPT, "max_new_tokens": 5, "temperature": 0}) as second:
+        assert json.loads(timed_events(second)[-1][1].data)["generated_tokens"] == 5
+    assert time.monotonic() - started < 4
+
+
+def test_an_engine_killed_mid_stream_gives_one_error_event_and_a_clean_end(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    with transformers_serve(model_dir, tmp_path) as doomed:
+        env = {"FALCON_UPSTREAM": f"{doomed.url}/v1", "FALCON_MODEL": ""}
+        with gunicorn("wsgi:app", tmp_path=tmp_path, env=env) as front:
+            wait_answering(f"{front.url}/falcon/health", front.process, front.log_path, 30)
+            response = post(front, {"prompt": PROMPT, "max_new_tokens": 2048, "temperature": 0})
+            parser = SSEParser()
+            chunks = response.raw.stream(65536, decode_content=True)
+            received: list[ServerSentEvent] = []
+            for chunk in chunks:
+                received.extend(parser.feed(chunk))
+                if len(received) >= 10:
+                    break
+            doomed.kill()
+            for chunk in chunks:  # to the body's proper end: no ChunkedEncodingError
+                received.extend(parser.feed(chunk))
+            health = requests.get(f"{front.url}/falcon/health", timeout=10)
+    errors = [e for e in received if e.event == "error"]
+    assert len(errors) == 1 and received[-1] is errors[0]
+    assert all("text" in json.loads(e.data) for e in received[:-1])  # no summary: it did not finish
+    error = json.loads(errors[0].data)
+    assert error["type"] == "UpstreamError" and error["status"] == 502
+    assert error["message"].startswith("the upstream connection broke mid-stream (")
+    assert health.status_code == 503 and health.json()["status"] == "failed"
