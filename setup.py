@@ -30,6 +30,8 @@ setup(
         "llm": ["torch>=2.1", "transformers>=5", "tokenizers>=0.20", "accelerate>=1.0"],
         # The Redis run store (SSE_RUN_REDIS_URL): runs shared by workers and replicas.
         "redis": ["redis>=5"],
+        # Prometheus metrics (SSE_RUN_METRICS).
+        "metrics": ["prometheus-client>=0.20"],
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -42,6 +44,11 @@ setup(
             "cryptography>=42",
             # The Redis run store's tests (against a real redis-server that .ci/run installs).
             "redis>=5",
+            # The metrics' tests (gunicorn's multiprocess mode), and the tracing tests: a stream's
+            # span with the real SDK and its in-memory exporter.
+            "prometheus-client>=0.20",
+            "opentelemetry-sdk>=1.30",
+            "opentelemetry-instrumentation-flask>=0.51b0",
             # The example page's browser test: drives Debian's chromium through its chromedriver
             # (apt-get install chromium chromium-driver; nothing is downloaded).
             "selenium>=4.11",
