@@ -213,6 +213,7 @@ class GeventStream:
     def _take(self, tail: bytes = b"", *, last: bool = False) -> bytes:
         """Everything held, plus ``tail``, ready for the socket (gzipped if need be; ``last``:
         the gzip stream's end too)."""
+        items = len(self._pending)
         data = b"".join(self._pending) + tail if self._pending else tail
         self._pending.clear()
         if self._timer is not None and self._timer.active:
@@ -224,9 +225,8 @@ class GeventStream:
                 out += self._gzip.finish()
         record = self._options.record
         if record is not None and out:
-            # Events are counted by the blank line that ends each one: once per write. A ping
-            # (KEEPALIVE itself, sent alone) is no event.
-            record.wrote(0 if data is KEEPALIVE else data.count(b"\n\n"), len(out))
+            # The closing event is one more; a ping (KEEPALIVE itself, sent alone) is none.
+            record.wrote(items + (tail is not KEEPALIVE and tail != b""), data, len(out))
         return out
 
     def _guard_write(self) -> None:

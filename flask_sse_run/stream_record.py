@@ -6,10 +6,10 @@ id is in ``X-Run-ID``). When the app observes streams (:class:`Observers`: ``SSE
 :class:`StreamRecord`; otherwise it gets none, and its body does nothing more than before but
 one ``if`` per write.
 
-The body counts per write, never per event: the events in what it writes (the blank lines that
-end them, one ``bytes.count`` over a batch of events, or over a batch a run stored), and the
-bytes it hands the server (gzipped, keep-alive pings included; a ping is no event). At the end
-it names why the stream ended, one of :data:`ENDS`:
+The body counts per write, never per event: the events it writes (the items it joined; in a
+response that follows a run, whose items are the run's stored batches, the blank lines that end
+them), and the bytes it hands the server (gzipped, keep-alive pings included; a ping is no
+event). At the end it names why the stream ended, one of :data:`ENDS`:
 
 =============  ===============================================================================
 ``complete``   the generator finished, or the run that the response followed did
@@ -150,8 +150,13 @@ class StreamRecord:
         if metrics is not None:
             metrics.started()
 
-    def wrote(self, events: int, nbytes: int) -> None:
-        """One write: ``events`` whole events in ``nbytes`` bytes."""
+    def wrote(self, items: int, data: bytes, nbytes: int) -> None:
+        """One write of ``items`` encoded items (``data``, before gzip) in ``nbytes`` bytes.
+
+        An item is one event, except in a response that follows a run: there an item is a batch
+        of the run's stored events, which are counted by the blank line that ends each one.
+        """
+        events = items if self.run_id is None else data.count(b"\n\n")
         if events and self.first_event is None:
             self.first_event = perf_counter() - self.started
         self.events += events

@@ -155,7 +155,7 @@ def inline_body(source: Iterator[Any], options: StreamOptions, *, token: CancelT
         if gzip is not None:
             end = gzip.finish()
             if record is not None:
-                record.wrote(0, len(end))
+                record.wrote(0, b"", len(end))
             yield end
     except GeneratorExit:  # while the closing event was written
         ended_by = "closed"
@@ -167,8 +167,8 @@ def inline_body(source: Iterator[Any], options: StreamOptions, *, token: CancelT
 
 def _written(record: StreamRecord | None, write: Any, data: bytes) -> bytes:
     out: bytes = write(data)
-    if record is not None:  # events are counted by the blank line that ends each one
-        record.wrote(data.count(b"\n\n"), len(out))
+    if record is not None:
+        record.wrote(1, data, len(out))
     return out
 
 

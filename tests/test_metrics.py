@@ -179,7 +179,7 @@ from flask_sse_run.stream_record import Observers
 metrics = stream_metrics()
 record = Observers(metrics=metrics).stream("", sys.argv[1], "r")
 record.begin()
-record.wrote(int(sys.argv[2]), 100)
+record.wrote(int(sys.argv[2]), b"", 100)
 if sys.argv[3] == "end":
     record.finish(None, None)
 llm_metrics().tokens.inc(int(sys.argv[2]))
