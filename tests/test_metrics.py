@@ -264,3 +264,19 @@ def test_the_metrics_view_sums_every_process_and_sweeps_the_dead(
     assert found[("sse_run_events_total", (("function", "w"),))] == 3
     assert f"counter_{pids[0]}.db" not in os.listdir(tmp_path)
     assert json.dumps(sorted(os.listdir(tmp_path))).count("archive") == 2
+
+
+def test_the_llm_metrics_can_be_recorded_from_a_decoding_thread_under_gevent(tmp_path: Path) -> None:
+    # The blueprint decodes in real OS threads: recording there, while greenlets record and
+    # scrape, neither deadlocks nor loses a count (prometheus_client's locks are gevent's then).
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests/scripts/llm_metrics_threads.py")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["values"]["sse_run_llm_tokens_total"] == 20_000
+    assert seen["values"]["sse_run_llm_tokens_after_cancel_total"] == 20_000
+    assert seen["values"]["sse_run_llm_time_per_output_token_seconds_count"] == 20_000
+    assert any(name.startswith("gauge_livesum_") for name in seen["files"])
