@@ -3,7 +3,8 @@
 Run: ``gunicorn -c gunicorn.conf.py wsgi:app``. Environment variables: GUNICORN_BIND,
 GUNICORN_WORKERS, GUNICORN_WORKER_CONNECTIONS, GUNICORN_TIMEOUT, GUNICORN_GRACEFUL_TIMEOUT,
 GUNICORN_KEEPALIVE, GUNICORN_BACKLOG, GUNICORN_LOGLEVEL, GUNICORN_ACCESSLOG,
-GUNICORN_WORKER_CLASS, GUNICORN_CONTROL_SOCKET; FALCON_MODEL enables the Falcon blueprint.
+GUNICORN_WORKER_CLASS, GUNICORN_CONTROL_SOCKET; FALCON_MODEL enables the Falcon blueprint;
+PROMETHEUS_MULTIPROC_DIR puts the metrics (SSE_RUN_METRICS) of every worker in one scrape.
 """
 
 import os
@@ -43,6 +44,41 @@ control_socket = _env("CONTROL_SOCKET", "")
 control_socket_disable = not control_socket
 
 
+def on_starting(server: object) -> None:
+    """In the master, before any worker: ``PROMETHEUS_MULTIPROC_DIR``, if set, made and emptied.
+
+    Each worker writes its metrics there (prometheus_client's multiprocess mode); files left by
+    an earlier server would add its counts to this one's. A re-exec (USR2) keeps them: the old
+    master's workers still count. Plain code: the master must not import flask_sse_run (see
+    ``flask_sse_run/metrics_files.py``).
+    """
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir and "GUNICORN_PID" not in os.environ:
+        os.makedirs(metrics_dir, exist_ok=True)
+        for entry in os.scandir(metrics_dir):
+            if entry.is_file():
+                os.remove(entry.path)
+
+
+def child_exit(server: object, worker: Any) -> None:
+    """In the master, for each worker that exited, however it died (SIGKILL, max_requests ...).
+
+    Its live gauges go (``sse_run_streams_active`` stops counting its streams), and a marker
+    asks the next scrape to merge its counters and histograms into one file, so dead workers'
+    files do not pile up (prometheus_client #275, #568).
+    """
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not metrics_dir or not os.path.isdir(metrics_dir):
+        return
+    try:
+        from prometheus_client import multiprocess
+    except ImportError:  # metrics are off without it: no file to look after
+        return
+    multiprocess.mark_process_dead(worker.pid, metrics_dir)
+    with open(os.path.join(metrics_dir, f"dead_{worker.pid}"), "w"):
+        pass
+
+
 def post_fork(server: object, worker: object) -> None:
     """In each worker, before gevent patches it: import torch and transformers if they serve.
 
@@ -66,10 +102,13 @@ def post_worker_init(worker: object) -> None:
     import gc
 
     from flask_sse_run.shutdown import install_gunicorn_hook
+    from flask_sse_run.stream_log import log_with_gunicorn
 
     # Streams outlive any graceful_timeout: on SIGTERM, open streams get the shutdown event
     # (SSE_RUN_SHUTDOWN_EVENT) and end cleanly instead of being cut mid-event at the deadline.
     install_gunicorn_hook(worker)
+    # The line each stream logs at its end (SSE_RUN_STREAM_LOG) goes where gunicorn's log goes.
+    log_with_gunicorn(worker)
     # Move everything allocated so far out of the collector's sight. With thousands of streams,
     # full collections scanning long-lived app objects are the latency tail (measured: first-event
     # p99 57 ms with GC as is, 1.4 ms with GC off).

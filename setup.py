@@ -33,6 +33,8 @@ setup(
         # flask_sse_run.relay's open_stream and the LLM upstream service (FALCON_UPSTREAM); no
         # torch. urllib3 2.3 has read1: what has arrived, not a full buffer (latency per event).
         "relay": ["requests>=2.32", "urllib3>=2.3"],
+        # Prometheus metrics (SSE_RUN_METRICS).
+        "metrics": ["prometheus-client>=0.20"],
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -45,6 +47,11 @@ setup(
             "cryptography>=42",
             # The Redis run store's tests (against a real redis-server that .ci/run installs).
             "redis>=5",
+            # The metrics' tests (gunicorn's multiprocess mode), and the tracing tests: a stream's
+            # span with the real SDK and its in-memory exporter.
+            "prometheus-client>=0.20",
+            "opentelemetry-sdk>=1.30",
+            "opentelemetry-instrumentation-flask>=0.51b0",
             # The example page's browser test: drives Debian's chromium through its chromedriver
             # (apt-get install chromium chromium-driver; nothing is downloaded).
             "selenium>=4.11",

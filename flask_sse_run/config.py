@@ -62,6 +62,13 @@ class Settings(BaseModel):
     redis_url: str | None = None
     #: Prefix of every Redis key the run store writes (several apps can share one Redis).
     redis_prefix: str = Field("sse-run:", min_length=1)
+    #: Record Prometheus metrics of streams (needs the ``metrics`` extra: prometheus_client).
+    metrics: bool = False
+    #: Where ``GET`` serves the metrics while ``metrics`` is on; ``None``: nowhere (mount
+    #: :func:`flask_sse_run.metrics.metrics_view` yourself).
+    metrics_path: str | None = "/metrics"
+    #: One log line per stream at its end (logger ``flask_sse_run.streams``, INFO).
+    stream_log: bool = True
     #: ``info.title`` of ``openapi.json``; ``None`` uses the app's name.
     openapi_title: str | None = None
     #: ``info.version`` of ``openapi.json``: the version of your API, not of this package.
@@ -77,6 +84,13 @@ class Settings(BaseModel):
     def _one_line(cls, value: str | None) -> str | None:
         if value is not None and (not value or "\n" in value or "\r" in value):
             raise ValueError("must be a non-empty name without line breaks")
+        return value
+
+    @field_validator("metrics_path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or len(value) < 2):
+            raise ValueError("must be a path such as /metrics, or None")
         return value
 
     @field_validator("auth_tokens", "jwt_algorithms", mode="before")

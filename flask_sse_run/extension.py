@@ -28,6 +28,7 @@ from .routing import Mount, add_rules, blueprint_endpoints
 from .runs.memory import MemoryRunStore
 from .runs.runtime import Runs
 from .runs.store import RunStore
+from .stream_record import Observers
 from .views import EXTENSION_KEY
 
 __all__ = ["SYNC_WORKER_WARNING", "RegisteredFunction", "SSERun", "State"]
@@ -77,6 +78,8 @@ class State:
     #: Every place an instance serves the app (on it, or through a blueprint's registration),
     #: each under its own prefix, in the order they were added.
     mounts: list[Mount] = field(default_factory=list)
+    #: Who is told of each stream (metrics, the trace, the log); ``None``: no one.
+    observers: Observers | None = None
 
 
 class SSERun:
@@ -112,6 +115,9 @@ class SSERun:
     - ``SSE_RUN_JWT_AUDIENCE`` [None]: required ``aud`` of JWTs.
     - ``SSE_RUN_OPENAPI_TITLE`` [None]: ``info.title`` of openapi.json (default: the app's name).
     - ``SSE_RUN_OPENAPI_VERSION`` ["1.0.0"]: ``info.version`` of openapi.json.
+    - ``SSE_RUN_METRICS`` [False]: record Prometheus metrics (the ``metrics`` extra).
+    - ``SSE_RUN_METRICS_PATH`` ["/metrics"]: where ``GET`` serves them; None: nowhere.
+    - ``SSE_RUN_STREAM_LOG`` [True]: one log line per stream at its end.
 
     Auth is on when ``SSE_RUN_AUTH_TOKENS`` or ``SSE_RUN_JWT_KEY`` is set: every function but
     those registered with ``public=True`` then needs ``Authorization: Bearer <token>`` (401).
@@ -189,8 +195,13 @@ class SSERun:
                 settings=settings,
                 auth=Authenticator.from_settings(settings),
                 runs=_runs(settings),
+                observers=Observers.from_settings(settings),
             )
             app.extensions[EXTENSION_KEY] = state
+            if settings.metrics:
+                from .metrics import serve_metrics
+
+                serve_metrics(app, settings.metrics_path)
             if gunicorn_sync_worker():
                 app.logger.warning(SYNC_WORKER_WARNING)
         add_rules(app, mount, defaults)

@@ -117,6 +117,8 @@ class GeventStream:
             self._running.close()
         else:  # never iterated: still close the user's generator
             close_stream_source(self._source, self._token, "closed", early=True, options=self._options)
+            if self._options.record is not None:
+                self._options.record.finish("closed", None)
 
     # -- the request greenlet ---------------------------------------------------------------
 
@@ -130,6 +132,8 @@ class GeventStream:
         loop.run_callback(self._arm)
         source, pending, token = self._source, self._pending, self._token
         error: BaseException | None = None
+        if options.record is not None:
+            options.record.begin()
         try:
             turn, started = loop.iteration, perf_counter()
             first = True
@@ -179,9 +183,7 @@ class GeventStream:
             if self._ended_by == "disconnect":
                 return
             tail = closing_events(options, error, shutdown=self._ended_by == "shutdown")
-            data = self._take(tail)
-            if self._gzip is not None:
-                data += self._gzip.finish()
+            data = self._take(tail, last=True)
             if data:
                 self._guard_write()
                 yield data
@@ -191,8 +193,9 @@ class GeventStream:
             raise
         finally:
             self._unguard_write()
-            early = self._ended_by is not None  # disconnect, shutdown or closed, before the end
-            self._ended_by = self._ended_by or "closed"
+            ended_by = self._ended_by
+            early = ended_by is not None  # disconnect, shutdown or closed, before the end
+            self._ended_by = ended_by or "closed"
             if self._watcher is not None:
                 self._watcher.close()
             if self._timer is not None:
@@ -201,19 +204,30 @@ class GeventStream:
             if self._writing:
                 self._wait_for_helper()
             close_stream_source(source, token, self._ended_by, early=early, options=options)
+            if options.record is not None:
+                options.record.finish(ended_by, error)
             # Break the cycles (greenlet -> frame -> body -> greenlet, and the server's response
             # object) now rather than at the next full collection.
             self._greenlet = self._write = None
 
-    def _take(self, tail: bytes = b"") -> bytes:
-        """Everything held, plus ``tail``, ready for the socket (gzipped if need be)."""
+    def _take(self, tail: bytes = b"", *, last: bool = False) -> bytes:
+        """Everything held, plus ``tail``, ready for the socket (gzipped if need be; ``last``:
+        the gzip stream's end too)."""
+        items = len(self._pending)
         data = b"".join(self._pending) + tail if self._pending else tail
         self._pending.clear()
         if self._timer is not None and self._timer.active:
             self._timer.again(self._keepalive_due)
-        if data and self._gzip is not None:
-            return self._gzip.write(data)
-        return data
+        out = data
+        if self._gzip is not None:
+            out = self._gzip.write(data) if data else b""
+            if last:
+                out += self._gzip.finish()
+        record = self._options.record
+        if record is not None and out:
+            # The closing event is one more; a ping (KEEPALIVE itself, sent alone) is none.
+            record.wrote(items + (tail is not KEEPALIVE and tail != b""), data, len(out))
+        return out
 
     def _guard_write(self) -> None:
         # The server writes what is yielded: a write still blocked after send_timeout (a

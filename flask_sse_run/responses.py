@@ -16,11 +16,12 @@ from .cancellation import CancelToken
 from .concurrency import gevent_patched
 from .errors import RequestError
 from .events import json_dumps
-from .streaming import StreamOptions, StreamResponse, TrustedHeaders, inline_body
+from .streaming import ObservedBody, StreamOptions, StreamResponse, TrustedHeaders, inline_body
 
 if TYPE_CHECKING:
     from .config import Settings
     from .gevent_stream import GeventStream
+    from .stream_record import StreamRecord
 
 __all__ = ["error_response", "json_response", "no_content", "options_response", "stream_response"]
 
@@ -79,12 +80,14 @@ def stream_response(
     token: CancelToken,
     *,
     run_id: str | None = None,
+    record: StreamRecord | None = None,
 ) -> Response:
     """Stream ``source`` as Server-Sent Events.
 
     With ``run_id`` the source is a resumable run's tail: it yields the run's own stored
     events, its end among them, so no end event is added here, and the response says which
-    run it follows (``X-Run-ID``).
+    run it follows (``X-Run-ID``). ``record`` (when the app observes streams) counts what the
+    stream sends, and is told how it ended.
     """
     gzip = settings.gzip and _accepts_gzip(req)
     options = StreamOptions(
@@ -96,6 +99,7 @@ def stream_response(
         keepalive=settings.keepalive,
         gzip=gzip,
         send_timeout=settings.send_timeout,
+        record=record,
     )
     if run_id is None:  # a tail reads the store only: it needs no request context
         source = stream_with_context(source)
@@ -104,6 +108,8 @@ def stream_response(
         body = _gevent_stream()(source, options, token=token, sock=req.environ.get("gunicorn.socket"))
     else:
         body = inline_body(source, options, token=token)
+        if record is not None:
+            body = ObservedBody(body, record)
     # The request id is the client's only if it matched negotiation's plain pattern.
     headers = [
         ("Content-Type", "text/event-stream; charset=utf-8"),
@@ -117,4 +123,6 @@ def stream_response(
         headers.append(("Vary", "Accept-Encoding"))
     if gzip:
         headers.append(("Content-Encoding", "gzip"))
-    return StreamResponse(body, status=200, headers=TrustedHeaders(headers), direct_passthrough=True)
+    response = StreamResponse(body, status=200, headers=TrustedHeaders(headers), direct_passthrough=True)
+    response.record = record
+    return response

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Response
 from werkzeug.datastructures import Headers
@@ -29,7 +29,11 @@ from .compression import GzipStream
 from .errors import UpstreamError
 from .events import Event, encode
 
+if TYPE_CHECKING:
+    from .stream_record import StreamRecord
+
 __all__ = [
+    "ObservedBody",
     "StreamOptions",
     "StreamResponse",
     "TrustedHeaders",
@@ -53,6 +57,8 @@ class StreamOptions:
     keepalive: float = 0.0
     gzip: bool = False
     send_timeout: float = 0.0
+    #: What the stream did, for metrics, the trace and the log; ``None`` when nobody asks.
+    record: StreamRecord | None = None
 
     def new_gzip(self) -> GzipStream | None:
         """A compressor for this stream, if it is gzipped."""
@@ -123,33 +129,77 @@ def inline_body(source: Iterator[Any], options: StreamOptions, *, token: CancelT
     """Encode ``source`` in the calling thread, one write per event."""
     gzip = options.new_gzip()
     write = gzip.write if gzip is not None else bytes
+    record = options.record
+    if record is not None:
+        record.begin()
     error: BaseException | None = None
-    early = False
+    ended_by: str | None = None
     try:
-        while True:
-            # The token is bound around each step only: a context variable set across a yield
-            # would leak into, and have to be reset from, whatever context the server is in.
-            bound = TOKEN_VAR.set(token)
-            try:
-                item = next(source)
-            except StopIteration:
-                break
-            finally:
-                TOKEN_VAR.reset(bound)
-            yield write(encode(item))
-    except GeneratorExit:  # the server closed the body (a write failed: the client is gone)
-        early = True
+        try:
+            while True:
+                # The token is bound around each step only: a context variable set across a
+                # yield would leak into, and have to be reset from, whatever context the server
+                # is in.
+                bound = TOKEN_VAR.set(token)
+                try:
+                    item = next(source)
+                except StopIteration:
+                    break
+                finally:
+                    TOKEN_VAR.reset(bound)
+                yield _written(record, write, encode(item))
+        except GeneratorExit:  # the server closed the body (a write failed: the client is gone)
+            ended_by = "closed"
+            raise
+        except Exception as exc:
+            error = exc
+            options.logger.error("stream %s failed", options.request_id, exc_info=exc)
+        finally:
+            close_stream_source(source, token, "closed", early=ended_by is not None, options=options)
+        tail = closing_events(options, error)
+        if tail:
+            yield _written(record, write, tail)
+        if gzip is not None:
+            end = gzip.finish()
+            if record is not None:
+                record.wrote(0, b"", len(end))
+            yield end
+    except GeneratorExit:  # while the closing event was written
+        ended_by = "closed"
         raise
-    except Exception as exc:
-        error = exc
-        options.logger.error("stream %s failed", options.request_id, exc_info=exc)
     finally:
-        close_stream_source(source, token, "closed", early=early, options=options)
-    tail = closing_events(options, error)
-    if tail:
-        yield write(tail)
-    if gzip is not None:
-        yield gzip.finish()
+        if record is not None:
+            record.finish(ended_by, error)
+
+
+def _written(record: StreamRecord | None, write: Any, data: bytes) -> bytes:
+    out: bytes = write(data)
+    if record is not None:
+        record.wrote(1, data, len(out))
+    return out
+
+
+class ObservedBody:
+    """An :func:`inline_body` whose record ends even if the server closes it unstarted.
+
+    (Closing a generator that never ran runs none of its code.)
+    """
+
+    __slots__ = ("_body", "_record")
+
+    def __init__(self, body: Iterator[bytes], record: StreamRecord) -> None:
+        self._body = body
+        self._record = record
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._body
+
+    def close(self) -> None:
+        """Close the body; its record ends as a disconnect if the body had not ended it."""
+        try:
+            close_iterator(self._body)
+        finally:
+            self._record.finish("closed", None)
 
 
 class TrustedHeaders(Headers):
@@ -177,6 +227,9 @@ class StreamResponse(Response):
     keep-alive comments and held events while the generator is blocked.
     """
 
+    #: What the stream did (see :mod:`.stream_record`), when the app observes streams.
+    record: StreamRecord | None = None
+
     def get_wsgi_headers(self, environ: Any) -> Any:
         """The headers as they are: a stream has no Location or Content-Length to fix up.
 
@@ -186,6 +239,8 @@ class StreamResponse(Response):
 
     def __call__(self, environ: Any, start_response: Any) -> Any:
         app_iter, status, headers = self.get_wsgi_response(environ)
+        if self.record is not None:  # still inside the request: before Flask's teardown
+            self.record.take_span(environ)
         write = start_response(status, headers)
         attach = getattr(self.response, "attach_writer", None)
         if attach is not None and callable(write):

@@ -149,7 +149,9 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction], prefix
         if resumable and (stream or respond_async(req)):
             return start_run(state, name, prefix, result, req, rid)
         if stream:
-            return stream_response(result, req, settings, rid, token)
+            observers = state.observers
+            record = None if observers is None else observers.stream(prefix, name, rid)
+            return stream_response(result, req, settings, rid, token, record=record)
     if isinstance(result, (Awaitable, AsyncIterator)):  # checked after the common case
         return _async_result(name, result, rid)
 

@@ -96,9 +96,11 @@ def start_run(
             rid,
             {"Location": url, "Preference-Applied": "respond-async", "X-Run-ID": run_id},
         )
+    record = None if state.observers is None else state.observers.stream(prefix, name, rid, run_id)
     return stream_response(
-        tail(state.runs.store, run_id, 0), req, settings, rid, CancelToken(), run_id=run_id
-    )
+        tail(state.runs.store, run_id, 0, record), req, settings, rid, CancelToken(), run_id=run_id,
+        record=record,
+    )  # fmt: skip
 
 
 def resume_on_function_url(state: State, name: str, prefix: str, req: Request, rid: str) -> Response:
@@ -119,10 +121,12 @@ def _follow(state: State, info: RunInfo, after: int, req: Request, rid: str) -> 
         raise RequestError(406, f"a run is followed as {STREAM}")
     if not info.running and info.last_seq <= after:
         return no_content(rid, {"X-Run-ID": info.run_id})  # read to its end: stop reconnecting
-    store = state.runs.store
+    store, observers = state.runs.store, state.observers
+    record = None if observers is None else observers.stream(info.prefix, info.function, rid, info.run_id)
     return stream_response(
-        tail(store, info.run_id, after), req, state.settings, rid, CancelToken(), run_id=info.run_id
-    )
+        tail(store, info.run_id, after, record), req, state.settings, rid, CancelToken(),
+        run_id=info.run_id, record=record,
+    )  # fmt: skip
 
 
 def run_view(run_id: str, functions: Mapping[str, RegisteredFunction], prefix: str = "") -> Response:

@@ -11,10 +11,14 @@ says how many events were dropped, never a silent gap.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..events import Encoded, Event
 from .ids import event_id
 from .store import RunStore, StoreUnavailable
+
+if TYPE_CHECKING:
+    from ..stream_record import StreamRecord
 
 __all__ = ["MISSED_EVENT", "READ_LIMIT", "missed_event", "tail"]
 
@@ -32,11 +36,11 @@ def missed_event(run_id: str, last_missed: int, count: int) -> bytes:
     return Event(data={"missed": count}, event=MISSED_EVENT, id=event_id(run_id, last_missed)).encode()
 
 
-def tail(store: RunStore, run_id: str, after: int) -> Iterator[Encoded]:
+def tail(store: RunStore, run_id: str, after: int, record: StreamRecord | None = None) -> Iterator[Encoded]:
     """Yield the run's encoded events after seq ``after``, live, until the run has ended.
 
     The client counts as attached to the run (its reconnect window does not run) from the
-    first step until the generator is closed.
+    first step until the generator is closed. ``record`` learns how the run ended.
     """
     attached = False
     try:
@@ -55,9 +59,13 @@ def tail(store: RunStore, run_id: str, after: int) -> Iterator[Encoded]:
                 yield Encoded(b"".join([data for _, data in found.events]))
                 continue
             if found.ended:
+                if record is not None:
+                    record.outcome = found.status
                 return
             store.wait(run_id, position, WAIT_TIMEOUT)
     except StoreUnavailable as exc:  # the store went away mid-stream: say so, and end cleanly
+        if record is not None:
+            record.outcome = "error"
         failure = {"type": "StoreUnavailable", "message": exc.message}
         yield Encoded(Event(data=failure, event="error").encode())
     finally:
