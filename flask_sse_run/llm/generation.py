@@ -27,6 +27,7 @@ from ..streaming import close_iterator
 from ..threads import StreamClosed, ThreadChannel, run_in_thread
 from .detokenize import IncrementalDetokenizer
 from .params import GenerationParams
+from .scheduler import eos_token_ids
 from .stops import StopStrings
 
 __all__ = ["stream_text"]
@@ -92,15 +93,6 @@ class _StopWhen(StoppingCriteria):
         return cast(torch.BoolTensor, flags)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return {int(eos)} if isinstance(eos, int) else {int(i) for i in eos}
-
-
 def stream_text(
     model: Any,
     tokenizer: Any,
@@ -123,7 +115,7 @@ def stream_text(
     ``executor`` (:func:`~flask_sse_run.thread_executor`): torch then runs on one thread only.
     """
     started = time.perf_counter() if started is None else started
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
     state: dict[str, Any] = {}
 
