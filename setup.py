@@ -28,6 +28,8 @@ setup(
         # torch first: `pip install torch==2.13.0` before this extra takes the local CPU wheel.
         # accelerate: device_map="auto" (a model spread over the GPUs).
         "llm": ["torch>=2.1", "transformers>=5", "tokenizers>=0.20", "accelerate>=1.0"],
+        # The Redis run store (SSE_RUN_REDIS_URL): runs shared by workers and replicas.
+        "redis": ["redis>=5"],
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -38,6 +40,11 @@ setup(
             "schemathesis>=4.30",
             # RS256 tokens in the auth tests (PyJWT needs it for every public-key algorithm).
             "cryptography>=42",
+            # The Redis run store's tests (against a real redis-server that .ci/run installs).
+            "redis>=5",
+            # The example page's browser test: drives Debian's chromium through its chromedriver
+            # (apt-get install chromium chromium-driver; nothing is downloaded).
+            "selenium>=4.11",
         ],
         "dev": ["ruff>=0.6", "mypy>=1.10", "types-requests"],
     },

@@ -7,6 +7,8 @@ flask-sse-run. Both expose GET /stats for the benchmark to look inside the worke
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -62,8 +64,12 @@ def plain_app() -> Flask:
 
 def extension_app() -> Flask:
     app = Flask(__name__)
+    # The benchmark's settings (SSE_RUN_REDIS_URL ...), as tests.live passes them.
+    app.config.update(json.loads(os.environ.get("TEST_APP_CONFIG", "{}")))
     app.get("/stats")(_stats)
     sse = SSERun(app)
     for name, gen in GENERATORS.items():
         sse.function(name=name)(gen)
+        # The same generator as a resumable run (bench_runs compares the two).
+        sse.function(name=f"{name}_resumable", resumable=True)(gen)
     return app

@@ -56,10 +56,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def one_stream_rate(server: Server, events: int) -> float:
+def one_stream_rate(server: Server, events: int, path: str = "/firehose") -> float:
     started = time.monotonic()
     result = subprocess.run(
-        ["curl", "-sS", "-N", "-X", "POST", f"{server.url}/firehose", "-H", "Content-Type: application/json",
+        ["curl", "-sS", "-N", "-X", "POST", f"{server.url}{path}", "-H", "Content-Type: application/json",
          "--data", f'{{"n": {events}}}', "-o", "-"],
         capture_output=True, check=True,
     )  # fmt: skip
@@ -68,9 +68,10 @@ def one_stream_rate(server: Server, events: int) -> float:
     return events / elapsed
 
 
-def first_event_latency(server: Server, requests_count: int) -> tuple[float, float]:
+def first_event_latency(server: Server, requests_count: int, path: str = "/one") -> tuple[float, float]:
     request = (
-        b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        % path.encode()
     )
     latencies = []
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
@@ -87,7 +88,7 @@ def first_event_latency(server: Server, requests_count: int) -> tuple[float, flo
     return percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000
 
 
-def concurrent_streams(server: Server, clients: int, events: int) -> dict[str, Any]:
+def concurrent_streams(server: Server, clients: int, events: int, path: str = "/ticks") -> dict[str, Any]:
     pid = stats(server)["pid"]
     before = rss_kib(pid)
     peak = [before]
@@ -102,12 +103,13 @@ def concurrent_streams(server: Server, clients: int, events: int) -> dict[str, A
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    results = run_streams(server.port, "/ticks", {"n": events, "interval": 1.0}, clients, timeout=events + 30)
+    results = run_streams(server.port, path, {"n": events, "interval": 1.0}, clients, timeout=events + 30)
     done.set()
     sampler.join()
     ok = [r for r in results if r.status == 200 and r.complete and len(r.event_times) == events]
     gaps = [g for r in ok for g in _gaps(r.started, r.event_times)]
     return {
+        "clients": clients,
         "failed": clients - len(ok),
         "gap_p99": percentile(gaps, 0.99),
         "gap_max": max(gaps, default=float("nan")),

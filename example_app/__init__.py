@@ -8,6 +8,7 @@ from flask import Flask
 
 from .falcon import init_falcon
 from .functions import sse
+from .page import page
 
 __all__ = ["create_app"]
 
@@ -22,6 +23,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    app.register_blueprint(page)  # GET /: the page that streams run (and Falcon) in a browser
     sse.init_app(app)
     init_falcon(app)  # POST /falcon/run, GET /falcon/health; 503 until FALCON_MODEL is set
     return app

@@ -13,9 +13,10 @@ parameter, a ``dict`` key) to ``MAX_KEY_SHOWN`` characters, since those keys are
 from __future__ import annotations
 
 import inspect
+import itertools
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import RegistrationError, RequestError
 
-__all__ = ["MAX_KEY_SHOWN", "MAX_PROBLEMS", "NAME_PATTERN", "Binder", "inspect_function", "validate_name"]
+__all__ = [
+    "MAX_KEY_SHOWN",
+    "MAX_PROBLEMS",
+    "NAME_PATTERN",
+    "Binder",
+    "check_query_parameters",
+    "inspect_function",
+    "validate_name",
+]
 
 #: What a function's name (its URL segment) may be.
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
@@ -65,6 +74,22 @@ class Binder:
     # parameter so that a parameter called e.g. ``json`` or ``model_config`` cannot clash
     # with BaseModel's own attributes.
     params: tuple[tuple[str, str], ...]
+    #: Parameters that take a list (or tuple): in a query string, even one value is a list.
+    sequences: frozenset[str] = frozenset()
+
+    def query_payload(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The arguments in a query string (``GET /run?upper_range=3``), for :meth:`bind`.
+
+        ``args`` is Werkzeug's ``MultiDict``: a repeated key, or any key of a list parameter,
+        gives a list of strings; any other key its string, which pydantic's lax mode coerces
+        (``"3"`` to ``3``, ``"true"`` to ``True``).
+        """
+        getlist = args.getlist  # type: ignore[attr-defined]
+        payload: dict[str, Any] = {}
+        for key in args:
+            values = getlist(key)
+            payload[key] = values if len(values) > 1 or key in self.sequences else values[0]
+        return payload
 
     def bind(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Validate ``payload`` and return the keyword arguments for the function.
@@ -72,21 +97,45 @@ class Binder:
         Raises :class:`RequestError` (422) listing the problems (the first ``MAX_PROBLEMS``),
         without echoing input values or long keys.
         """
+        if len(payload) > len(self.params) + MAX_PROBLEMS:
+            raise RequestError(422, "invalid parameters", self._too_many_keys(payload))
         try:
             values = self.model.model_validate(payload)
         except ValidationError as exc:
-            raise RequestError(422, "invalid parameters", self._problems(exc)) from None
+            errors = exc.errors(include_url=False, include_input=False, include_context=False)
+            raise RequestError(422, "invalid parameters", self._detail(errors, len(errors))) from None
         return {param: getattr(values, field) for field, param in self.params}
 
-    def _problems(self, exc: ValidationError) -> list[dict[str, Any]]:
-        errors = exc.errors(include_url=False, include_input=False, include_context=False)
-        names = {param for _, param in self.params}
+    def _too_many_keys(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        # More than MAX_PROBLEMS keys are unknown, so the request fails whatever they hold; but
+        # pydantic would build an error for each of them (90,000 took 0.29 s, holding the
+        # worker's hub) to show 50. The same detail, built from the known keys alone: pydantic
+        # lists the parameters' problems first, then each unknown key in the body's order.
+        names = self._names()
+        known = {key: value for key, value in payload.items() if key in names}
+        try:
+            self.model.model_validate(known)
+            errors: list[Any] = []
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        total = len(errors) + len(payload) - len(known)
+        unknown = (key for key in payload if key not in names)
+        for key in itertools.islice(unknown, max(0, MAX_PROBLEMS - len(errors))):
+            errors.append({"loc": (key,), "msg": "Extra inputs are not permitted", "type": "extra_forbidden"})
+        return self._detail(errors, total)
+
+    def _names(self) -> set[str]:
+        return {param for _, param in self.params}
+
+    def _detail(self, errors: Sequence[Any], total: int) -> list[dict[str, Any]]:
+        """The first ``MAX_PROBLEMS`` of ``total`` problems, and how many were left out."""
+        names = self._names()
         detail: list[dict[str, Any]] = [
             {"loc": [_shown(part, names) for part in err["loc"]], "msg": err["msg"], "type": err["type"]}
             for err in errors[:MAX_PROBLEMS]
         ]
-        if len(errors) > MAX_PROBLEMS:
-            omitted = len(errors) - MAX_PROBLEMS
+        if total > MAX_PROBLEMS:
+            omitted = total - MAX_PROBLEMS
             detail.append(
                 {"loc": [], "msg": f"{omitted} more problems were omitted", "type": "too_many_errors"}
             )
@@ -154,7 +203,58 @@ def inspect_function(func: Callable[..., Any], name: str, *, model_name: str | N
         model.model_json_schema(by_alias=True)
     except Exception as exc:
         raise RegistrationError(f"{name}: cannot validate these parameters: {exc}") from exc
-    return Binder(name=name, model=model, params=tuple(params))
+    properties = model.model_json_schema(by_alias=True).get("properties", {})
+    sequences = frozenset(param for param, prop in properties.items() if _takes_a_list(prop))
+    return Binder(name=name, model=model, params=tuple(params), sequences=sequences)
+
+
+def check_query_parameters(binder: Binder) -> None:
+    """Raise :class:`RegistrationError` unless every parameter can come from a query string.
+
+    A query string carries strings, and lists of them: a parameter that takes a model, a
+    ``dict`` or a list of lists could never be bound from one, so a function with such a
+    parameter cannot be served with ``GET``.
+    """
+    schema = binder.model.model_json_schema(by_alias=True)
+    defs = schema.get("$defs", {})
+    for name, prop in schema.get("properties", {}).items():
+        if not (_is_scalar(prop, defs) or _is_scalar_list(prop, defs)):
+            raise RegistrationError(
+                f"{binder.name}: parameter {name}: a query string cannot carry it (only text, numbers, "
+                "booleans, enums and lists of them); serve this function with POST only"
+            )
+
+
+def _resolve(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> Mapping[str, Any]:
+    ref = schema.get("$ref")
+    return defs.get(ref.rsplit("/", 1)[1], {}) if isinstance(ref, str) else schema
+
+
+def _is_scalar(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> bool:
+    schema = _resolve(schema, defs)
+    if "anyOf" in schema:
+        return all(_is_scalar(part, defs) for part in schema["anyOf"])
+    if "enum" in schema or "const" in schema:
+        return True
+    return schema.get("type") in ("string", "integer", "number", "boolean", "null")
+
+
+def _is_scalar_list(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> bool:
+    schema = _resolve(schema, defs)
+    if "anyOf" in schema:
+        return all(_is_scalar(part, defs) or _is_scalar_list(part, defs) for part in schema["anyOf"])
+    if schema.get("type") != "array":
+        return False
+    items = [
+        *schema.get("prefixItems", ()),
+        *([schema["items"]] if isinstance(schema.get("items"), dict) else []),
+    ]
+    return all(_is_scalar(item, defs) for item in items)
+
+
+def _takes_a_list(schema: Mapping[str, Any]) -> bool:
+    # list[int], tuple[str, ...], Optional[list[int]] (an anyOf holding an array).
+    return schema.get("type") == "array" or any(_takes_a_list(s) for s in schema.get("anyOf", ()))
 
 
 def _is_async(func: Callable[..., Any]) -> bool:

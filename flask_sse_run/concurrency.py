@@ -15,7 +15,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["default_executor", "gevent_patched", "raw_lock", "thread_executor"]
+__all__ = [
+    "default_executor",
+    "gevent_patched",
+    "gunicorn_sync_worker",
+    "new_event",
+    "raw_lock",
+    "spawn",
+    "thread_executor",
+]
 
 
 _patched = False  # patching cannot be undone: once seen, it is remembered (a per-request check)
@@ -28,6 +36,15 @@ def gevent_patched() -> bool:
         monkey = sys.modules.get("gevent.monkey")
         _patched = monkey is not None and bool(monkey.is_module_patched("threading"))
     return _patched
+
+
+def gunicorn_sync_worker() -> bool:
+    """Whether this process is a worker of gunicorn's default ``sync`` worker class.
+
+    gunicorn's master imports the worker class's module before it forks: a sync worker holds
+    ``gunicorn.workers.sync``, and no other worker class imports it.
+    """
+    return "gunicorn.workers.sync" in sys.modules
 
 
 _original_allocate_lock: Callable[[], Any] | None = None
@@ -43,6 +60,29 @@ def raw_lock() -> Any:
 
         _original_allocate_lock = monkey.get_original("_thread", "allocate_lock")
     return _original_allocate_lock()
+
+
+def new_event() -> Any:
+    """An event flag for waiting greenlets (gevent's) or threads (``threading``'s)."""
+    if gevent_patched():
+        from gevent.event import Event
+
+        return Event()
+    return threading.Event()
+
+
+def spawn(target: Callable[[], object]) -> Any:
+    """Run ``target`` on its own: a greenlet under gevent, else a daemon thread.
+
+    Returns the greenlet (so it can be interrupted) or the thread.
+    """
+    if gevent_patched():
+        import gevent
+
+        return gevent.spawn(target)
+    thread = threading.Thread(target=target, daemon=True, name="sse-run-producer")
+    thread.start()
+    return thread
 
 
 def thread_executor(max_workers: int, name: str = "sse-run") -> concurrent.futures.Executor:

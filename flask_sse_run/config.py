@@ -34,6 +34,9 @@ class Settings(BaseModel):
     shutdown_event: str = "shutdown"
     #: Seconds a client may take to send its whole request body (408 after); 0 turns it off.
     body_timeout: float = Field(30.0, ge=0)
+    #: Seconds a stream's data may go unacknowledged, or a write may block, before the stream
+    #: ends as a disconnect (a client whose network vanished, or that stopped reading); 0: off.
+    send_timeout: float = Field(30.0, ge=0)
     #: Static bearer tokens that are let in; ``None`` (and no ``jwt_key``) leaves auth off.
     auth_tokens: tuple[str, ...] | None = Field(None, strict=False)
     #: Key that verifies JWT bearer tokens (an HMAC secret or a PEM public key).
@@ -42,6 +45,23 @@ class Settings(BaseModel):
     jwt_algorithms: tuple[str, ...] = Field(("HS256",), strict=False)
     #: Audience a JWT's ``aud`` claim must name; ``None`` accepts tokens without ``aud``.
     jwt_audience: str | None = None
+    #: Make every function's streams resumable runs (a function's ``resumable=`` wins).
+    resumable: bool = False
+    #: Seconds a run goes on after its last client left, waiting for a reconnect.
+    resume_window: float = Field(30.0, ge=0)
+    #: Seconds an ended run's events stay readable.
+    resume_ttl: float = Field(60.0, ge=0)
+    #: Most events a run holds for reconnects (the oldest go first).
+    resume_max_events: int = Field(10_000, gt=0)
+    #: Most bytes of events a run holds for reconnects.
+    resume_max_bytes: int = Field(1 << 20, gt=0)
+    #: Most runs (running, or ended and held for the TTL) one worker holds; 503 beyond.
+    max_runs: int = Field(10_000, gt=0)
+    #: Redis URL (``redis://``, ``rediss://``, ``unix://``) of the run store shared by every
+    #: worker and replica; ``None``: each worker keeps its own runs in memory.
+    redis_url: str | None = None
+    #: Prefix of every Redis key the run store writes (several apps can share one Redis).
+    redis_prefix: str = Field("sse-run:", min_length=1)
     #: ``info.title`` of ``openapi.json``; ``None`` uses the app's name.
     openapi_title: str | None = None
     #: ``info.version`` of ``openapi.json``: the version of your API, not of this package.

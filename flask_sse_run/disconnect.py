@@ -28,7 +28,13 @@ from gevent import GreenletExit
 
 from .cancellation import CancelToken
 
-__all__ = ["HANGUP_POLL", "Interrupted", "interrupt_on_disconnect", "watch_for_disconnect"]
+__all__ = [
+    "HANGUP_POLL",
+    "Interrupted",
+    "interrupt_on_disconnect",
+    "limit_unacknowledged",
+    "watch_for_disconnect",
+]
 
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 #: How often a socket with unread data is polled for the peer's hang-up (seconds).
@@ -116,6 +122,25 @@ def watch_for_disconnect(sock: Any, on_disconnect: Callable[[], None]) -> _Watch
     from gevent import get_hub
 
     return _Watch(get_hub().loop, raw, fd, on_disconnect)
+
+
+def limit_unacknowledged(sock: Any, seconds: float) -> None:
+    """Make the kernel end the connection when data sent on it goes unacknowledged for ``seconds``.
+
+    A client whose network vanished (Wi-Fi lost, a NAT entry dropped) sends no FIN or RST: the
+    read watch sees nothing and writes succeed into the send buffer, and Linux retransmits for
+    about 15 minutes. ``TCP_USER_TIMEOUT`` ends it after ``seconds``; the socket then turns
+    readable with an error, which the read watch reports as a disconnect. Linux only; elsewhere
+    nothing is done (the blocked-write deadline still applies).
+    """
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if option is None:
+        return
+    raw = getattr(sock, "_sock", sock)
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, option, max(1, int(seconds * 1000)))
+    except (AttributeError, OSError):
+        pass  # not a TCP socket (a Unix socket behind a proxy): nothing to bound
 
 
 @contextmanager

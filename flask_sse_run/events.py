@@ -22,10 +22,19 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-__all__ = ["KEEPALIVE", "Event", "encode", "encode_comment", "json_dumps", "json_value"]
+__all__ = [
+    "KEEPALIVE",
+    "Encoded",
+    "Event",
+    "encode",
+    "encode_comment",
+    "encode_with_id",
+    "json_dumps",
+    "json_value",
+]
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 #: Compact JSON, NaN refused: the encoding of event data, and of the JSON responses too.
@@ -93,6 +102,19 @@ class Event:
         return b"".join(parts)
 
 
+class Encoded:
+    """Bytes already in the wire format (whole events), written as they are.
+
+    What a stream replays from a run's buffer: those events were encoded, with their ids, when
+    the run produced them. Not for user code: a generator's ``bytes`` are text to send.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
 def encode(item: Any) -> bytes:
     """Encode one yielded item as one complete SSE event.
 
@@ -103,9 +125,22 @@ def encode(item: Any) -> bytes:
         if "\n" not in item and "\r" not in item:
             return b"data: " + item.encode("utf-8") + b"\n\n"
         return _field_lines(b"data: ", item) + b"\n"
+    if type(item) is Encoded:
+        return item.data
     if isinstance(item, Event):
         return item.encode()
     return _field_lines(b"data: ", _data_text(item)) + b"\n"
+
+
+def encode_with_id(item: Any, id_prefix: bytes, seq: int) -> bytes:
+    """Encode ``item`` as :func:`encode` does, with ``id: <id_prefix><seq>`` (which replaces an
+    :class:`Event`'s own ``id``: a run's ids are what a client resumes from).
+
+    ``id_prefix`` (ASCII, no CR, LF or NUL) is not checked here, on the hot path.
+    """
+    if isinstance(item, Event):
+        return replace(item, id=f"{id_prefix.decode('ascii')}{seq}").encode()
+    return b"id: %b%d\n%b" % (id_prefix, seq, encode(item))
 
 
 def json_value(item: Any) -> Any:

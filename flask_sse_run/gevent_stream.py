@@ -29,8 +29,9 @@ no ping is sent while the generator blocks.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Generator, Iterator
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import Any
 
 import gevent
@@ -38,7 +39,8 @@ from gevent.event import Event as GEvent
 
 from . import shutdown
 from .cancellation import TOKEN_VAR, CancelToken
-from .disconnect import Interrupted, watch_for_disconnect
+from .deadlines import deadlines
+from .disconnect import Interrupted, limit_unacknowledged, watch_for_disconnect
 from .events import KEEPALIVE, encode
 from .streaming import StreamOptions, close_stream_source, closing_events
 
@@ -48,6 +50,12 @@ __all__ = ["BATCH_EVENTS", "FAIR_SLICE", "GeventStream", "Interrupted"]
 FAIR_SLICE = 0.005
 #: Most events sent in one write.
 BATCH_EVENTS = 64
+
+
+def _send_timed_out() -> OSError:
+    # EPIPE: gunicorn treats the write as a client gone (it closes the body, then the socket,
+    # and logs nothing at its default level), which is what a client that takes nothing is.
+    return BrokenPipeError(errno.EPIPE, "the client took no data for SSE_RUN_SEND_TIMEOUT seconds")
 
 
 class GeventStream:
@@ -152,12 +160,18 @@ class GeventStream:
                     # goes at once: time to first event is what a client feels (and a one-event
                     # stream's end, the request context's teardown, need not delay it).
                     first = False
-                    yield self._take()
+                    data = self._take()
+                    self._guard_write()
+                    yield data
+                    self._unguard_write()
                 if loop.iteration != turn:  # the hub ran (in the generator or the write)
                     turn, started = loop.iteration, perf_counter()
                 elif perf_counter() - started >= FAIR_SLICE:
                     if pending:
-                        yield self._take()
+                        data = self._take()
+                        self._guard_write()
+                        yield data
+                        self._unguard_write()
                     gevent.sleep(0)  # the generator never blocks: let the others run
                     turn, started = loop.iteration, perf_counter()
             if self._writing:
@@ -169,11 +183,14 @@ class GeventStream:
             if self._gzip is not None:
                 data += self._gzip.finish()
             if data:
+                self._guard_write()
                 yield data
+                self._unguard_write()
         except GeneratorExit:  # the server closed the body (a write failed: the client is gone)
             self._ended_by = self._ended_by or "closed"
             raise
         finally:
+            self._unguard_write()
             early = self._ended_by is not None  # disconnect, shutdown or closed, before the end
             self._ended_by = self._ended_by or "closed"
             if self._watcher is not None:
@@ -198,6 +215,16 @@ class GeventStream:
             return self._gzip.write(data)
         return data
 
+    def _guard_write(self) -> None:
+        # The server writes what is yielded: a write still blocked after send_timeout (a
+        # client that stopped reading) is ended where it waits, as a failed write is.
+        if self._options.send_timeout:
+            deadlines().add(self._greenlet, monotonic() + self._options.send_timeout, _send_timed_out)
+
+    def _unguard_write(self) -> None:
+        if self._options.send_timeout:
+            deadlines().discard(self._greenlet)
+
     def _wait_for_helper(self) -> None:
         if self._helper_done is None:
             self._helper_done = GEvent()
@@ -216,6 +243,8 @@ class GeventStream:
         loop = gevent.get_hub().loop
         if self._sock is not None:
             self._watcher = watch_for_disconnect(self._sock, self._disconnected)
+            if self._options.send_timeout:
+                limit_unacknowledged(self._sock, self._options.send_timeout)
         # A timer is made even without keep-alive: it marks the stream as armed.
         keepalive = self._options.keepalive if self._write is not None else 0.0
         self._timer = loop.timer(keepalive or 86400.0, keepalive or 86400.0)
@@ -241,11 +270,17 @@ class GeventStream:
         if not data:
             return
         self._writing = True
+        timeout = self._options.send_timeout
+        helper = gevent.getcurrent()
+        if timeout:
+            deadlines().add(helper, monotonic() + timeout, _send_timed_out)
         try:
             self._write(data)
         except OSError:
             self._end("disconnect")
         finally:
+            if timeout:
+                deadlines().discard(helper)
             self._writing = False
             if self._helper_done is not None:
                 self._helper_done.set()

@@ -1,10 +1,18 @@
 """``GET {url_prefix}/openapi.json``: an OpenAPI 3.1 document built from the registered functions.
 
-Each function is one ``POST {url_prefix}/{name}`` operation. Its request body is pydantic's JSON
-Schema of the signature (the model :func:`~flask_sse_run.binding.inspect_function` built), so the
-document cannot drift from what the server validates. All bodies are generated in one pass
+Each function is a ``POST {url_prefix}/{name}`` operation (operationId ``{name}``), a ``GET``
+one (``{name}_get``), or both, as it is served. The POST body is pydantic's JSON Schema of the
+signature (the model :func:`~flask_sse_run.binding.inspect_function` built), and GET has one
+query parameter per property of that same schema, so the document cannot drift from what the
+server validates. All schemas are generated in one pass
 (:func:`pydantic.json_schema.models_json_schema`), which gives two different models of the same
 name two different component names; pydantic's ``$defs`` become ``components/schemas``.
+
+A resumable function (``resumable=True``, or ``SSE_RUN_RESUMABLE`` and not ``False``) also
+documents ``Last-Event-ID`` and ``Prefer: respond-async``, the ``202`` and ``204`` answers and
+``X-Run-ID``; an instance that may hold runs documents ``{url_prefix}/runs/{run_id}`` (``GET``:
+``runs_get``, ``DELETE``: ``runs_delete``, qualified by the prefix like every operationId).
+OperationIds are unique: one that two paths would share gets ``_2``, ``_3`` ... on the later one.
 
 Descriptions come from the function's docstring (first line: ``summary``; all of it:
 ``description``) and, per parameter, from ``Field(description=...)`` or else from the docstring
@@ -17,6 +25,7 @@ The document is built per request (it is small, and functions may be registered 
 from __future__ import annotations
 
 import collections.abc
+import copy
 import inspect
 import json
 import typing
@@ -29,15 +38,19 @@ from pydantic.json_schema import models_json_schema
 from .docstrings import parameter_docs
 from .errors import RequestError
 from .negotiation import request_id
-from .views import EXTENSION_KEY, MAX_JSON_ITEMS, error_response, options_response
+from .responses import error_response, options_response
+from .runs.tail import MISSED_EVENT
+from .views import EXTENSION_KEY, MAX_JSON_ITEMS
 
 if TYPE_CHECKING:
     from .config import Settings
     from .extension import RegisteredFunction, State
 
-__all__ = ["OPENAPI_PATH", "build_document", "openapi_view"]
+__all__ = ["OPENAPI_PATH", "RUNS_PATH", "build_document", "openapi_view"]
 
 OPENAPI_PATH = "/openapi.json"
+#: The path of a run, below an instance's url_prefix, as the document writes it.
+RUNS_PATH = "/runs/{run_id}"
 _ALLOW = "GET, HEAD, OPTIONS"
 _REF = "#/components/schemas/{model}"
 # Our own component names hold a dot: pydantic's generated names are identifiers joined by
@@ -47,7 +60,13 @@ _VALIDATION_ERROR = "SSERun.ValidationError"
 _PROBLEM = "SSERun.Problem"
 _RESULT = "SSERun.Result"
 _EVENT = "SSERun.Event"
+_RUN_STARTED = "SSERun.RunStarted"
 _SECURITY = "bearerAuth"
+# What flask_sse_run.runs.ids accepts: a run id (32 hex digits), a seq, an event id.
+_RUN_ID_PATTERN = "^[0-9a-f]{32}$"
+_SEQ = "(?:0|[1-9][0-9]{0,17})"
+_EVENT_ID_PATTERN = f"^[0-9a-f]{{32}}:{_SEQ}$"
+_POSITION_PATTERN = f"^(?:[0-9a-f]{{32}}:)?{_SEQ}$"
 
 _STREAM_DESCRIPTION = """\
 A Server-Sent Events stream (WHATWG HTML, "server-sent events"); the schema describes one event. \
@@ -55,6 +74,13 @@ Each value the function yields is one event: a string is sent as it is (one `dat
 line of text), any other value as compact JSON (`data: {"a":1}`). If the function raises, the \
 stream ends with one `event: error` whose data is `{"type": ..., "message": ...}`. Lines \
 starting with `:` are keep-alive comments."""
+
+_RUN_STREAM_DESCRIPTION = f"""\
+ The stream is a resumable run (`X-Run-ID`): every event has `id: <run_id>:<seq>`, seq counting \
+from 1, and a client that lost the connection reconnects with `Last-Event-ID` (as `EventSource` \
+does by itself) to get the events after it; the run goes on for a while without a client. When \
+a reconnect asks for events the buffer no longer holds, one `event: {MISSED_EVENT}` with data \
+`{{"{MISSED_EVENT}": N}}` says how many were dropped, then the held events follow."""
 
 _ERRORS: dict[str, tuple[str, str]] = {
     "400": (
@@ -67,7 +93,7 @@ _ERRORS: dict[str, tuple[str, str]] = {
         "No function of that name (or, under a non-empty url_prefix, any other path below it).",
         _ERROR,
     ),
-    "405": ("A method other than the one documented (or `OPTIONS`, answered 204); see `Allow`.", _ERROR),
+    "405": ("A method other than those documented (or `OPTIONS`, answered 204); see `Allow`.", _ERROR),
     "406": (
         "The `Accept` header allows neither `text/event-stream` nor `application/json`; or it allows "
         f"only `application/json` and the function yielded more than {MAX_JSON_ITEMS} items.",
@@ -84,7 +110,27 @@ _ERRORS: dict[str, tuple[str, str]] = {
         _ERROR,
     ),
 }
-_OPERATION_ERRORS = ("400", "406", "408", "413", "415", "422", "500", "503")
+_BAD_LAST_EVENT_ID = "A `Last-Event-ID` that is not an event id of this server (`<run_id>:<seq>`)."
+# What a resumable function's answers say on top of the plain ones.
+_RESUMABLE_ERRORS = {
+    "400": f"Or: {_BAD_LAST_EVENT_ID[0].lower()}{_BAD_LAST_EVENT_ID[1:]}",
+    "406": "Or a reconnect (`Last-Event-ID`) whose `Accept` does not allow `text/event-stream`.",
+    "503": "Or this worker holds `SSE_RUN_MAX_RUNS` runs already (`Retry-After` says when to retry).",
+}
+_POST_ERRORS = ("400", "406", "408", "413", "415", "422", "500", "503")
+# A GET reads no body: no 400 (but for a bad Last-Event-ID), 408, 413 or 415.
+_GET_ERRORS = ("406", "422", "500", "503")
+_NO_RUN = (
+    "No such run: never started, expired (`SSE_RUN_RESUME_TTL` after its end), started under "
+    "another url_prefix, or by another JWT subject."
+)
+
+
+def _resumable(registered: RegisteredFunction, settings: Settings) -> bool:
+    """Whether ``registered``'s streams are resumable runs (as documented)."""
+    wanted = settings.resumable if registered.resumable is None else registered.resumable
+    # A run is started only from an iterator: a function that returns a value has none.
+    return wanted and _may_stream(registered.func)
 
 
 def build_document(
@@ -99,11 +145,13 @@ def build_document(
     """The OpenAPI 3.1 document for ``functions`` served under ``url_prefix``.
 
     ``more`` adds other instances' functions, as ``(url_prefix, functions)`` pairs.
-    ``settings`` decides the security scheme (when auth is on) and the documented end event.
+    ``settings`` decides the security scheme (when auth is on), the documented end event, and
+    (``SSE_RUN_RESUMABLE``) which functions are resumable and whose ``/runs`` paths appear.
     """
+    instances = [(url_prefix, functions), *more]
     operations = sorted(
         (f"{prefix}/{name}", name, registered)
-        for prefix, registry in [(url_prefix, functions), *more]
+        for prefix, registry in instances
         for name, registered in registry.items()
     )
     refs, defs = models_json_schema(
@@ -117,10 +165,24 @@ def build_document(
         ref = refs[(registered.binder.model, "validation")]["$ref"]
         body_schema = schemas[ref.rsplit("/", 1)[1]]
         _describe_parameters(body_schema, parameter_docs(inspect.getdoc(registered.func)))
-        operation = _operation(name, registered, ref, body_schema, settings)
+        # The docstring is the operation's description; the body schema need not repeat it.
+        body_schema.pop("description", None)
         # Unique across instances: /run and /falcon/run are "run" and "falcon_run".
-        operation["operationId"] = path.strip("/").replace("/", "_").replace("-", "_")
-        paths[path] = {"post": operation}
+        base_id = path.strip("/").replace("/", "_").replace("-", "_")
+        item: dict[str, Any] = {}
+        runs_path = path.rsplit("/", 1)[0] + RUNS_PATH
+        if "GET" in registered.methods:
+            query = _query_parameters(body_schema)
+            item["get"] = _operation(f"{base_id}_get", name, registered, settings, runs_path, query=query)
+        if "POST" in registered.methods:
+            body = (ref, body_schema)
+            item["post"] = _operation(base_id, name, registered, settings, runs_path, body=body)
+        paths[path] = item
+    for prefix, registry in instances:
+        if settings.resumable or any(_resumable(r, settings) for r in registry.values()):
+            paths[f"{prefix}{RUNS_PATH}"] = _runs_path(prefix, registry, settings)
+    paths = dict(sorted(paths.items()))
+    _make_operation_ids_unique(paths)
     schemas.update(_own_schemas())
     components: dict[str, Any] = {
         "schemas": schemas,
@@ -129,7 +191,11 @@ def build_document(
             "X-Request-ID": {
                 "description": "The request's id: the client's own if it was sane, else a new one.",
                 "schema": {"type": "string"},
-            }
+            },
+            "X-Run-ID": {
+                "description": "The run this answer follows (on a stream, only when it is a run's).",
+                "schema": {"type": "string", "pattern": _RUN_ID_PATTERN},
+            },
         },
     }
     document: dict[str, Any] = {
@@ -152,56 +218,102 @@ def build_document(
     return document
 
 
+def _make_operation_ids_unique(paths: dict[str, Any]) -> None:
+    # A function named "run_get" next to a GET-able "run", or "a-b" next to "a_b": the later
+    # one (in path order) gets a suffix.
+    seen: set[str] = set()
+    for item in paths.values():
+        for operation in item.values():
+            wanted = candidate = operation["operationId"]
+            suffix = 1
+            while candidate in seen:
+                suffix += 1
+                candidate = f"{wanted}_{suffix}"
+            operation["operationId"] = candidate
+            seen.add(candidate)
+
+
+_REQUEST_ID_PARAMETER = {
+    "name": "X-Request-ID",
+    "in": "header",
+    "required": False,
+    "description": "Echoed back if it is 1-128 characters of `A-Za-z0-9._:-`; "
+    "otherwise the server picks a new id.",
+    "schema": {"type": "string"},
+}
+
+
 def _operation(
-    name: str, registered: RegisteredFunction, ref: str, body_schema: dict[str, Any], settings: Settings
+    operation_id: str,
+    name: str,
+    registered: RegisteredFunction,
+    settings: Settings,
+    runs_path: str,
+    *,
+    body: tuple[str, dict[str, Any]] | None = None,
+    query: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """A function's POST (``body``: its schema's ref and the schema) or GET (``query``) operation;
+    ``runs_path`` is where its runs are followed (for a resumable function's 202)."""
     doc = inspect.getdoc(registered.func) or ""
-    # The docstring is the operation's description; the body schema need not repeat it.
-    body_schema.pop("description", None)
+    runs = _resumable(registered, settings)
     success: dict[str, Any] = {"application/json": {"schema": {"$ref": _REF.format(model=_RESULT)}}}
     if _may_stream(registered.func):
         stream = _STREAM_DESCRIPTION
         if settings.end_event is not None:
             stream += f" A stream that finishes normally ends with an empty `event: {settings.end_event}`."
+        if runs:
+            stream += _RUN_STREAM_DESCRIPTION
         # OpenAPI 3.1 has no word for a stream's items; like 3.2's itemSchema (and as
         # schemathesis reads it), the schema of text/event-stream describes one event.
         success = {
             "text/event-stream": {"schema": {"$ref": _REF.format(model=_EVENT), "description": stream}},
             **success,
         }
-    responses: dict[str, Any] = {
-        "200": {
-            "description": "The function's output: a stream of events, or one JSON document for "
-            "clients that accept only `application/json` (and for functions that return a value).",
-            "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}},
-            "content": success,
-        }
+    ok: dict[str, Any] = {
+        "description": "The function's output: a stream of events, or one JSON document for "
+        "clients that accept only `application/json` (and for functions that return a value).",
+        "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}},
+        "content": success,
     }
-    codes = [code for code in _OPERATION_ERRORS if code != "408" or settings.body_timeout]
+    responses: dict[str, Any] = {"200": ok}
+    parameters = [*(query or []), dict(_REQUEST_ID_PARAMETER)]
+    codes = [
+        code for code in (_POST_ERRORS if body else _GET_ERRORS) if code != "408" or settings.body_timeout
+    ]
+    if runs:
+        ok["headers"]["X-Run-ID"] = {"$ref": "#/components/headers/X-Run-ID"}
+        ok["description"] += " A stream of a resumable function is a run: `X-Run-ID` names it."
+        parameters += [_last_event_id_parameter(body is None), _PREFER_PARAMETER]
+        responses["202"] = _run_started_response(runs_path)
+        responses["204"] = _no_content_response(
+            "A reconnect (`Last-Event-ID`) with nothing left to send: the run has ended and every "
+            "event after that id was sent, or the run is unknown, expired or not this client's. "
+            "`EventSource` stops reconnecting."
+        )
+        codes.append("400")
     if settings.auth_enabled and not registered.public:
         codes.append("401")
-    for code in sorted(codes):
-        responses[code] = _error_response(code)
+    for code in sorted(set(codes)):
+        if not runs or code not in _RESUMABLE_ERRORS:
+            responses[code] = _error_response(code)
+        elif code == "400" and body is None:
+            responses[code] = _error_response(code, _BAD_LAST_EVENT_ID)
+        else:
+            responses[code] = _error_response(code, f"{_ERRORS[code][0]} {_RESUMABLE_ERRORS[code]}")
     operation: dict[str, Any] = {
-        "operationId": name,
+        "operationId": operation_id,
         "summary": doc.splitlines()[0] if doc else f"Run {name}",
-        "requestBody": {
+    }
+    if body is not None:
+        ref, body_schema = body
+        operation["requestBody"] = {
             # With no required parameter an empty body is a valid call.
             "required": bool(body_schema.get("required")),
             "content": {"application/json": {"schema": {"$ref": ref}}},
-        },
-        "parameters": [
-            {
-                "name": "X-Request-ID",
-                "in": "header",
-                "required": False,
-                "description": "Echoed back if it is 1-128 characters of `A-Za-z0-9._:-`; "
-                "otherwise the server picks a new id.",
-                "schema": {"type": "string"},
-            }
-        ],
-        "responses": responses,
-    }
+        }
+    operation["parameters"] = parameters
+    operation["responses"] = responses
     if doc:
         operation["description"] = doc
     if settings.auth_enabled and registered.public:
@@ -209,8 +321,196 @@ def _operation(
     return operation
 
 
-def _error_response(code: str) -> dict[str, Any]:
-    description, schema = _ERRORS[code]
+def _last_event_id_parameter(get: bool) -> dict[str, Any]:
+    ignored = "query string" if get else "body"
+    return {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "description": "Reconnect to a run: the `id` of the last event received "
+        f"(`<run_id>:<seq>`, as `EventSource` sends it). The {ignored} is then ignored and the "
+        "events after that one follow (204 if there are none).",
+        "schema": {"type": "string", "pattern": _EVENT_ID_PATTERN},
+    }
+
+
+_PREFER_PARAMETER = {
+    "name": "Prefer",
+    "in": "header",
+    "required": False,
+    "description": "`respond-async` (RFC 7240): start the run and answer 202 at once, with its "
+    "URL, instead of streaming it; other preferences are ignored.",
+    "schema": {"type": "string"},
+    "examples": {"async": {"summary": "Start a run, follow it later", "value": "respond-async"}},
+}
+
+
+def _run_started_response(runs_path: str) -> dict[str, Any]:
+    # A JSON pointer to the runs path's operations: "/" is "~1" in it ("~" cannot occur).
+    pointer = "#/paths/" + runs_path.replace("/", "~1")
+    run_id = {"run_id": "$response.body#/run_id"}
+    return {
+        "description": "`Prefer: respond-async`: the run started and goes on without a client; "
+        "follow it at `Location` (`GET`), cancel it there (`DELETE`).",
+        "headers": {
+            "X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"},
+            "X-Run-ID": {"$ref": "#/components/headers/X-Run-ID"},
+            "Location": {
+                "description": "The run's URL: `{url_prefix}/runs/{run_id}`.",
+                "required": True,
+                "schema": {"type": "string"},
+            },
+            "Preference-Applied": {
+                "description": "`respond-async`.",
+                "required": True,
+                "schema": {"type": "string", "const": "respond-async"},
+            },
+        },
+        "content": {"application/json": {"schema": {"$ref": _REF.format(model=_RUN_STARTED)}}},
+        "links": {
+            "follow": {"operationRef": f"{pointer}/get", "parameters": run_id},
+            "cancel": {"operationRef": f"{pointer}/delete", "parameters": run_id},
+        },
+    }
+
+
+def _no_content_response(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {
+            "X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"},
+            "X-Run-ID": {"$ref": "#/components/headers/X-Run-ID"},
+        },
+    }
+
+
+def _runs_path(prefix: str, registry: Mapping[str, RegisteredFunction], settings: Settings) -> dict[str, Any]:
+    """``{prefix}/runs/{run_id}``: follow a run (``GET``) or cancel it (``DELETE``)."""
+    qualifier = prefix.strip("/").replace("/", "_").replace("-", "_")
+    base_id = f"{qualifier}_runs" if qualifier else "runs"
+    run_id = {
+        "name": "run_id",
+        "in": "path",
+        "required": True,
+        "description": "The run's id, from `X-Run-ID` or a 202's body.",
+        "schema": {"type": "string", "pattern": _RUN_ID_PATTERN},
+    }
+    position = "A seq number, or an event id of this run (`<run_id>:<seq>`)"
+    stream = _STREAM_DESCRIPTION + _RUN_STREAM_DESCRIPTION
+    if settings.end_event is not None:
+        stream += f" A run that finished normally ends with an empty `event: {settings.end_event}`."
+    gone = _error_response("404", _NO_RUN)
+    get_responses: dict[str, Any] = {
+        "200": {
+            "description": "The run's events after the position (all of them without one), live "
+            "until the run ends.",
+            "headers": {
+                "X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"},
+                "X-Run-ID": {"$ref": "#/components/headers/X-Run-ID"},
+            },
+            "content": {
+                "text/event-stream": {"schema": {"$ref": _REF.format(model=_EVENT), "description": stream}}
+            },
+        },
+        "204": _no_content_response(
+            "The run has ended and every event after the position was sent: nothing is left."
+        ),
+        "400": _error_response(
+            "400", "`Last-Event-ID` or `last_event_id` is neither a seq number nor an event id of this run."
+        ),
+        "404": gone,
+        "406": _error_response("406", "The `Accept` header does not allow `text/event-stream`."),
+    }
+    delete_responses: dict[str, Any] = {
+        "204": _no_content_response("Cancelled: the function is stopped as if its client had left."),
+        "404": gone,
+    }
+    security: list[dict[str, list[str]]] | None = None
+    if settings.auth_enabled:
+        denied = _error_response("401")
+        get_responses["401"] = delete_responses["401"] = denied
+        if any(r.public and _resumable(r, settings) for r in registry.values()):
+            # A public function's run is reached without a token, any other with one.
+            security = [{_SECURITY: []}, {}]
+    get = {
+        "operationId": f"{base_id}_get",
+        "summary": "Follow a run",
+        "description": "Stream a resumable run's events after a position (the header wins "
+        "over the query), then the live ones until it ends. `EventSource` can read it.",
+        "parameters": [
+            run_id,
+            {
+                "name": "Last-Event-ID",
+                "in": "header",
+                "required": False,
+                "description": f"{position}: follow from after that event.",
+                "schema": {"type": "string", "pattern": _POSITION_PATTERN},
+            },
+            {
+                "name": "last_event_id",
+                "in": "query",
+                "required": False,
+                "description": f"{position}: follow from after that event (for clients that "
+                "cannot set headers).",
+                "schema": {"type": "string", "pattern": _POSITION_PATTERN},
+            },
+            dict(_REQUEST_ID_PARAMETER),
+        ],
+        "responses": dict(sorted(get_responses.items())),
+    }
+    delete = {
+        "operationId": f"{base_id}_delete",
+        "summary": "Cancel a run",
+        "description": "Stop the run's function (its events stay readable until they expire).",
+        "parameters": [run_id, dict(_REQUEST_ID_PARAMETER)],
+        "responses": dict(sorted(delete_responses.items())),
+    }
+    if security is not None:
+        get["security"] = delete["security"] = security
+    return {"get": get, "delete": delete}
+
+
+def _query_parameters(body_schema: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One query parameter per property of the body schema (the binder reads them by the same
+    names: a repeated key, or any key of a list parameter, is a list). Registration refused GET
+    for a function with a parameter a query string cannot carry."""
+    required = set(body_schema.get("required", ()))
+    parameters = []
+    for param, prop in body_schema.get("properties", {}).items():
+        schema = _query_schema(prop)
+        description = schema.pop("description", None)
+        parameter: dict[str, Any] = {"name": param, "in": "query", "required": param in required}
+        if description:
+            parameter["description"] = description
+        parameter["schema"] = schema
+        if _is_array(schema):
+            # ?tags=a&tags=b: what Werkzeug's getlist and the binder read.
+            parameter.update(style="form", explode=True)
+        parameters.append(parameter)
+    return parameters
+
+
+def _query_schema(prop: Mapping[str, Any]) -> dict[str, Any]:
+    # A query string cannot say null: an absent key takes the default instead.
+    schema = copy.deepcopy(dict(prop))
+    options = [s for s in schema.get("anyOf", ()) if s != {"type": "null"}]
+    if "anyOf" in schema and len(options) < len(schema["anyOf"]):
+        del schema["anyOf"]
+        if len(options) == 1:
+            schema.update(options[0])
+        elif options:
+            schema["anyOf"] = options
+    if "default" in schema and schema["default"] is None:
+        del schema["default"]
+    return schema
+
+
+def _is_array(schema: Mapping[str, Any]) -> bool:
+    return schema.get("type") == "array" or any(_is_array(s) for s in schema.get("anyOf", ()))
+
+
+def _error_response(code: str, description: str | None = None) -> dict[str, Any]:
+    default, schema = _ERRORS[code]
     headers: dict[str, Any] = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
     if code == "401":
         headers["WWW-Authenticate"] = {
@@ -219,8 +519,13 @@ def _error_response(code: str) -> dict[str, Any]:
         }
     elif code == "405":
         headers["Allow"] = {"description": "The methods the URL accepts.", "schema": {"type": "string"}}
+    elif code == "503":
+        headers["Retry-After"] = {
+            "description": "Seconds to wait before trying again.",
+            "schema": {"type": "string"},
+        }
     return {
-        "description": description,
+        "description": description or default,
         "headers": headers,
         "content": {"application/json": {"schema": {"$ref": _REF.format(model=schema)}}},
     }
@@ -264,12 +569,26 @@ def _own_schemas() -> dict[str, Any]:
                 "event": {
                     "type": "string",
                     "description": "`message` for yielded values, `error` if the function raised, "
-                    "or a name given with flask_sse_run.Event.",
+                    f"`{MISSED_EVENT}` (a resumable run's events were dropped before a reconnect read "
+                    f'them; data `{{"{MISSED_EVENT}": N}}`), or a name given with flask_sse_run.Event.',
                 },
-                "id": {"type": "string"},
+                "id": {
+                    "type": "string",
+                    "description": "In a resumable run: `<run_id>:<seq>`, seq counting from 1, what "
+                    "`Last-Event-ID` resumes from. Otherwise an id given with flask_sse_run.Event.",
+                },
                 "retry": {"type": "integer", "minimum": 0},
             },
             "required": ["data"],
+        },
+        _RUN_STARTED: {
+            "type": "object",
+            "description": "A run started with `Prefer: respond-async`.",
+            "properties": {
+                "run_id": {"type": "string", "pattern": _RUN_ID_PATTERN},
+                "events": {"type": "string", "description": "The run's URL, as in `Location`."},
+            },
+            "required": ["run_id", "events"],
         },
         _RESULT: {
             "type": "object",

@@ -10,18 +10,24 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .errors import RequestError, UnreadableBody
 from .negotiation import JSON
 
-__all__ = ["Readable", "read_json_object"]
+__all__ = ["LARGE_BODY", "Offload", "Readable", "read_json_object"]
 
 #: Deeper JSON is refused: nothing a function takes needs it, and validating or logging very deep
 #: structures recurses.
 MAX_DEPTH = 64
 # Decoded UTF-8 cannot hold a surrogate; only a \uD800-\uDFFF escape can put one in a string.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+#: Bodies larger than this are parsed through ``offload`` (see :func:`read_json_object`).
+LARGE_BODY = 64 * 1024
+Offload = Callable[[Callable[[bytes], dict[str, Any]], bytes], dict[str, Any]]
 
 
 class Readable(Protocol):
@@ -94,12 +100,19 @@ def _is_json(content_type: str) -> bool:
 
 
 def read_json_object(
-    stream: Readable, content_type: str, content_length: int | None, max_body: int
+    stream: Readable,
+    content_type: str,
+    content_length: int | None,
+    max_body: int,
+    *,
+    offload: Offload | None = None,
 ) -> dict[str, Any]:
     """Read and parse the request body; it must be a JSON object (an empty body means ``{}``).
 
     ``content_type`` is the request's Content-Type header as sent (looked at only when the body
-    is not empty).
+    is not empty). ``offload(parse, raw)``, when given, parses bodies over ``LARGE_BODY`` bytes
+    somewhere else than the calling thread (the view passes gevent's thread pool, so that a
+    megabyte of JSON does not hold the hub that every stream of the worker needs).
 
     Raises :class:`RequestError`: 400 (:class:`~flask_sse_run.errors.UnreadableBody`) when the
     body cannot be read (malformed chunked framing, a connection closed mid-body), 413 over
@@ -122,6 +135,13 @@ def read_json_object(
         return {}
     if not _is_json(content_type):
         raise RequestError(415, "Content-Type must be application/json")
+    if offload is not None and len(raw) > LARGE_BODY:
+        return offload(_parse, raw)
+    return _parse(raw)
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    """The JSON object in ``raw``, or the :class:`RequestError` that refuses it."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

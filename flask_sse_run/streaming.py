@@ -51,6 +51,7 @@ class StreamOptions:
     shutdown_event: str = "shutdown"
     keepalive: float = 0.0
     gzip: bool = False
+    send_timeout: float = 0.0
 
     def new_gzip(self) -> GzipStream | None:
         """A compressor for this stream, if it is gzipped."""

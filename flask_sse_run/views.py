@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
-from flask import Request, Response, current_app, request, stream_with_context
+from flask import Request, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 from .auth import authenticate
@@ -22,53 +22,22 @@ from .cancellation import TOKEN_VAR, CancelToken
 from .concurrency import gevent_patched
 from .disconnect import Interrupted, interrupt_on_disconnect
 from .errors import RequestError, UnreadableBody
-from .events import json_dumps, json_value
+from .events import json_value
 from .negotiation import STREAM, request_id, wants_stream
 from .payload import read_json_object
-from .streaming import StreamOptions, StreamResponse, TrustedHeaders, close_stream_source, inline_body
+from .responses import error_response, json_response, options_response, stream_response
+from .runs.responses import respond_async, resume_on_function_url, start_run
+from .streaming import StreamOptions, close_stream_source
 
 if TYPE_CHECKING:
-    from .config import Settings
     from .extension import RegisteredFunction, State
-    from .gevent_stream import GeventStream
 
-__all__ = [
-    "ALLOW",
-    "EXTENSION_KEY",
-    "MAX_JSON_ITEMS",
-    "call_function",
-    "error_response",
-    "options_response",
-    "unknown_path",
-]
+__all__ = ["EXTENSION_KEY", "MAX_JSON_ITEMS", "call_function", "unknown_path"]
 
 EXTENSION_KEY = "sse_run"
-#: The methods a function's URL answers (the ``Allow`` of its 204 and 405 responses).
-ALLOW = "OPTIONS, POST"
 #: The most items a generator may yield for a client that accepts only JSON (406 beyond): the
 #: whole list is held in memory, and the client gets nothing until the last item.
 MAX_JSON_ITEMS = 100_000
-
-
-def _json_response(body: Any, status: int, rid: str, headers: dict[str, str] | None = None) -> Response:
-    response = Response(json_dumps(body), status=status, mimetype="application/json")
-    response.headers["X-Request-ID"] = rid
-    response.headers.update(headers or {})
-    return response
-
-
-def error_response(exc: RequestError, rid: str) -> Response:
-    """The JSON response for a rejected request."""
-    return _json_response(exc.body(), exc.status, rid, exc.headers)
-
-
-def options_response(allow: str, rid: str) -> Response:
-    """The ``204`` answer to ``OPTIONS``: the methods the URL accepts, in ``Allow``."""
-    response = Response(status=204)
-    del response.headers["Content-Type"]  # Werkzeug's default (text/html) for a body-less answer
-    response.headers["Allow"] = allow
-    response.headers["X-Request-ID"] = rid
-    return response
 
 
 def _unknown(name: str) -> RequestError:
@@ -85,66 +54,34 @@ def unknown_path(rest: str) -> Response:
     return error_response(RequestError(404, "no such function"), rid)
 
 
-_GeventStream: type[GeventStream] | None = None
+def _in_thread_pool(parse: Callable[[bytes], dict[str, Any]], raw: bytes) -> dict[str, Any]:
+    # A native thread: the interpreter hands the GIL back to the hub's thread every few
+    # milliseconds, which a parse in the hub's own thread never would.
+    import gevent  # only when gevent has patched the process
+
+    def refusal_as_value() -> dict[str, Any] | RequestError:
+        # gevent's pool prints the traceback of a task that raises: a refused body is no error.
+        try:
+            return parse(raw)
+        except RequestError as exc:
+            return exc
+
+    result = gevent.get_hub().threadpool.apply(refusal_as_value)
+    if isinstance(result, RequestError):
+        raise result
+    return result  # type: ignore[no-any-return]
 
 
-def _gevent_stream() -> type[GeventStream]:
-    # Imported on first use, when gevent has patched the process; kept (this is per request).
-    global _GeventStream
-    if _GeventStream is None:
-        from .gevent_stream import GeventStream
-
-        _GeventStream = GeventStream
-    return _GeventStream
-
-
-def _accepts_gzip(req: Request) -> bool:
-    if "HTTP_ACCEPT_ENCODING" not in req.environ:
-        return False
-    return req.accept_encodings.best_match(["gzip", "identity"]) == "gzip"
-
-
-def _stream_response(
-    result: Iterator[Any], req: Request, settings: Settings, rid: str, token: CancelToken
-) -> Response:
-    gzip = settings.gzip and _accepts_gzip(req)
-    options = StreamOptions(
-        request_id=rid,
-        logger=current_app.logger,
-        expose_errors=settings.expose_errors,
-        end_event=settings.end_event,
-        shutdown_event=settings.shutdown_event,
-        keepalive=settings.keepalive,
-        gzip=gzip,
-    )
-    body: Iterable[bytes]
-    if gevent_patched():
-        body = _gevent_stream()(
-            stream_with_context(result), options, token=token, sock=req.environ.get("gunicorn.socket")
-        )
-    else:
-        body = inline_body(stream_with_context(result), options, token=token)
-    # The request id is the client's only if it matched negotiation's plain pattern.
-    headers = [
-        ("Content-Type", "text/event-stream; charset=utf-8"),
-        ("Cache-Control", "no-cache"),
-        ("X-Accel-Buffering", "no"),
-        ("X-Request-ID", rid),
-    ]
-    if settings.gzip:
-        headers.append(("Vary", "Accept-Encoding"))
-    if gzip:
-        headers.append(("Content-Encoding", "gzip"))
-    return StreamResponse(body, status=200, headers=TrustedHeaders(headers), direct_passthrough=True)
-
-
-def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Response:
+def call_function(name: str, functions: Mapping[str, RegisteredFunction], prefix: str = "") -> Response:
     """Validate the request, call the function ``name`` and answer with a stream or JSON.
 
     ``functions`` is the registry of the :class:`~flask_sse_run.SSERun` instance whose URL rule
-    matched (the view is bound to it with ``functools.partial``). The rule matches every method:
-    ``OPTIONS`` is answered ``204`` and any method but ``POST`` ``405``, both with ``Allow``.
-    A generator collected for a JSON client may yield at most ``MAX_JSON_ITEMS`` items (406).
+    matched, ``prefix`` its ``url_prefix`` (the view is bound to both with
+    ``functools.partial``). The rule matches every method: ``OPTIONS`` is answered ``204`` and a
+    method the function is not served with ``405``, both with ``Allow``. ``GET`` binds the query
+    string, ``POST`` the JSON body. A resumable function's stream is a run (see
+    :mod:`flask_sse_run.runs`); a request with ``Last-Event-ID`` reconnects to one. A generator
+    collected for a JSON client may yield at most ``MAX_JSON_ITEMS`` items (406).
     """
     state: State = current_app.extensions[EXTENSION_KEY]
     settings = state.settings
@@ -155,18 +92,30 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
         if registered is None:
             raise _unknown(name)
         if req.method == "OPTIONS":
-            return options_response(ALLOW, rid)
-        if req.method != "POST":
-            raise RequestError(405, "this endpoint accepts POST only", headers={"Allow": ALLOW})
+            return options_response(registered.allow, rid)
+        if req.method not in registered.methods:
+            raise RequestError(
+                405, f"this endpoint accepts {' or '.join(registered.methods)} only",
+                headers={"Allow": registered.allow},
+            )  # fmt: skip
         if not registered.public:  # before the body is read: strangers cannot make us wait for it
             authenticate(state.auth, req.environ.get("HTTP_AUTHORIZATION"), rid)
+        resumable = settings.resumable if registered.resumable is None else registered.resumable
+        if resumable and "HTTP_LAST_EVENT_ID" in req.environ:
+            # A client reconnecting (EventSource does it by itself): its body and query start
+            # nothing.
+            return resume_on_function_url(state, name, prefix, req, rid)
         stream = wants_stream(req.environ.get("HTTP_ACCEPT"), req)
-        payload = read_json_object(
-            with_deadline(req.stream, settings.body_timeout),
-            req.environ.get("CONTENT_TYPE", ""),
-            req.content_length,
-            settings.max_body,
-        )
+        if req.method == "GET":
+            payload = registered.binder.query_payload(req.args)
+        else:
+            payload = read_json_object(
+                with_deadline(req.stream, settings.body_timeout),
+                req.environ.get("CONTENT_TYPE", ""),
+                req.content_length,
+                settings.max_body,
+                offload=_in_thread_pool if gevent_patched() else None,
+            )
         kwargs = registered.binder.bind(payload)
     except UnreadableBody as exc:
         # One line, no traceback: a broken client is not a server fault.
@@ -196,8 +145,11 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
         logger.exception("function %s failed (request id %s)", name, rid)
         return error_response(RequestError(500, "the function failed; see the server log"), rid)
 
-    if stream and isinstance(result, Iterator):
-        return _stream_response(result, req, settings, rid, token)
+    if isinstance(result, Iterator):
+        if resumable and (stream or respond_async(req)):
+            return start_run(state, name, prefix, result, req, rid)
+        if stream:
+            return stream_response(result, req, settings, rid, token)
     if isinstance(result, (Awaitable, AsyncIterator)):  # checked after the common case
         return _async_result(name, result, rid)
 
@@ -213,7 +165,7 @@ def call_function(name: str, functions: Mapping[str, RegisteredFunction]) -> Res
             "run_time_ms": round((time.perf_counter() - started) * 1000, 3),
             "result": value,
         }
-        return _json_response(body_json, 200, rid)
+        return json_response(body_json, 200, rid)
     except RequestError as exc:  # too many items, or the generator's own refusal
         return error_response(exc, rid)
     except Interrupted:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask, current_app, request
 
 from flask_sse_run import Event, SSERun, ThreadChannel, disconnected, iterate_in_thread, run_in_thread
 
@@ -81,6 +81,12 @@ STATS: dict[str, Any] = {
     "cancelled_seen": 0,
     "thread_finally": 0,
     "last_finally": 0.0,
+    "thread_items": 0,
+    "endless_finally": 0,
+    "endless_disconnected": 0,
+    "resumable_started": 0,
+    "resumable_finally": 0,
+    "resumable_cancelled": 0,
     "plain_started": 0,
     "plain_finally": 0,
     "plain_disconnected": 0,
@@ -138,6 +144,7 @@ def blocking_ticks(n: int, interval: float) -> Iterator[int]:
         try:
             for i in range(n):
                 blocking_sleep(interval)
+                STATS["thread_items"] += 1
                 yield i
         finally:
             STATS["thread_finally"] += 1
@@ -181,6 +188,60 @@ def ticks(n: int, interval: float = 1.0) -> Iterator[float]:
     for _ in range(n):
         yield time.time()
         time.sleep(interval)
+
+
+@sse.function
+def endless(size: int = 1000, interval: float = 0.0) -> Iterator[str]:
+    """``size`` characters an event, forever (every ``interval`` seconds, or as fast as the
+    client takes them); STATS counts its ends."""
+    try:
+        while True:
+            yield "x" * size
+            if interval:
+                time.sleep(interval)
+    finally:
+        STATS["endless_finally"] += 1
+        STATS["endless_disconnected"] += disconnected()
+
+
+@sse.function(resumable=True, methods=("GET", "POST"))
+def resumable_ticks(n: int, interval: float = 0.1, tags: list[str] | None = None) -> Iterator[Any]:
+    """``n`` numbered ticks, ``interval`` seconds apart, as a resumable run; STATS counts its
+    starts and ends (and the ends that were cancellations)."""
+    STATS["resumable_started"] += 1
+    try:
+        for i in range(n):
+            yield {"i": i, "tags": tags} if tags else i
+            time.sleep(interval)
+    finally:
+        STATS["resumable_finally"] += 1
+        STATS["resumable_cancelled"] += disconnected()
+
+
+@sse.function(resumable=True, methods=("GET", "POST"))
+def shared_ticks(n: int, interval: float = 0.1, label: str = "") -> Iterator[int]:
+    """Resumable ticks that count their starts and ends (and cancellations) in the app's Redis,
+    under ``tests:<label>:``: what tests read across workers and replicas."""
+    import redis
+
+    counters = redis.Redis.from_url(current_app.config["SSE_RUN_REDIS_URL"])
+    counters.incr(f"tests:{label}:started")
+    counters.set(f"tests:{label}:pid", os.getpid())
+    try:
+        for i in range(n):
+            yield i
+            time.sleep(interval)
+    finally:
+        counters.incr(f"tests:{label}:finally")
+        if disconnected():
+            counters.incr(f"tests:{label}:cancelled")
+        counters.close()
+
+
+@sse.function(resumable=True)
+def resumable_fail(n: int) -> Iterator[int]:
+    yield from range(n)
+    raise ValueError("the run failed")
 
 
 @sse.function

@@ -65,6 +65,26 @@ def total(rows: Annotated[list[list[int]], Field(max_length=50)], flag: bool = F
         yield sum(row) if not flag else len(row)
 
 
+@sse.function(resumable=True, methods=("GET", "POST"))
+def spell(
+    word: Annotated[str, Field(max_length=20)],
+    times: Annotated[int, Field(ge=1, le=3)] = 1,
+    tags: list[str] | None = None,
+    limit: Annotated[int, Field(ge=0)] | None = None,
+    mode: Mode = Mode.PLAIN,
+) -> Iterator[str]:
+    """Spell ``word`` letter by letter, ``times`` times, as a resumable run (GET or POST).
+
+    Args:
+        word: the word to spell.
+        tags: sent first, one event each.
+        limit: send at most this many letters.
+    """
+    yield from (tags or [])[:20]
+    letters = [c.upper() if mode is Mode.LOUD else c for c in word] * times
+    yield from letters[:limit]
+
+
 @sse.function(public=True)
 def ping() -> Iterator[str]:
     """Answer "pong", without a token even when auth is on."""

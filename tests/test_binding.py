@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal, Optional
 
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from flask_sse_run.binding import inspect_function, validate_name
+from flask_sse_run import SSERun
+from flask_sse_run.binding import MAX_PROBLEMS, check_query_parameters, inspect_function, validate_name
 from flask_sse_run.errors import RegistrationError, RequestError
 
 
@@ -133,6 +134,36 @@ def test_exactly_50_problems_are_all_listed() -> None:
     assert len(info.value.detail or []) == 50
 
 
+def _pydantic_detail(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the 422 would list if pydantic saw every key (the slow way)."""
+    with pytest.raises(ValidationError) as info:
+        binder.model.model_validate(payload)
+    errors = info.value.errors(include_url=False, include_input=False, include_context=False)
+    return binder._detail(errors, len(errors))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {**VALID, **{f"k{i}": i for i in range(90_000)}},  # far more unknown keys than shown
+        {**{f"k{i}": i for i in range(62)}, "number": "x"},  # unknown first, then a bad value
+        {f"k{i}": i for i in range(63)},  # every required parameter missing too
+        {**VALID, "items": ["x"] * 30, **{f"{'w' * 70}{i}": i for i in range(70)}},  # long keys
+    ],
+    ids=["90000-unknown", "unknown-and-invalid", "unknown-and-missing", "long-unknown-keys"],
+)
+def test_too_many_keys_are_refused_before_validation_with_pydantics_own_detail(
+    payload: dict[str, Any],
+) -> None:
+    # More keys than parameters + MAX_PROBLEMS: pydantic never sees the unknown ones, but the
+    # 422 lists exactly what it would have listed.
+    assert len(payload) > len(binder.params) + MAX_PROBLEMS
+    with pytest.raises(RequestError) as info:
+        binder.bind(payload)
+    assert info.value.status == 422
+    assert info.value.detail == _pydantic_detail(payload)
+
+
 async def _coroutine() -> None: ...
 
 
@@ -217,3 +248,39 @@ def test_json_schema_uses_parameter_names_and_defaults() -> None:
     assert schema["properties"]["bounded"]["maximum"] == 1000
     assert schema["properties"]["mode"]["default"] == "fast"
     assert schema["additionalProperties"] is False
+
+
+def _get_friendly(
+    text: str,
+    number: int,
+    ratio: float,
+    flag: bool,
+    mode: Literal["fast", "slow"],
+    color: Color,
+    items: list[int],
+    pair: tuple[str, str] = ("a", "b"),
+    maybe: int | None = None,
+    maybe_items: list[str] | None = None,
+) -> None:
+    pass
+
+
+def test_text_numbers_booleans_enums_and_lists_of_them_can_come_from_a_query_string() -> None:
+    check_query_parameters(inspect_function(_get_friendly, "friendly"))
+
+
+@pytest.mark.parametrize(
+    "annotation",
+    [dict[str, int], Options, list[list[int]], list[Options], Optional[Options]],  # noqa: UP045
+)
+def test_a_parameter_a_query_string_cannot_carry_refuses_get_at_registration(annotation: Any) -> None:
+    def func(value: Any) -> None:
+        pass
+
+    func.__annotations__["value"] = annotation
+    with pytest.raises(RegistrationError, match="parameter value: a query string cannot carry it"):
+        check_query_parameters(inspect_function(func, "func"))
+    sse = SSERun()
+    with pytest.raises(RegistrationError):
+        sse.function(methods=("GET", "POST"))(func)
+    sse.function(methods=("POST",))(func)  # fine with a JSON body

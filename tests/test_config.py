@@ -44,11 +44,30 @@ def test_values_are_read_from_config() -> None:
         ("SSE_RUN_BODY_TIMEOUT", "30s", "SSE_RUN_BODY_TIMEOUT"),
         ("SSE_RUN_OPENAPI_VERSION", 1, "SSE_RUN_OPENAPI_VERSION"),
         ("SSE_RUN_OPENAPI_TITLE", ["x"], "SSE_RUN_OPENAPI_TITLE"),
+        ("SSE_RUN_SEND_TIMEOUT", -1, "SSE_RUN_SEND_TIMEOUT"),
+        ("SSE_RUN_RESUMABLE", "yes", "SSE_RUN_RESUMABLE"),
+        ("SSE_RUN_RESUME_WINDOW", -1, "SSE_RUN_RESUME_WINDOW"),
+        ("SSE_RUN_RESUME_MAX_EVENTS", 0, "SSE_RUN_RESUME_MAX_EVENTS"),
+        ("SSE_RUN_MAX_RUNS", 0, "SSE_RUN_MAX_RUNS"),
+        ("SSE_RUN_REDIS_PREFIX", "", "SSE_RUN_REDIS_PREFIX"),
+        ("SSE_RUN_REDIS_URL", "http://user:hunter2@host/0", "SSE_RUN_REDIS_URL: not a redis://"),
     ],
 )
 def test_bad_configuration_fails_at_start_up(key: str, value: Any, fragment: str) -> None:
     app = Flask(__name__)
     app.config[key] = value
-    with pytest.raises(ConfigurationError, match=fragment):
+    with pytest.raises(ConfigurationError, match=fragment) as info:
         SSERun(app)
     assert "sse_run" not in app.extensions
+    assert "hunter2" not in str(info.value)  # a URL's password is never echoed
+
+
+def test_a_redis_url_makes_the_run_store_redis_without_connecting_at_start_up() -> None:
+    from flask_sse_run.runs.redis_store import RedisRunStore
+    from tests.live import free_port
+
+    app = Flask(__name__)
+    app.config.update(SSE_RUN_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", SSE_RUN_REDIS_PREFIX="app1:")
+    SSERun(app)  # nothing listens there: starting up must not need Redis
+    store = app.extensions["sse_run"].runs.store
+    assert isinstance(store, RedisRunStore) and store.prefix == "app1:"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from flask_sse_run.extension import SYNC_WORKER_WARNING
 from flask_sse_run.testing import SSEParser
 from tests.live import ROOT, Server, answers, free_port, gunicorn
 
@@ -192,14 +193,23 @@ def test_gunicorn_conf_serves_an_app_of_ones_own(tmp_path: Path) -> None:
     assert "Traceback" not in log and "No module named" not in log
 
 
-def test_example_app_serves_the_seed_function(tmp_path: Path) -> None:
+def test_example_app_serves_the_seed_function_as_a_resumable_run(tmp_path: Path) -> None:
     with gunicorn("wsgi:app", tmp_path=tmp_path) as srv:
         assert requests.get(f"{srv.url}/health", timeout=5).json() == {"status": "ok"}
         response = requests.post(
-            f"{srv.url}/run", json={"upper_range": 1}, headers={"Accept-Encoding": "identity"}, timeout=10
+            f"{srv.url}/run", json={"upper_range": 2}, headers={"Accept-Encoding": "identity"}, timeout=10
         )
-        assert response.content == b"data: Number 0 \n\n"
+        run_id = response.headers["X-Run-ID"]
+        assert response.content == (
+            f"id: {run_id}:1\ndata: Number 0 \n\nid: {run_id}:2\ndata: Number 1 \n\n".encode()
+        )
+        # EventSource's way in: GET with the arguments in the query string.
+        response = requests.get(
+            f"{srv.url}/run", params={"upper_range": 1}, headers={"Accept-Encoding": "identity"}, timeout=10
+        )
+        assert response.content == f"id: {response.headers['X-Run-ID']}:1\ndata: Number 0 \n\n".encode()
         assert "Using worker: gevent" in srv.log()
+        assert SYNC_WORKER_WARNING not in srv.log()
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread"])
@@ -207,4 +217,7 @@ def test_the_seed_example_streams_under_sync_and_thread_workers(tmp_path: Path, 
     # No gevent: the generator runs in the request's thread and each item is written at once.
     with gunicorn(tmp_path=tmp_path, env={"GUNICORN_WORKER_CLASS": worker_class}) as srv:
         assert_seed_stream(srv.url)
-        assert f"Using worker: {worker_class}" in srv.log()
+        log = srv.log()
+    assert f"Using worker: {worker_class}" in log
+    # The sync worker cuts streams at its timeout: it is told at start-up, once, what to run.
+    assert log.count(SYNC_WORKER_WARNING) == (1 if worker_class == "sync" else 0)

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from flask_sse_run.errors import RequestError
-from flask_sse_run.payload import read_json_object
+from flask_sse_run.errors import RequestError, UnreadableBody
+from flask_sse_run.payload import LARGE_BODY, read_json_object
 
 
 def read(
@@ -65,3 +67,32 @@ def test_bad_bodies_are_rejected(
         read(body, mimetype, length, limit=1000 if status == 413 else 1_000_000)
     assert info.value.status == status
     assert fragment in info.value.message
+
+
+def test_large_bodies_are_parsed_through_offload_and_small_ones_in_place() -> None:
+    handed: list[int] = []
+
+    def offload(parse: Callable[[bytes], dict[str, Any]], raw: bytes) -> dict[str, Any]:
+        handed.append(len(raw))
+        return parse(raw)
+
+    small = b'{"a": 1}'
+    large = b'{"a": "' + b"x" * LARGE_BODY + b'"}'
+    assert read_json_object(io.BytesIO(small), "application/json", None, 1 << 20, offload=offload) == {"a": 1}
+    assert read_json_object(io.BytesIO(large), "application/json", None, 1 << 20, offload=offload)["a"]
+    assert handed == [len(large)]
+    # Its refusals come back through it as they are.
+    bad = b'{"a": 1, "a": 2, "pad": "' + b"x" * LARGE_BODY + b'"}'
+    with pytest.raises(RequestError, match="duplicate key"):
+        read_json_object(io.BytesIO(bad), "application/json", None, 1 << 20, offload=offload)
+
+
+class _Broken:
+    def read(self, size: int = -1, /) -> bytes:
+        raise OSError("the server's reader gave up")
+
+
+def test_a_body_the_server_cannot_read_is_a_400() -> None:
+    with pytest.raises(UnreadableBody) as info:
+        read_json_object(_Broken(), "application/json", None, 1000)
+    assert info.value.status == 400 and info.value.reason == "OSError"

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import requests
 
 from flask_sse_run.testing import SSEParser
 from tests.latency import polled_latencies
-from tests.live import Server, gunicorn
+from tests.live import ROOT, Server, gunicorn
 from tests.sse_clients import run_streams
 
 
@@ -231,6 +232,32 @@ def test_a_client_leaving_stops_the_thread_of_a_blocking_iterator(server: Server
     assert stats(server)["threads"] <= before["threads"] + 1  # the pool's idle thread at most
 
 
+def test_dropped_clients_give_the_thread_pool_back_after_their_current_item(server: Server) -> None:
+    # More dropped streams than the pool's 32 threads, each thread blocked in a 1 s item: each
+    # finishes that item and fetches no other, the 8 still queued never start, and a new stream
+    # gets a thread about a second later, not after every dropped stream has run on.
+    before = stats(server)
+    socks = [open_stream(server, "/blocking_ticks", b'{"n": 1000, "interval": 1.0}') for _ in range(40)]
+    wait_for(lambda: stats(server)["thread_items"] >= before["thread_items"] + 32, timeout=10)
+    for sock in socks:
+        sock.close()
+    dropped = stats(server)
+    started = time.monotonic()
+    with requests.post(
+        f"{server.url}/blocking_ticks",
+        json={"n": 1, "interval": 0.0},
+        headers={"Accept-Encoding": "identity"},
+        stream=True,
+        timeout=20,
+    ) as response:
+        assert response.raw.read(9) == b"data: 0\n\n"
+    waited = time.monotonic() - started
+    wait_for(lambda: stats(server)["thread_finally"] == before["thread_finally"] + 33, timeout=10)
+    # At most the item each thread was making when its client left.
+    assert stats(server)["thread_items"] - dropped["thread_items"] <= 32 + 1
+    assert waited < 5  # one blocking item (1 s) and margin; running on would take 1000 s
+
+
 def test_hundreds_of_dropped_clients_leave_nothing_behind(server: Server) -> None:
     run_streams(server.port, "/sleeper", {"seconds": 0}, 20, timeout=10)  # warm lazily made objects
     before = stats(server)
@@ -408,3 +435,43 @@ def test_sigterm_ends_cleanly_even_when_closing_the_generator_fails(tmp_path: Pa
         log = srv.log()
     assert log.count("closing the generator failed") == 1
     assert "Error handling request" not in log
+
+
+def test_a_client_that_stops_reading_is_ended_after_the_send_timeout(tmp_path: Path) -> None:
+    config = {"SSE_RUN_SEND_TIMEOUT": 1, "SSE_RUN_KEEPALIVE": 0}
+    with gunicorn(tmp_path=tmp_path, config=config) as srv:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+        sock.connect(("127.0.0.1", srv.port))
+        body = b'{"size": 10000}'
+        sock.sendall(
+            b"POST /endless HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        # Never read: the server's writes block once the buffers are full, and the stream ends
+        # where its write waits, about a second later, as a failed write would end it.
+        took = wait_for(lambda: stats(srv)["endless_finally"] == 1, timeout=20)
+        sock.close()
+        assert stats(srv)["endless_disconnected"] == 1
+        assert took < 15  # not never: without the timeout the write waits as long as the client
+        log = srv.log()
+    assert "Traceback" not in log and "Error handling request" not in log
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None,
+    reason="needs root, unshare and ip (iproute2) to make a network namespace",
+)
+def test_a_client_whose_network_vanishes_is_ended_after_the_send_timeout(tmp_path: Path) -> None:
+    # A real cut: server and client in a network namespace of their own whose loopback goes
+    # down mid-stream, so no FIN or RST ever arrives; only unacknowledged pings tell.
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, str(ROOT / "tests/scripts/network_cut.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    # SSE_RUN_SEND_TIMEOUT is 2 s and a ping is due 0.5 s into the silence: ended seconds after
+    # the cut, not the quarter of an hour Linux's retransmissions would take.
+    assert seen["finally"] == 1 and seen["disconnected"] == 1, seen
+    assert seen["ended_after_cut"] < 30, seen

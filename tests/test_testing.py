@@ -10,10 +10,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from example_app import create_app as create_example_app
 from flask_sse_run import Event, SSERun
 from flask_sse_run.testing import ServerSentEvent, iter_events, stream_events
-from tests.apps import endless_app
+from tests.apps import create_app, endless_app
 
 
 def test_stream_events_returns_every_event_of_the_stream(client: FlaskClient) -> None:
@@ -74,8 +73,8 @@ def test_leaving_iter_events_early_closes_the_generator() -> None:
     assert closed.wait(1)
 
 
-def test_the_readme_examples_work_on_the_example_app() -> None:
-    client = create_example_app().test_client()
+def test_the_readme_testing_examples_work_on_the_readmes_run() -> None:
+    client = create_app().test_client()  # its run is the README's ten-line example
     assert stream_events(client, "/run", json={"upper_range": 2}) == [
         ServerSentEvent(data="Number 0 "),
         ServerSentEvent(data="Number 1 "),

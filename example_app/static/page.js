@@ -1,0 +1,252 @@
+"use strict";
+// The example page: stream a function with EventSource and show each event as it arrives.
+// No framework and no build step. Every URL is relative to the page, so the app may be
+// mounted under a path behind a proxy.
+
+const $ = (id) => document.getElementById(id);
+
+const STATE_TEXT = {
+  idle: "idle",
+  connecting: "connecting…",
+  open: "open",
+  reconnecting: "reconnecting…",
+  finished: "finished",
+  failed: "failed",
+  stopped: "stopped",
+};
+
+// "<run_id>:<seq>" (the server's event ids), or null for any other id.
+function parseId(id) {
+  const match = /^([0-9a-f]{32}):([0-9]+)$/.exec(id);
+  return match ? { run: match[1], seq: Number(match[2]) } : null;
+}
+
+// "1–4, 6" from [1, 2, 3, 4, 6].
+function ranges(numbers) {
+  const parts = [];
+  for (let i = 0; i < numbers.length; ) {
+    let j = i;
+    while (j + 1 < numbers.length && numbers[j + 1] === numbers[j] + 1) j++;
+    parts.push(i === j ? `${numbers[i]}` : `${numbers[i]}–${numbers[j]}`);
+    i = j + 1;
+  }
+  return parts.join(", ");
+}
+
+// What the ids seen say: which run, which seqs, and whether each came once and in order.
+function describeIds(ids) {
+  if (ids.length === 0) return "none yet";
+  const parsed = ids.map(parseId);
+  if (parsed.some((p) => p === null)) return "the stream has no run ids (not resumable)";
+  const runs = new Set(parsed.map((p) => p.run));
+  const seqs = parsed.map((p) => p.seq);
+  const inOrder = seqs.every((seq, i) => seq === i + 1);
+  const run = runs.size === 1 ? `run ${parsed[0].run.slice(0, 8)}…` : `${runs.size} different runs!`;
+  const verdict = inOrder ? "each once, in order" : "repeated or out of order!";
+  return `${run} #${ranges(seqs)} (${verdict})`;
+}
+
+// One EventSource at a time, with its state, event count, reconnects and ids on the page.
+class Stream {
+  constructor(prefix, base, { onEvent, onReset }) {
+    this.prefix = prefix; // of the elements' ids: "run" or "falcon"
+    this.base = base; // of the URLs: "" or "falcon/"
+    this.onEvent = onEvent;
+    this.onReset = onReset;
+    this.source = null;
+    $(`${prefix}-stop`).addEventListener("click", () => this.stop());
+  }
+
+  start(url) {
+    this.close();
+    this.count = 0;
+    this.reconnects = 0;
+    this.ids = [];
+    this.opened = false;
+    this.started = performance.now();
+    this.onReset();
+    this.show();
+    this.setState("connecting");
+    $(`${this.prefix}-start`).disabled = true;
+    $(`${this.prefix}-stop`).disabled = false;
+
+    const source = new EventSource(url);
+    this.source = source;
+    source.onopen = () => {
+      this.opened = true;
+      this.setState("open");
+    };
+    source.onmessage = (event) => {
+      this.count += 1;
+      if (event.lastEventId) this.ids.push(event.lastEventId);
+      this.show();
+      this.onEvent(event, (performance.now() - this.started) / 1000);
+    };
+    // Fired for the connection's errors, and also for an `event: error` the server sends (a
+    // MessageEvent) when the function raised.
+    source.addEventListener("error", (event) => {
+      if (source !== this.source) return;
+      if (event instanceof MessageEvent) {
+        this.finish("failed", `the function failed: ${errorMessage(event.data)}`);
+      } else if (source.readyState === EventSource.CONNECTING) {
+        // Dropped, or the stream ended: the browser reconnects with Last-Event-ID by itself.
+        this.reconnects += 1;
+        this.show();
+        this.setState("reconnecting");
+      } else if (this.opened) {
+        // CLOSED after a stream: the server answered 204, nothing is left to send.
+        this.finish("finished");
+      } else {
+        this.finish("failed", "the server refused the stream (wrong parameters, or busy)");
+      }
+    });
+  }
+
+  // The stream is over: close the EventSource so that it never reconnects again.
+  finish(state, detail = "") {
+    this.close();
+    this.setState(state, detail);
+  }
+
+  // The user's Stop: close, and cancel the run on the server (it would go on without a client).
+  stop() {
+    const last = parseId(this.ids.length ? this.ids[this.ids.length - 1] : "");
+    this.finish("stopped");
+    if (last) {
+      fetch(`${this.base}runs/${last.run}`, { method: "DELETE" })
+        .then((response) => {
+          if (response.status === 204) this.setState("stopped", "run cancelled on the server");
+        })
+        .catch(() => {});
+    }
+  }
+
+  close() {
+    if (this.source) this.source.close();
+    this.source = null;
+    $(`${this.prefix}-start`).disabled = false;
+    $(`${this.prefix}-stop`).disabled = true;
+  }
+
+  setState(state, detail = "") {
+    const element = $(`${this.prefix}-state`);
+    element.dataset.state = state;
+    element.textContent = detail ? `${STATE_TEXT[state]}: ${detail}` : STATE_TEXT[state];
+  }
+
+  show() {
+    $(`${this.prefix}-count`).textContent = String(this.count);
+    $(`${this.prefix}-reconnects`).textContent = String(this.reconnects);
+    const ids = $(`${this.prefix}-ids`);
+    ids.textContent = describeIds(this.ids);
+    ids.dataset.ids = this.ids.join(" ");
+  }
+}
+
+function errorMessage(data) {
+  try {
+    const body = JSON.parse(data);
+    return body.message || body.type || data;
+  } catch {
+    return data;
+  }
+}
+
+// `run`: one list item per event, with its seq and when it arrived.
+function setUpRun() {
+  const list = $("run-events");
+  const stream = new Stream("run", "", {
+    onReset: () => list.replaceChildren(),
+    onEvent: (event, seconds) => {
+      const item = document.createElement("li");
+      item.dataset.id = event.lastEventId;
+      const parsed = parseId(event.lastEventId);
+      const seq = document.createElement("span");
+      seq.className = "seq";
+      seq.textContent = parsed ? `#${parsed.seq}` : "";
+      const data = document.createElement("span");
+      data.className = "data";
+      data.textContent = event.data;
+      const time = document.createElement("span");
+      time.className = "time";
+      time.textContent = `+${seconds.toFixed(2)} s`;
+      item.append(seq, data, time);
+      list.append(item);
+    },
+  });
+  $("run-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const query = new URLSearchParams({ upper_range: $("run-upper-range").value });
+    stream.start(`run?${query}`);
+  });
+}
+
+// Falcon: the text pieces joined, then the finishing numbers. Offered only once
+// /falcon/health says the model is ready.
+function setUpFalcon() {
+  const text = $("falcon-text");
+  const summary = $("falcon-summary");
+  const stream = new Stream("falcon", "falcon/", {
+    onReset: () => {
+      text.textContent = "";
+      text.hidden = false;
+      summary.hidden = true;
+      $("falcon-status").hidden = false;
+    },
+    onEvent: (event) => {
+      let body;
+      try {
+        body = JSON.parse(event.data);
+      } catch {
+        return;
+      }
+      if (typeof body.text === "string") text.textContent += body.text;
+      if (body.finish_reason) {
+        summary.hidden = false;
+        summary.textContent =
+          `finish_reason ${body.finish_reason}, ${body.generated_tokens} tokens, ` +
+          `first token after ${body.time_to_first_token_ms} ms, ${body.tokens_per_s} tokens/s`;
+        // The last event: closing now also keeps a stream that is not resumable from running
+        // again when the browser would reconnect.
+        stream.finish("finished");
+      }
+    },
+  });
+  $("falcon-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const query = new URLSearchParams({
+      prompt: $("falcon-prompt").value,
+      max_new_tokens: $("falcon-max-new-tokens").value,
+    });
+    stream.start(`falcon/run?${query}`);
+  });
+  checkFalcon();
+}
+
+function checkFalcon() {
+  const note = $("falcon-health");
+  const say = (status, message, again) => {
+    note.dataset.status = status;
+    note.textContent = message;
+    if (again) setTimeout(checkFalcon, 5000);
+  };
+  fetch("falcon/health", { headers: { Accept: "application/json" } })
+    .then(async (response) => {
+      if (response.status === 404) return say("absent", "This app has no Falcon endpoints.", false);
+      const body = await response.json();
+      if (body.status === "ready") {
+        say("ready", `Ready: ${body.model} on ${body.device} (${body.dtype}).`, false);
+        $("falcon-form").hidden = false;
+      } else if (body.status === "loading") {
+        say("loading", `Loading ${body.model} (${body.loading_seconds} s so far)…`, true);
+      } else if (body.status === "failed") {
+        say("failed", `The model failed to load: ${body.error}`, false);
+      } else {
+        say("disabled", `Off: ${body.message || body.status}`, false);
+      }
+    })
+    .catch(() => say("unknown", "/falcon/health did not answer; trying again.", true));
+}
+
+setUpRun();
+setUpFalcon();

@@ -1,0 +1,204 @@
+"""The in-process run store: runs' events in this worker's memory (the default).
+
+Nothing to run beside the app, and the fastest store; but a run lives in the worker that started
+it: with several gunicorn workers (or replicas) a reconnect that lands in another worker does not
+find it. Use the Redis store (``SSE_RUN_REDIS_URL``) there.
+
+Bounds: each run holds at most ``max_events`` events and ``max_bytes`` bytes of them (the
+oldest go first; the newest is always kept), and the store at most ``max_runs`` runs, running or
+ended (:class:`~.store.StoreFull` beyond). Ended runs are forgotten ``ttl`` seconds after they end.
+
+Safe for greenlets and threads: every change holds one lock, and waiters block on a per-run
+event that each change replaces.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from ..concurrency import new_event
+from .store import RUNNING, RunInfo, RunSlice, RunStore, StoreFull
+
+__all__ = ["MemoryRunStore"]
+
+
+class _Run:
+    __slots__ = (
+        "cancel_requested",
+        "changed",
+        "clients",
+        "ended_at",
+        "events",
+        "function",
+        "idle_since",
+        "last_seq",
+        "nbytes",
+        "owner",
+        "prefix",
+        "status",
+    )
+
+    def __init__(self, function: str, prefix: str, owner: str | None) -> None:
+        self.function = function
+        self.prefix = prefix
+        self.owner = owner
+        self.status = RUNNING
+        self.events: deque[tuple[int, bytes]] = deque()
+        self.nbytes = 0
+        self.last_seq = 0
+        self.clients = 0
+        self.idle_since: float | None = time.time()
+        self.cancel_requested = False
+        self.ended_at = 0.0
+        self.changed: Any = None  # made by the first waiter: most runs are never waited on
+
+    def wake(self) -> None:
+        changed, self.changed = self.changed, None
+        if changed is not None:
+            changed.set()
+
+
+class MemoryRunStore(RunStore):
+    """Runs in this process's memory; see the module docstring."""
+
+    def __init__(self, *, max_events: int, max_bytes: int, max_runs: int, ttl: float) -> None:
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.max_runs = max_runs
+        self.ttl = ttl
+        self._runs: dict[str, _Run] = {}
+        self._lock = threading.Lock()  # gevent's under gevent: held only around plain dict work
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def create(self, run_id: str, function: str, prefix: str, owner: str | None) -> None:
+        """Record a new run; :class:`StoreFull` when ``max_runs`` are held."""
+        with self._lock:
+            if len(self._runs) >= self.max_runs:
+                self._expire(time.time())
+                if len(self._runs) >= self.max_runs:
+                    raise StoreFull(self.max_runs, retry_after=max(1, round(self.ttl / 2)))
+            self._runs[run_id] = _Run(function, prefix, owner)
+
+    def append(self, run_id: str, events: Sequence[tuple[int, bytes]]) -> None:
+        """Add events; the oldest are dropped beyond ``max_events`` or ``max_bytes``."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or run.status != RUNNING:
+                return
+            run.events.extend(events)
+            run.nbytes += sum([len(data) for _, data in events])
+            run.last_seq = events[-1][0]
+            held = run.events
+            while len(held) > 1 and (len(held) > self.max_events or run.nbytes > self.max_bytes):
+                run.nbytes -= len(held.popleft()[1])
+            run.wake()
+
+    def finish(self, run_id: str, status: str) -> None:
+        """Mark the run ended; waiting readers wake."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or run.status != RUNNING:
+                return
+            run.status = status
+            run.ended_at = time.time()
+            run.wake()
+
+    def get(self, run_id: str) -> RunInfo | None:
+        """The run's state, or ``None``."""
+        run = self._runs.get(run_id)
+        if run is None or self._expired(run, time.time()):
+            return None
+        return RunInfo(
+            run_id=run_id,
+            function=run.function,
+            prefix=run.prefix,
+            owner=run.owner,
+            status=run.status,
+            last_seq=run.last_seq,
+            clients=run.clients,
+            idle_since=run.idle_since,
+            cancel_requested=run.cancel_requested,
+        )
+
+    def read(self, run_id: str, after: int, limit: int) -> RunSlice | None:
+        """Up to ``limit`` events after ``after``, and how many of those are no longer held."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or self._expired(run, time.time()):
+                return None
+            held = run.events
+            if not held or held[-1][0] <= after:
+                return RunSlice((), 0, run.status, run.last_seq)
+            first = held[0][0]
+            missed = max(0, first - 1 - after)
+            # Seqs are consecutive: what follows the position is the deque's last `newer`
+            # entries, taken from the right end (a deque is indexed in O(distance from an end),
+            # and a live reader is near the newest).
+            newer = min(len(held), held[-1][0] - max(after, first - 1))
+            skip = len(held) - newer
+            if newer > limit:  # far behind: walk from the left, only as far as needed
+                events = list(itertools.islice(held, skip, skip + limit))
+            else:
+                events = list(itertools.islice(reversed(held), newer))
+                events.reverse()
+            return RunSlice(events, missed, run.status, run.last_seq)
+
+    def wait(self, run_id: str, after: int, timeout: float) -> None:
+        """Block until an event after ``after`` exists, the run ended, or ``timeout``."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or run.status != RUNNING or run.last_seq > after:
+                return
+            if run.changed is None:
+                run.changed = new_event()
+            changed = run.changed
+        changed.wait(timeout)
+
+    def attach(self, run_id: str) -> None:
+        """A client tails the run."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is not None:
+                run.clients += 1
+                run.idle_since = None
+
+    def detach(self, run_id: str) -> None:
+        """A client left; the last one leaving marks the run idle."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is not None:
+                run.clients -= 1
+                if run.clients == 0:
+                    run.idle_since = time.time()
+
+    def request_cancel(self, run_id: str) -> bool:
+        """Flag the run for cancelling (the runtime stops its producer)."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or self._expired(run, time.time()):
+                return False
+            run.cancel_requested = True
+            return True
+
+    def expire(self) -> None:
+        """Forget ended runs older than ``ttl``."""
+        with self._lock:
+            self._expire(time.time())
+
+    def pending(self) -> bool:
+        """Whether any run is held (the janitor expires ended ones)."""
+        return bool(self._runs)
+
+    def _expire(self, now: float) -> None:
+        for run_id in [run_id for run_id, run in self._runs.items() if self._expired(run, now)]:
+            del self._runs[run_id]
+
+    def _expired(self, run: _Run, now: float) -> bool:
+        return run.status != RUNNING and now - run.ended_at > self.ttl

@@ -1,0 +1,163 @@
+"""What a run store is: the small interface between the runtime and where runs' events live.
+
+A run's producer (the generator, running detached from any connection) appends its encoded
+events in order; any number of responses read them after a position and wait for more. The
+runtime never looks inside a store, so an in-process one (:class:`~.memory.MemoryRunStore`, the
+default) and one shared by every worker and replica (Redis Streams) are interchangeable.
+
+Contract, for every implementation:
+
+* ``append`` is called in order of ``seq`` and never concurrently for one run; a store may drop
+  a run's oldest events to stay within its bounds, and ``read`` then reports how many a
+  position missed rather than leave a silent gap.
+* ``wait`` returns once events after the position exist, the run has ended, or ``timeout``
+  passed; it blocks only the calling greenlet (or thread).
+* A run that ended stays readable for the store's TTL, then is forgotten (``get`` is ``None``).
+* Calls that cannot reach the store raise :class:`StoreUnavailable` (a 503), never hang.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import RequestError
+
+__all__ = [
+    "ENDED",
+    "RUNNING",
+    "RunInfo",
+    "RunSlice",
+    "RunStore",
+    "StoreFull",
+    "StoreUnavailable",
+]
+
+RUNNING = "running"
+#: How a run can end: its generator finished, raised, was cancelled (DELETE, or no client came
+#: back within the window), or the worker producing it shut down.
+ENDED = frozenset({"complete", "error", "cancelled", "shutdown"})
+
+
+class StoreUnavailable(RequestError):
+    """The run store cannot be reached (503, ``Retry-After``)."""
+
+    def __init__(self, message: str = "the run store is unavailable; try again shortly") -> None:
+        super().__init__(503, message, headers={"Retry-After": "5"})
+
+
+class StoreFull(RequestError):
+    """This worker holds as many runs as it may (``SSE_RUN_MAX_RUNS``): 503 with ``Retry-After``."""
+
+    def __init__(self, limit: int, retry_after: int) -> None:
+        super().__init__(
+            503, f"this server holds {limit} runs already; try again shortly",
+            headers={"Retry-After": str(retry_after)},
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What is known of a run, apart from its events."""
+
+    run_id: str
+    #: The registered function's name, and the ``url_prefix`` of the instance serving it.
+    function: str
+    prefix: str
+    #: The JWT ``sub`` of the request that started it, or ``None`` (no JWT).
+    owner: str | None
+    status: str
+    #: The highest seq appended so far (0: none yet).
+    last_seq: int = 0
+    #: Clients tailing it now, in every worker.
+    clients: int = 0
+    #: When (``time.time()``) its last client left, or it was started with none; ``None``
+    #: while a client is attached.
+    idle_since: float | None = None
+    #: A cancel was asked for (``DELETE``), maybe from another worker.
+    cancel_requested: bool = False
+
+    @property
+    def running(self) -> bool:
+        """Whether its generator is still producing."""
+        return self.status == RUNNING
+
+
+@dataclass(frozen=True, slots=True)
+class RunSlice:
+    """Events of a run after a position, as :meth:`RunStore.read` found them."""
+
+    #: Chunks in order, each ``(seq of its last event, encoded events)``: one event, or several
+    #: consecutive ones as a store keeps them (the Redis store, a batch), never one cut in two.
+    events: Sequence[tuple[int, bytes]]
+    #: Events after the position that the store no longer holds (dropped to stay in bounds).
+    missed: int
+    status: str
+    #: The seq of the last event the run has produced so far.
+    last_seq: int
+
+    @property
+    def ended(self) -> bool:
+        """Whether the run has ended (what is held may still be read)."""
+        return self.status != RUNNING
+
+
+class RunStore(ABC):
+    """Where runs' events and state live; see the module docstring for the contract."""
+
+    @abstractmethod
+    def create(self, run_id: str, function: str, prefix: str, owner: str | None) -> None:
+        """Record a new run (running, no client yet). Raises :class:`StoreFull`,
+        :class:`StoreUnavailable`."""
+
+    @abstractmethod
+    def append(self, run_id: str, events: Sequence[tuple[int, bytes]]) -> None:
+        """Add ``(seq, encoded event)`` pairs to a running run."""
+
+    @abstractmethod
+    def finish(self, run_id: str, status: str) -> None:
+        """Mark the run ended with ``status`` (one of ``ENDED``); waiting readers wake."""
+
+    @abstractmethod
+    def get(self, run_id: str) -> RunInfo | None:
+        """The run's state, or ``None`` if unknown or expired."""
+
+    def get_many(self, run_ids: Sequence[str]) -> list[RunInfo | None]:
+        """:meth:`get` for each of ``run_ids`` (a store with round trips makes it one)."""
+        return [self.get(run_id) for run_id in run_ids]
+
+    @abstractmethod
+    def read(self, run_id: str, after: int, limit: int) -> RunSlice | None:
+        """Up to ``limit`` chunks of events with a seq above ``after``; ``None`` if the run is
+        unknown."""
+
+    @abstractmethod
+    def wait(self, run_id: str, after: int, timeout: float) -> None:
+        """Block (cooperatively) until the run has an event above ``after``, has ended, or
+        ``timeout`` seconds passed."""
+
+    @abstractmethod
+    def attach(self, run_id: str) -> None:
+        """A client starts tailing the run."""
+
+    @abstractmethod
+    def detach(self, run_id: str) -> None:
+        """A client stopped tailing the run (the last one leaving starts its window)."""
+
+    @abstractmethod
+    def request_cancel(self, run_id: str) -> bool:
+        """Ask the run's producer, wherever it runs, to stop; ``False`` if the run is unknown."""
+
+    def expire(self) -> None:  # noqa: B027 - optional: stores whose entries expire by themselves
+        """Forget ended runs older than the TTL (called every second or so by the runtime)."""
+
+    def touch(self, run_ids: Sequence[str]) -> None:  # noqa: B027 - optional
+        """Keep the entries of these running runs (produced here) from expiring."""
+
+    def pending(self) -> bool:
+        """Whether :meth:`expire` still has runs to look after (the janitor stops otherwise)."""
+        return False
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release connections and timers."""

@@ -1,0 +1,286 @@
+"""The run stores on their own, each against the same contract: in-process, and Redis (a real
+redis-server). The runtime drives them from greenlets; these tests from threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flask_sse_run.runs.memory import MemoryRunStore
+from flask_sse_run.runs.store import RunStore, StoreFull, StoreUnavailable
+from tests.redis_server import RedisServer
+
+RUN = "a" * 32
+Make = Callable[..., RunStore]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make(request: pytest.FixtureRequest) -> Iterator[Make]:
+    made: list[RunStore] = []
+
+    def factory(**bounds: Any) -> RunStore:
+        settings = {"max_events": 100, "max_runs": 10, "ttl": 60.0, **bounds}
+        store: RunStore
+        if request.param == "memory":
+            store = MemoryRunStore(max_bytes=settings.pop("max_bytes", 1 << 20), **settings)
+        else:
+            from flask_sse_run.runs.redis_store import RedisRunStore
+
+            settings.pop("max_bytes", None)
+            url = request.getfixturevalue("redis_url")
+            store = RedisRunStore(url, prefix=f"test-{uuid.uuid4().hex}:", window=30, **settings)
+        made.append(store)
+        store.create(RUN, "run", "/p", "alice")
+        return store
+
+    yield factory
+    for store in made:
+        store.close()
+
+
+def events(first: int, last: int, size: int = 10) -> list[tuple[int, bytes]]:
+    return [(seq, b"x%d" % seq + b"x" * size) for seq in range(first, last + 1)]
+
+
+def read_bytes(store: RunStore, after: int, limit: int = 1000) -> tuple[bytes, int]:
+    """What a read after ``after`` gives: its chunks' bytes joined, and the last seq read
+    (``after`` if none); the chunks come in order."""
+    found = store.read(RUN, after, limit)
+    assert found is not None
+    chunk_seqs = [seq for seq, _ in found.events]
+    assert chunk_seqs == sorted(set(chunk_seqs)) and all(seq > after for seq in chunk_seqs)
+    return b"".join(data for _, data in found.events), (chunk_seqs[-1] if chunk_seqs else after)
+
+
+def joined(first: int, last: int) -> bytes:
+    return b"".join(data for _, data in events(first, last))
+
+
+def test_a_new_run_is_running_idle_and_knows_its_function_and_owner(make: Make) -> None:
+    store = make()
+    info = store.get(RUN)
+    assert info is not None
+    assert (info.function, info.prefix, info.owner, info.status) == ("run", "/p", "alice", "running")
+    assert info.running and info.last_seq == 0 and info.clients == 0 and info.idle_since is not None
+    assert store.get("b" * 32) is None and store.read("b" * 32, 0, 10) is None
+
+
+def test_reads_what_was_appended_after_a_position_in_order_and_within_a_limit(make: Make) -> None:
+    store = make()
+    store.append(RUN, events(1, 3))
+    store.append(RUN, events(4, 5))
+    # A position inside a batch the store keeps whole is exact all the same.
+    for after in range(6):
+        assert read_bytes(store, after) == (joined(after + 1, 5), 5)
+    found = store.read(RUN, 2, 100)
+    assert found is not None and found.missed == 0 and found.last_seq == 5 and not found.ended
+    limited = store.read(RUN, 0, 1)
+    assert limited is not None and len(limited.events) == 1  # one chunk: an event, or a batch
+    info = store.get(RUN)
+    assert info is not None and info.last_seq == 5
+
+
+def test_the_oldest_events_go_beyond_max_events_and_a_reader_learns_how_many_it_missed(make: Make) -> None:
+    store = make(max_events=3)
+    for seq in range(1, 201):  # one at a time: Redis trims approximately, per append
+        store.append(RUN, events(seq, seq))
+    found = store.read(RUN, 2, 1000)
+    assert found is not None and found.events and found.missed > 0
+    first_held = 2 + found.missed + 1  # exactly the ones between the position and what is held
+    assert read_bytes(store, 2) == (joined(first_held, 200), 200)  # the newest kept, in order
+    assert first_held > 100
+
+
+def test_an_ended_run_reads_to_its_end_and_says_how_it_ended(make: Make) -> None:
+    store = make()
+    store.append(RUN, events(1, 2))
+    store.finish(RUN, "error")
+    found = store.read(RUN, 0, 100)
+    assert found is not None and found.ended and found.status == "error"
+    assert read_bytes(store, 0) == (joined(1, 2), 2)
+    store.append(RUN, events(3, 3))  # nothing is added once it ended
+    assert read_bytes(store, 0) == (joined(1, 2), 2)
+    info = store.get(RUN)
+    assert info is not None and not info.running
+
+
+@pytest.mark.parametrize("change", ["append", "finish"])
+def test_a_waiter_wakes_when_events_come_or_the_run_ends(make: Make, change: str) -> None:
+    store = make()
+    woke = threading.Event()
+    waiter = threading.Thread(target=lambda: (store.wait(RUN, 0, timeout=30), woke.set()))
+    waiter.start()
+    time.sleep(0.2)
+    assert not woke.is_set()  # nothing after seq 0 yet: it waits
+    if change == "append":
+        store.append(RUN, events(1, 1))
+    else:
+        store.finish(RUN, "complete")
+    assert woke.wait(10)  # woken by the change, long before its 30 s timeout
+    waiter.join(5)
+
+
+def test_many_waiters_on_several_runs_each_wake_for_their_own(make: Make) -> None:
+    store = make()
+    others = [f"{n:032x}" for n in range(1, 4)]
+    for run_id in others:
+        store.create(run_id, "run", "/p", None)
+    woke = {run_id: threading.Event() for run_id in others}
+    waiters = [
+        threading.Thread(target=lambda r=run_id: (store.wait(r, 0, timeout=30), woke[r].set()))
+        for run_id in others
+    ]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.2)
+    store.append(others[1], [(1, b"x")])
+    assert woke[others[1]].wait(10)
+    time.sleep(0.2)
+    assert not woke[others[0]].is_set() and not woke[others[2]].is_set()
+    for run_id in (others[0], others[2]):
+        store.finish(run_id, "complete")
+    for waiter in waiters:
+        waiter.join(10)
+    assert all(event.is_set() for event in woke.values())
+
+
+def test_a_wait_returns_at_once_when_there_is_already_more(make: Make) -> None:
+    store = make()
+    store.append(RUN, events(1, 2))
+    started = time.monotonic()
+    store.wait(RUN, 1, timeout=30)
+    assert time.monotonic() - started < 10
+
+
+def test_clients_attach_and_the_last_one_leaving_marks_the_run_idle(make: Make) -> None:
+    store = make()
+    store.attach(RUN)
+    store.attach(RUN)
+    info = store.get(RUN)
+    assert info is not None and info.clients == 2 and info.idle_since is None
+    store.detach(RUN)
+    info = store.get(RUN)
+    assert info is not None and info.clients == 1 and info.idle_since is None
+    before = time.time()
+    store.detach(RUN)
+    info = store.get(RUN)
+    assert info is not None and info.clients == 0
+    assert info.idle_since is not None and info.idle_since >= before - 1
+
+
+def test_a_cancel_request_is_recorded_for_the_producer_wherever_it_runs(make: Make) -> None:
+    store = make()
+    assert store.request_cancel(RUN) is True
+    info = store.get(RUN)
+    assert info is not None and info.cancel_requested
+    assert store.request_cancel("c" * 32) is False
+    assert store.get("c" * 32) is None  # asking made nothing
+
+
+def test_an_ended_run_is_forgotten_after_the_ttl_and_a_running_one_is_not(make: Make) -> None:
+    store = make(ttl=0.2)
+    store.create("b" * 32, "run", "/p", None)
+    store.finish(RUN, "complete")
+    deadline = time.monotonic() + 10
+    while store.get(RUN) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        store.expire()
+    assert store.read(RUN, 0, 10) is None
+    assert store.get("b" * 32) is not None
+
+
+# --- each store's own ---------------------------------------------------------------------------
+
+
+def memory(**bounds: Any) -> MemoryRunStore:
+    store = MemoryRunStore(**{"max_events": 100, "max_bytes": 1 << 20, "max_runs": 10, "ttl": 60.0, **bounds})
+    store.create(RUN, "run", "", None)
+    return store
+
+
+def test_memory_bounds_bytes_too_but_keeps_the_newest_event() -> None:
+    by_bytes = memory(max_bytes=25)
+    by_bytes.append(RUN, [(seq, b"x" * 10) for seq in range(1, 5)])
+    found = by_bytes.read(RUN, 0, 100)
+    assert found is not None and [seq for seq, _ in found.events] == [3, 4] and found.missed == 2
+    huge = memory(max_bytes=5)
+    huge.append(RUN, [(1, b"x" * 50), (2, b"y" * 50)])
+    found = huge.read(RUN, 0, 100)
+    assert found is not None and [seq for seq, _ in found.events] == [2]
+
+
+def test_memory_refuses_runs_beyond_max_runs_until_ended_ones_expire() -> None:
+    store = memory(max_runs=1, ttl=0.05)
+    with pytest.raises(StoreFull) as info:
+        store.create("b" * 32, "run", "", None)
+    assert info.value.status == 503 and info.value.headers["Retry-After"] == "1"
+    store.finish(RUN, "complete")
+    time.sleep(0.1)
+    store.create("b" * 32, "run", "", None)  # the ended one made room
+    assert len(store) == 1 and store.pending()
+
+
+def test_redis_bounds_the_runs_this_process_produces(redis_url: str) -> None:
+    from flask_sse_run.runs.redis_store import RedisRunStore
+
+    store = RedisRunStore(
+        redis_url, prefix=f"t-{uuid.uuid4().hex}:", max_events=10, max_runs=1, ttl=5, window=5
+    )
+    store.create(RUN, "run", "", None)
+    with pytest.raises(StoreFull):
+        store.create("b" * 32, "run", "", None)
+    store.finish(RUN, "complete")
+    store.create("b" * 32, "run", "", None)
+    store.close()
+
+
+def test_redis_keys_are_under_the_prefix(redis_url: str) -> None:
+    import redis
+
+    from flask_sse_run.runs.redis_store import RedisRunStore
+
+    prefix = f"app-{uuid.uuid4().hex}:"
+    store = RedisRunStore(redis_url, prefix=prefix, max_events=10, max_runs=5, ttl=5, window=5)
+    store.create(RUN, "run", "", None)
+    store.append(RUN, [(1, b"x")])
+    client = redis.Redis.from_url(redis_url)
+    assert sorted(client.keys(f"{prefix}*")) == [
+        f"{prefix}run:{RUN}".encode(),
+        f"{prefix}run:{RUN}:events".encode(),
+    ]
+    assert 0 < client.ttl(f"{prefix}run:{RUN}") <= 120  # a running run's keys expire too
+    client.close()
+    store.close()
+
+
+def test_redis_that_cannot_be_reached_is_unavailable_not_a_hang(tmp_path: Path) -> None:
+    from flask_sse_run.runs.redis_store import TIMEOUT, RedisRunStore
+    from tests.live import free_port
+
+    store = RedisRunStore(
+        f"redis://127.0.0.1:{free_port()}/0", prefix="x:", max_events=10, max_runs=5, ttl=5, window=5
+    )
+    started = time.monotonic()
+    for call in (
+        lambda: store.create(RUN, "run", "", None),
+        lambda: store.get(RUN),
+        lambda: store.read(RUN, 0, 1),
+    ):
+        with pytest.raises(StoreUnavailable) as info:
+            call()
+        assert info.value.status == 503 and info.value.headers["Retry-After"]
+    assert time.monotonic() - started < 3 * TIMEOUT + 5
+    store.close()

@@ -1,0 +1,259 @@
+"""Runs across workers and replicas: two gunicorn servers (two gevent workers each) on one real
+redis-server, as two replicas behind a load balancer would be."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from tests.live import Server, gunicorn
+from tests.redis_server import RedisServer
+from tests.test_runs_live import data, open_stream
+
+WINDOW = 2.0
+
+
+def config(url: str) -> dict[str, Any]:
+    return {
+        "SSE_RUN_REDIS_URL": url,
+        "SSE_RUN_RESUME_WINDOW": WINDOW,
+        "SSE_RUN_KEEPALIVE": 0.5,
+        "SSE_RUN_REDIS_PREFIX": "replicas:",
+    }
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Server, Server]]:
+    with ExitStack() as stack:
+        a, b = (
+            stack.enter_context(
+                gunicorn(
+                    tmp_path=tmp_path_factory.mktemp(name),
+                    config=config(redis_server.url),
+                    env={"GUNICORN_WORKERS": "2"},
+                )
+            )
+            for name in ("a", "b")
+        )
+        yield a, b
+
+
+class Counters:
+    """What the ``shared_ticks`` runs of one test counted in Redis."""
+
+    def __init__(self, url: str) -> None:
+        self.label = uuid.uuid4().hex
+        self._redis = redis.Redis.from_url(url)
+
+    def __getitem__(self, name: str) -> int:
+        return int(self._redis.get(f"tests:{self.label}:{name}") or 0)
+
+    def pid(self) -> int:
+        return int(self._redis.get(f"tests:{self.label}:pid") or 0)
+
+    def wait(self, name: str, value: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self[name] != value:
+            assert time.monotonic() < deadline, f"{name} is {self[name]}, not {value}"
+            time.sleep(0.05)
+
+
+def test_a_run_started_on_one_replica_resumes_on_the_other_exactly_once(
+    replicas: tuple[Server, Server], redis_server: RedisServer
+) -> None:
+    a, b = replicas
+    counters = Counters(redis_server.url)
+    client = open_stream(a, path="/shared_ticks", json={"n": 8, "interval": 0.2, "label": counters.label})
+    run_id = client.response.headers["X-Run-ID"]
+    first = client.take(2)
+    client.drop()
+    again = open_stream(b, path="/shared_ticks", headers={"Last-Event-ID": first[-1].id}, json={})
+    assert again.response.headers["X-Run-ID"] == run_id
+    rest = again.rest()
+    assert data(first + rest) == [str(i) for i in range(8)]  # every event once, in order
+    assert [event.id for event in first + rest] == [f"{run_id}:{seq}" for seq in range(1, 9)]
+    counters.wait("finally", 1, timeout=10)
+    assert counters["started"] == 1 and counters["cancelled"] == 0  # it ran once, to its end
+
+
+def test_runs_url_on_either_replica_follows_a_run_and_two_clients_tail_it(
+    replicas: tuple[Server, Server], redis_server: RedisServer
+) -> None:
+    a, b = replicas
+    counters = Counters(redis_server.url)
+    first = open_stream(a, path="/shared_ticks", json={"n": 5, "interval": 0.2, "label": counters.label})
+    run_id = first.response.headers["X-Run-ID"]
+    second = open_stream(b, "GET", f"/runs/{run_id}")
+    assert data(first.rest()) == data(second.rest()) == ["0", "1", "2", "3", "4"]
+    replay = open_stream(b, "GET", f"/runs/{run_id}", params={"last_event_id": 3}).rest()
+    assert data(replay) == ["3", "4"]
+    done = requests.get(f"{b.url}/runs/{run_id}", params={"last_event_id": 5}, timeout=10)
+    assert done.status_code == 204
+
+
+def test_delete_on_one_replica_stops_the_generator_on_the_other(
+    replicas: tuple[Server, Server], redis_server: RedisServer
+) -> None:
+    a, b = replicas
+    counters = Counters(redis_server.url)
+    started = requests.post(
+        f"{a.url}/shared_ticks",
+        json={"n": 10_000, "interval": 0.1, "label": counters.label},
+        headers={"Prefer": "respond-async"},
+        timeout=10,
+    )
+    assert started.status_code == 202
+    counters.wait("started", 1, timeout=10)
+    assert requests.delete(f"{b.url}{started.headers['Location']}", timeout=10).status_code == 204
+    counters.wait("cancelled", 1, timeout=10)  # its finally saw disconnected(), on replica A
+    assert counters["finally"] == 1
+
+
+def test_the_window_ends_a_run_no_client_anywhere_came_back_to(
+    replicas: tuple[Server, Server], redis_server: RedisServer
+) -> None:
+    a, _ = replicas
+    counters = Counters(redis_server.url)
+    client = open_stream(
+        a, path="/shared_ticks", json={"n": 10_000, "interval": 0.1, "label": counters.label}
+    )
+    client.take(1)
+    client.drop()
+    dropped = time.monotonic()
+    counters.wait("cancelled", 1, timeout=WINDOW + 15)
+    assert time.monotonic() - dropped >= WINDOW - 0.3  # a reconnect had the whole window
+
+
+def test_a_client_that_comes_back_within_the_window_on_the_other_replica_keeps_the_run(
+    replicas: tuple[Server, Server], redis_server: RedisServer
+) -> None:
+    a, b = replicas
+    counters = Counters(redis_server.url)
+    client = open_stream(a, path="/shared_ticks", json={"n": 16, "interval": 0.25, "label": counters.label})
+    first = client.take(1)
+    client.drop()
+    time.sleep(WINDOW / 2)
+    rest = open_stream(b, path="/shared_ticks", headers={"Last-Event-ID": first[0].id}, json={}).rest()
+    assert data(first + rest) == [str(i) for i in range(16)]
+    counters.wait("finally", 1, timeout=10)
+    assert counters["cancelled"] == 0
+
+
+def test_unknown_runs_on_the_shared_store_are_204_and_404(replicas: tuple[Server, Server]) -> None:
+    _, b = replicas
+    unknown = "0" * 32
+    response = requests.post(
+        f"{b.url}/shared_ticks", headers={"Last-Event-ID": f"{unknown}:1"}, json={}, timeout=10
+    )
+    assert response.status_code == 204
+    assert requests.get(f"{b.url}/runs/{unknown}", timeout=10).status_code == 404
+
+
+def test_keys_live_under_the_configured_prefix(
+    replicas: tuple[Server, Server], redis_server: RedisServer
+) -> None:
+    a, _ = replicas
+    client = open_stream(a, "GET", "/resumable_ticks", params={"n": 1, "interval": 0})
+    run_id = client.response.headers["X-Run-ID"]
+    client.rest()
+    keys = redis.Redis.from_url(redis_server.url).keys(f"*{run_id}*")
+    assert sorted(keys) == [f"replicas:run:{run_id}".encode(), f"replicas:run:{run_id}:events".encode()]
+
+
+def test_a_redis_that_goes_away_and_comes_back(tmp_path: Path) -> None:
+    store = RedisServer(tmp_path).start()
+    try:
+        with gunicorn(tmp_path=tmp_path, config=config(store.url)) as srv:
+            client = open_stream(srv, path="/resumable_ticks", json={"n": 10_000, "interval": 0.1})
+            client.take(1)
+            store.stop()
+            killed = time.monotonic()
+            # The run already producing: one clear error event, and a clean end.
+            rest = client.rest()
+            assert rest[-1].event == "error" and "StoreUnavailable" in rest[-1].data, rest[-1]
+            assert [event.event for event in rest].count("error") == 1
+            assert time.monotonic() - killed < 30  # every Redis call has a timeout
+            # A new run cannot start: 503 with Retry-After, quickly.
+            refused = requests.post(f"{srv.url}/resumable_ticks", json={"n": 1}, timeout=30)
+            assert refused.status_code == 503 and refused.headers["Retry-After"]
+            assert refused.json() == {"error": "the run store is unavailable; try again shortly"}
+            # Everything else still works, in the same worker.
+            assert requests.post(f"{srv.url}/count", json={"n": 2}, timeout=10).status_code == 200
+            assert requests.get(f"{srv.url}/health", timeout=10).json() == {"status": "ok"}
+            # Redis back (empty: nothing was persisted): new runs work, without a restart.
+            store.start()
+            deadline = time.monotonic() + 30
+            while True:
+                response = requests.post(
+                    f"{srv.url}/resumable_ticks", json={"n": 2, "interval": 0}, timeout=30
+                )
+                if response.status_code == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert response.status_code == 200 and response.headers["X-Run-ID"]
+            assert srv.log().count("Booting worker") == 1  # the same worker throughout
+    finally:
+        store.stop()
+
+
+def test_a_redis_with_a_password_works_and_the_password_is_never_logged(tmp_path: Path) -> None:
+    password = "s3cret-" + uuid.uuid4().hex
+    with RedisServer(tmp_path, password=password) as store:
+        with gunicorn(tmp_path=tmp_path, config=config(store.url)) as srv:
+            client = open_stream(srv, path="/resumable_ticks", json={"n": 3, "interval": 0})
+            assert data(client.rest()) == ["0", "1", "2"]
+            store.stop()  # errors are logged now: none of them may show the URL's password
+            requests.post(f"{srv.url}/resumable_ticks", json={"n": 1}, timeout=30)
+            log = srv.log()
+    assert password not in log
+    # A wrong password: 503s, and the password tried is not in the log either.
+    with RedisServer(tmp_path, password=password) as store:
+        wrong = "wrong-" + uuid.uuid4().hex
+        with gunicorn(tmp_path=tmp_path, config=config(store.url.replace(password, wrong))) as srv:
+            refused = requests.post(f"{srv.url}/resumable_ticks", json={"n": 1}, timeout=30)
+            assert refused.status_code == 503
+            assert wrong not in srv.log()
+
+
+def test_a_replica_shutting_down_ends_its_runs_with_the_shutdown_event_for_every_reader(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    graceful = {"GUNICORN_GRACEFUL_TIMEOUT": "20"}
+    with (
+        gunicorn(tmp_path=tmp_path / "a", config=config(redis_server.url), env=graceful) as a,
+        gunicorn(tmp_path=tmp_path / "b", config=config(redis_server.url)) as b,
+    ):
+        client = open_stream(a, path="/resumable_ticks", json={"n": 10_000, "interval": 0.1})
+        run_id = client.response.headers["X-Run-ID"]
+        first = client.take(1)
+        os.kill(a.process.pid, signal.SIGTERM)
+        rest = client.rest()  # the stream ends cleanly, with the shutdown event
+        assert rest[-1].event == "shutdown"
+        assert a.process.wait(timeout=20) == 0
+        # The run ended with the shutdown event too: a client that reconnects to the other
+        # replica reads how it ended, with its id, then nothing more.
+        replay = open_stream(b, "GET", f"/runs/{run_id}", params={"last_event_id": first[0].id}).rest()
+        assert replay[-1].event == "shutdown" and replay[-1].id.startswith(f"{run_id}:")
+        last = replay[-1].id
+        done = requests.get(f"{b.url}/runs/{run_id}", headers={"Last-Event-ID": last}, timeout=10)
+        assert done.status_code == 204
