@@ -350,6 +350,15 @@ def test_beyond_max_batch_and_max_queue_requests_get_503_and_a_closed_stream_giv
     assert (sched.running, sched.waiting) == (0, 0)
 
 
+def test_a_client_that_has_read_its_summary_finds_its_place_free_at_once(
+    words: LoadedModel, executor: Any
+) -> None:
+    sched = make(words, executor, max_batch=1, max_queue=0)
+    prompt = words.tokenizer.encode(WORDS_PROMPT)
+    for _ in range(30):  # the next request right after the summary: never a 503
+        assert list(sched.admit(prompt, greedy(2), started=0.0))[-1]["generated_tokens"] == 2
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_go_on(
     words: LoadedModel, executor: Any
 ) -> None:

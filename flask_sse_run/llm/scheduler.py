@@ -231,9 +231,7 @@ class BatchScheduler:
                     # Not a step's error (those are handled in _turn): fail what the loop holds.
                     self.logger.exception("the decode loop failed; its rows end with the error")
                     rows = [row for row in self._drop_all() if not row.finished]
-                    for row in rows:
-                        row.fail(exc)
-                    self._release(rows)
+                    self._end([(row, exc) for row in rows])
                     self._notify(rows)
                     if not isinstance(exc, Exception):
                         with self._lock:
@@ -312,9 +310,7 @@ class BatchScheduler:
             if part is None or not any(row.cancelled for row in part.rows):
                 continue
             left = [row for row in part.rows if row.cancelled]
-            for row in left:  # first: whatever happens to the cache, these rows are done
-                row.finish()
-            self._release(left)
+            self._end([(row, None) for row in left])  # first: whatever happens to the cache
             self._notify(left)
             keep = [i for i, row in enumerate(part.rows) if not row.cancelled]
             if keep:
@@ -378,29 +374,38 @@ class BatchScheduler:
     def _accept(self, rows: Sequence[Row], tokens: Sequence[int], *, count_step: bool) -> list[int]:
         """Hand each row its token; wake their streams once; return the indices of rows going on."""
         keep: list[int] = []
-        done: list[Row] = []
+        done: list[tuple[Row, BaseException | None]] = []
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             try:
                 if row.accept(token):
-                    row.finish()
-                    done.append(row)
+                    done.append((row, None))
                 else:
                     keep.append(i)
             except Exception as exc:  # its text could not be made: only this row fails
                 self.logger.error("a row failed on token %d: %r", token, exc)
-                row.fail(exc)
-                done.append(row)
+                done.append((row, exc))
         self.meter.record(len(rows), steps=1 if count_step else 0)
-        self._release(done)
+        self._end(done)
         self._notify(rows)
         return keep
 
     def _fail(self, rows: Sequence[Row], exc: Exception, what: str) -> None:
         self.logger.error("%s failed; its %d rows end with the error: %r", what, len(rows), exc)
-        for row in rows:
-            row.fail(exc)
-        self._release(rows)
+        self._end([(row, exc) for row in rows])
         self._notify(rows)
+
+    def _end(self, rows: Sequence[tuple[Row, BaseException | None]]) -> None:
+        """End ``rows`` (with their error, if any), their places given back first: a client that
+        has read its summary may send its next request at once, and must find the place free."""
+        self._release([row for row, _ in rows])
+        for row, error in rows:
+            if error is None:
+                try:
+                    row.finish()
+                except Exception as exc:  # the held-back text could not be decoded
+                    row.fail(exc)
+            else:
+                row.fail(error)
 
     def _release(self, rows: Sequence[Row]) -> None:
         if rows:
