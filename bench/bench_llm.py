@@ -20,13 +20,15 @@ Bare and streaming runs alternate, and the best of ``--repeats`` runs counts (ot
 on a shared machine only ever slow a run down); ``median_ratio`` is the median of the pairs.
 
 **sweep**: 1, 2, 4, 8 and 16 simultaneous streams of ``--sweep-tokens`` (128) greedy tokens
-each on the 70M model, against three servers in turn, each alone on the machine: the example
-app decoding the streams in one batch (the default), the same app with ``FALCON_BATCHING=0``
-(one ``generate()`` at a time: the serial path), and ``transformers serve`` (Hugging Face's
-OpenAI-compatible server, ``/v1/completions`` with ``stream: true``; it runs one ``generate()``
-at a time too). For each: the aggregate tokens/s (all streams' tokens over the time from the
-first request to the last event), the time to each stream's first text event (p50, p99 over
-``--sweep-repeats`` runs) and each stream's own tokens/s (median).
+each on the 70M model, against three servers started together and measured in turns (so
+that the load of a shared machine, which drifts, weighs on all three alike; an idle server
+costs nothing): the example app decoding the streams in one batch (the default), the same app
+with ``FALCON_BATCHING=0`` (one ``generate()`` at a time: the serial path), and ``transformers
+serve`` (Hugging Face's OpenAI-compatible server, ``/v1/completions`` with ``stream: true``;
+for Falcon it runs one ``generate()`` at a time too). For each: the aggregate tokens/s (all
+streams' tokens over the time from the first request to the last event), the time to each
+stream's first text event (p50, p99 over ``--sweep-repeats`` runs) and each stream's own
+tokens/s (median).
 
 **parity**: in float32 (the CPU's dtype), how many of 8 greedy rows decoded together, joining
 at different steps, produce other text than a lone ``generate()`` (in float64 none does; the
@@ -38,6 +40,7 @@ Nothing is downloaded: the models are built with random weights in a temporary d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -237,30 +240,35 @@ def percentile(values: list[float], q: int) -> float:
 
 
 def sweep(
-    name: str, stream: Callable[[], dict[str, float]], counts: list[int], repeats: int
+    streams: dict[str, Callable[[], dict[str, float]]], counts: list[int], repeats: int
 ) -> list[dict[str, Any]]:
-    rows = []
-    stream()  # warm-up
+    """Each server at each stream count, the servers taking turns (load drifts hit all alike)."""
+    measured: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for stream in streams.values():
+        stream()  # warm-up
     for count in counts:
-        print(f"[sweep] {name}: {count} streams ...", file=sys.stderr)
-        aggregates, ttfts, per_stream = [], [], []
-        for _ in range(repeats):
-            results = concurrently(stream, count)
-            began, ended = min(r["started"] for r in results), max(r["ended"] for r in results)
-            aggregates.append(sum(r["tokens"] for r in results) / (ended - began))
-            ttfts += [r["ttft"] * 1000 for r in results]
-            per_stream += [r["tokens"] / (r["ended"] - r["started"]) for r in results]
-        rows.append(
-            {
-                "server": name,
-                "streams": count,
-                "aggregate_tokens_per_s": round(max(aggregates), 1),
-                "ttft_p50_ms": round(statistics.median(ttfts), 1),
-                "ttft_p99_ms": round(percentile(ttfts, 99), 1),
-                "per_stream_tokens_per_s": round(statistics.median(per_stream), 1),
-            }
-        )
-    return rows
+        for repeat in range(repeats):
+            for name, stream in streams.items():
+                print(f"[sweep] {name}: {count} streams ({repeat + 1}/{repeats}) ...", file=sys.stderr)
+                results = concurrently(stream, count)
+                began, ended = min(r["started"] for r in results), max(r["ended"] for r in results)
+                into = measured.setdefault((name, count), {"aggregate": [], "ttft": [], "per_stream": []})
+                into["aggregate"].append(sum(r["tokens"] for r in results) / (ended - began))
+                into["ttft"] += [r["ttft"] * 1000 for r in results]
+                into["per_stream"] += [r["tokens"] / (r["ended"] - r["started"]) for r in results]
+    return [
+        {
+            "server": name,
+            "streams": count,
+            "aggregate_tokens_per_s": round(max(values["aggregate"]), 1),
+            "ttft_p50_ms": round(statistics.median(values["ttft"]), 1),
+            "ttft_p99_ms": round(percentile(values["ttft"], 99), 1),
+            "per_stream_tokens_per_s": round(statistics.median(values["per_stream"]), 1),
+        }
+        for name in streams
+        for count in counts
+        for values in [measured[(name, count)]]
+    ]
 
 
 @contextmanager
@@ -320,17 +328,22 @@ def transformers_serve(directory: Path, work: Path) -> Iterator[str]:
 def run_sweep(
     directory: Path, work: Path, tokens: int, counts: list[int], repeats: int
 ) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    with falcon_server(directory, work, FALCON_MAX_QUEUE="64") as server:
-        rows += sweep("flask-sse-run batched", lambda: falcon_stream(server.url, tokens), counts, repeats)
-    with falcon_server(directory, work, FALCON_BATCHING="0", FALCON_MAX_QUEUE="64") as server:
-        rows += sweep("flask-sse-run serial", lambda: falcon_stream(server.url, tokens), counts, repeats)
-    try:
-        with transformers_serve(directory, work) as url:
-            rows += sweep("transformers serve", lambda: serve_stream(url, tokens), counts, repeats)
-    except (ImportError, RuntimeError) as exc:  # no transformers[serving]: the others still count
-        print(f"[sweep] transformers serve skipped: {exc}", file=sys.stderr)
-    return rows
+    """The three servers up together (idle ones cost nothing), measured in turns."""
+    with contextlib.ExitStack() as stack:
+        batched = stack.enter_context(falcon_server(directory, work, FALCON_MAX_QUEUE="64"))
+        serial = stack.enter_context(
+            falcon_server(directory, work, FALCON_BATCHING="0", FALCON_MAX_QUEUE="64")
+        )
+        streams = {
+            "flask-sse-run batched": lambda: falcon_stream(batched.url, tokens),
+            "flask-sse-run serial": lambda: falcon_stream(serial.url, tokens),
+        }
+        try:
+            serve = stack.enter_context(transformers_serve(directory, work))
+            streams["transformers serve"] = lambda: serve_stream(serve, tokens)
+        except (ImportError, RuntimeError) as exc:  # no transformers[serving]: the others still count
+            print(f"[sweep] transformers serve skipped: {exc}", file=sys.stderr)
+        return sweep(streams, counts, repeats)
 
 
 # -- greedy parity in float32 ----------------------------------------------------------------
