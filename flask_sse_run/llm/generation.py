@@ -1,7 +1,8 @@
-"""Stream the text a Hugging Face causal LM generates, with ``generate()`` in a real OS thread.
+"""The serial path: one ``generate()`` per stream, in a real OS thread.
 
-This is the only module of the package that imports torch and transformers; import it lazily
-(:mod:`flask_sse_run.llm.service` does, when a model is loaded).
+The service uses it with ``batching=False`` (``FALCON_BATCHING=0``) and for models whose cache
+cannot be batched; otherwise streams are rows of :mod:`.scheduler`'s batch. Imports torch and
+transformers: import it lazily (:mod:`flask_sse_run.llm.service` does, when a model is loaded).
 
 How a token travels: ``model.generate()`` runs in a native thread (:func:`run_in_thread`, on the
 executor given: one dedicated thread per device). For each new token it calls the streamer's
@@ -125,7 +126,8 @@ def stream_text(
         state["streamer"] = streamer
         # Sampling draws from torch's global generator: seed it for every generation, from the
         # request or at random (so one request's seed does not make the next one predictable).
-        # With one generation at a time per device (the default) nothing else draws in between.
+        # With one generation at a time per device (concurrency 1) nothing else draws in between;
+        # the batched path (scheduler.py) gives each row its own generator instead.
         torch.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
         generate_started = time.perf_counter()
