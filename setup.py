@@ -46,7 +46,8 @@ setup(
             # (apt-get install chromium chromium-driver; nothing is downloaded).
             "selenium>=4.11",
         ],
-        "dev": ["ruff>=0.6", "mypy>=1.10", "types-requests"],
+        # transformers[serving]: bench_llm.py's reference server, `transformers serve`.
+        "dev": ["ruff>=0.6", "mypy>=1.10", "types-requests", "transformers[serving]>=5.24"],
     },
     classifiers=[
         "Framework :: Flask",
