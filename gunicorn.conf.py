@@ -79,25 +79,13 @@ def child_exit(server: object, worker: Any) -> None:
         pass
 
 
-def post_fork(server: object, worker: object) -> None:
-    """In each worker, before gevent patches it: import torch and transformers if they serve.
-
-    huggingface_hub cannot be imported once gevent has patched ``select`` (no ``epoll``) and
-    ``subprocess``; importing starts no torch thread, so the worker's fork is safe.
-    """
-    # Only then: importing the app here, before gevent patches the worker, would import ssl
-    # (through PyJWT) unpatched for nothing.
-    if os.environ.get("FALCON_MODEL"):
-        prepare_worker = _example_app_hook("prepare_worker")
-        if prepare_worker is not None:
-            prepare_worker()
-
-
 def post_worker_init(worker: object) -> None:
     """Once the app is loaded in a worker: shutdown hook, GC freeze, Falcon loading.
 
     The model is loaded here, after the fork, never in the master: with --preload, torch work
-    there would deadlock the forked workers.
+    there would deadlock the forked workers. Nothing LLM-related runs before gevent patches the
+    worker: torch and transformers are imported on the worker's torch thread while it serves,
+    and ssl is imported patched (no MonkeyPatchWarning).
     """
     import gc
 

@@ -63,7 +63,8 @@ setup(
             "transformers[serving]>=5.24",
             "urllib3>=2.3",
         ],
-        "dev": ["ruff>=0.6", "mypy>=1.10", "types-requests"],
+        # transformers[serving]: bench_llm.py's reference server, `transformers serve`.
+        "dev": ["ruff>=0.6", "mypy>=1.10", "types-requests", "transformers[serving]>=5.24"],
     },
     classifiers=[
         "Framework :: Flask",

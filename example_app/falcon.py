@@ -3,15 +3,22 @@
 Enabled by the environment variable ``FALCON_MODEL``: a hub id such as
 ``tiiuae/falcon-7b-instruct`` or a local directory. Without it the app starts as usual (nothing
 is downloaded, torch is not even imported) and the Falcon endpoints answer 503 saying how to
-enable them. ``FALCON_CONCURRENCY`` (default 1) generations run at a time, ``FALCON_MAX_QUEUE``
-(default 8) more wait; beyond that, 503 with ``Retry-After``. ``app.config`` keys of the same
-names win over the environment (tests use them). ``FALCON_UPSTREAM`` (an OpenAI-compatible
-engine's URL) streams from that engine instead, with no model in this process (see
-:func:`upstream_service`).
+enable them. ``app.config`` keys of the same names win over the environment (tests use them):
+
+* ``FALCON_MAX_BATCH`` (16): streams decoded together in one batch; ``FALCON_MAX_QUEUE`` (8)
+  more wait; beyond that, 503 with ``Retry-After``.
+* ``FALCON_MAX_BATCH_TOKENS`` (32768): the batch's KV cache bound, in tokens (padding
+  included); a request waits until it fits, and one that never could gets 422.
+* ``FALCON_PREFILL_CHUNK`` (512): prompt tokens prefilled per step.
+* ``FALCON_BATCHING`` (1): 0 runs one ``generate()`` per stream instead,
+  ``FALCON_CONCURRENCY`` (1) at a time.
+
+``FALCON_UPSTREAM`` (an OpenAI-compatible engine's URL) streams from that engine instead, with no
+model in this process (see :func:`upstream_service`).
 
 The model loads in each gunicorn worker after the fork (``post_worker_init`` in
 ``gunicorn.conf.py`` starts it; otherwise the first request does), on the worker's dedicated
-torch thread, while the worker serves everything else.
+torch thread, while the worker serves everything else. A bad value fails at start-up.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -27,14 +33,15 @@ from flask import Flask, Response, current_app, jsonify
 from pydantic import Field
 
 from flask_sse_run import SSERun
-from flask_sse_run.llm import GenerationParams, GenerationService, UpstreamService, import_runtime
+from flask_sse_run.llm import GenerationParams, GenerationService, UpstreamService
+from flask_sse_run.llm.service import INSTALL_HINT
 
-__all__ = ["EXTENSION_KEY", "falcon", "init_falcon"]
+__all__ = ["EXTENSION_KEY", "falcon", "init_falcon", "start_in_worker"]
 
 EXTENSION_KEY = "falcon"
 ENABLE_HINT = (
     "set FALCON_MODEL to a Hugging Face model id (e.g. tiiuae/falcon-7b-instruct) or a local "
-    "directory, install the llm extra (pip install 'flask-sse-run[llm]') and restart the server"
+    f"directory, {INSTALL_HINT}, and restart the server"
 )
 
 falcon = SSERun(url_prefix="/falcon")
@@ -80,6 +87,16 @@ def _setting(app: Flask, name: str, default: str | None) -> str | None:
     return None if value is None else str(value)
 
 
+def _number(app: Flask, name: str, default: int) -> int:
+    text = _setting(app, name, None)
+    if text is None or text == "":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, not {text!r}") from None
+
+
 def _show_progress(logger: logging.Logger) -> None:
     # The loading progress must reach the server log, which a bare library logger does not.
     if not logger.handlers:
@@ -110,11 +127,19 @@ def upstream_service(app: Flask) -> UpstreamService | None:
 
 
 def init_falcon(app: Flask) -> GenerationService | UpstreamService:
-    """Add the Falcon endpoints to ``app``; the model starts loading in a worker, not here."""
+    """Add the Falcon endpoints to ``app``; the model starts loading in a worker, not here.
+
+    Reads the ``FALCON_*`` keys (the module's docstring lists them); raises
+    :class:`ValueError` for a value that is not an integer or is out of range.
+    """
     service = upstream_service(app) or GenerationService(
         _setting(app, "FALCON_MODEL", None),
-        concurrency=int(_setting(app, "FALCON_CONCURRENCY", "1") or 1),
-        max_queue=int(_setting(app, "FALCON_MAX_QUEUE", "8") or 8),
+        batching=_number(app, "FALCON_BATCHING", 1) != 0,
+        max_batch=_number(app, "FALCON_MAX_BATCH", 16),
+        max_batch_tokens=_number(app, "FALCON_MAX_BATCH_TOKENS", 32768),
+        prefill_chunk=_number(app, "FALCON_PREFILL_CHUNK", 512),
+        concurrency=_number(app, "FALCON_CONCURRENCY", 1),
+        max_queue=_number(app, "FALCON_MAX_QUEUE", 8),
         disabled_hint=ENABLE_HINT,
     )
     _show_progress(service.logger)
@@ -137,14 +162,3 @@ def start_in_worker(app: Any) -> None:
     service = extensions.get(EXTENSION_KEY) if isinstance(extensions, dict) else None
     if isinstance(service, GenerationService):
         service.start()
-
-
-def prepare_worker() -> None:
-    """Import the LLM runtime in a fresh worker when ``FALCON_MODEL`` is set: for gunicorn's hook."""
-    if os.environ.get("FALCON_MODEL") and not os.environ.get("FALCON_UPSTREAM"):  # an engine needs no torch
-        # gevent's patching walks every object and trips over a deprecated torch alias.
-        warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op", category=FutureWarning)
-        try:
-            import_runtime()
-        except ImportError:
-            pass  # the service reports it, and the rest of the app works

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def no_falcon_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("FALCON_MODEL", "FALCON_MAX_QUEUE", "FALCON_CONCURRENCY"):
+    names = ("FALCON_MODEL", "FALCON_MAX_QUEUE", "FALCON_CONCURRENCY", "FALCON_MAX_BATCH", "FALCON_BATCHING")
+    for name in names:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -48,7 +49,10 @@ def wait_ready(client: FlaskClient, timeout: float = 60) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def ready_app(model_dir: Path) -> Flask:
-    app = create_app({"TESTING": True, "FALCON_MODEL": str(model_dir), "FALCON_MAX_QUEUE": "0"})
+    # One row, no queue: a second request is refused while one runs (the 503 test).
+    app = create_app(
+        {"TESTING": True, "FALCON_MODEL": str(model_dir), "FALCON_MAX_BATCH": "1", "FALCON_MAX_QUEUE": "0"}
+    )
     assert wait_ready(app.test_client())["status"] == "ready"
     return app
 
@@ -68,6 +72,9 @@ def test_without_falcon_model_the_endpoints_say_how_to_enable_them_and_the_app_w
     response = client.post("/falcon/run", json={"prompt": "Tell me a story"})
     assert response.status_code == 503
     assert "set FALCON_MODEL" in response.get_json()["error"]
+    # No registry has the package: the hint is the command that works from a checkout.
+    assert "pip install -e '.[llm]'" in response.get_json()["error"]
+    assert "flask-sse-run[llm]" not in response.get_json()["error"]
     health = client.get("/falcon/health")
     assert health.status_code == 503 and health.get_json()["status"] == "disabled"
     assert "FALCON_MODEL" in health.get_json()["message"]

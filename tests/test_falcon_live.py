@@ -44,8 +44,23 @@ def wait_ready(server: Server, timeout: float = 90) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Server]:
+    """The default: up to 16 streams decoded together."""
     env = {"FALCON_MODEL": str(model_dir), "FALCON_MAX_QUEUE": "1", "HF_HUB_OFFLINE": "1"}
     with gunicorn("wsgi:app", tmp_path=tmp_path_factory.mktemp("live"), env=env) as srv:
+        assert wait_ready(srv)["status"] == "ready", srv.log()
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def narrow(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Server]:
+    """One row at a time and one waiting: the queue's tests."""
+    env = {
+        "FALCON_MODEL": str(model_dir),
+        "FALCON_MAX_BATCH": "1",
+        "FALCON_MAX_QUEUE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    with gunicorn("wsgi:app", tmp_path=tmp_path_factory.mktemp("narrow"), env=env) as srv:
         assert wait_ready(srv)["status"] == "ready", srv.log()
         yield srv
 
@@ -110,12 +125,49 @@ def test_a_client_that_disconnects_stops_the_generation(server: Server) -> None:
     stopped_after = time.monotonic() - closed_at
     last = stats["last_generation"]
     assert last["finish_reason"] == "cancelled"
-    # The server notices at its next write and generate() ends at the next token: at most a
-    # token or two after the server saw the client go, and far from the 2000 asked for.
-    assert last["tokens_after_cancel"] <= 2
+    # The server notices at its next write and the row leaves the batch at the next step: at
+    # most the token of the step running then, and far from the 2000 asked for.
+    assert last["tokens_after_cancel"] <= 1
     assert len(received) <= last["generated_tokens"] < 1000
     assert stopped_after < 2
-    assert re.search(r"cancelled after \d+ tokens \([012] computed after the client left\)", server.log())
+    assert re.search(r"cancelled after \d+ tokens \([01] computed after the client left\)", server.log())
+
+
+def test_eight_concurrent_streams_are_decoded_together_and_each_arrives_progressively(server: Server) -> None:
+    tokens, streams = 400, 8
+    steps_before = health(server)["batch"]["steps"]
+    start = threading.Barrier(streams)
+    results: list[list[tuple[float, dict[str, Any]]]] = [[] for _ in range(streams)]
+
+    def one(i: int) -> None:
+        start.wait()
+        body = {"prompt": PROMPT, "max_new_tokens": tokens, "min_new_tokens": tokens, "temperature": 0}
+        with post(server, body, stream=True) as response:
+            results[i] = read_events(response)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    finals = [events[-1][1] for events in results]
+    assert [(f["finish_reason"], f["generated_tokens"]) for f in finals] == [("length", tokens)] * streams
+    firsts = [events[0][0] for events in results]
+    lasts = [events[-1][0] for events in results]
+    # Interleaved, not one after another: every stream had its first text before any ended.
+    assert max(firsts) < min(lasts)
+    for events in results:
+        # Progressive: each stream's text spread over its life, not in one burst at the end.
+        times = [t for t, _ in events[:-1]]
+        spread = times[-1] - times[0]
+        quarters = [times[i * len(times) // 4 : (i + 1) * len(times) // 4] for i in range(4)]
+        assert all(q[-1] - q[0] > spread / 20 for q in quarters), [q[-1] - q[0] for q in quarters]
+    # One batch: far fewer decode steps than the 3200 tokens (one generate() each would take
+    # 3200), and /falcon/health reports it.
+    batch = wait_idle(server)["batch"]
+    assert batch["steps"] - steps_before < streams * tokens / 2
+    assert batch["wakeups"] <= batch["steps"] + batch["prefills"] + 20  # one per step, not per row
+    assert batch["steps_per_s"] > 0 and batch["tokens_per_s"] > 0 and batch["rows"] == 0
 
 
 def test_two_concurrent_requests_both_complete(server: Server) -> None:
@@ -134,7 +186,8 @@ def test_two_concurrent_requests_both_complete(server: Server) -> None:
     assert [events[-1][1]["generated_tokens"] for events in results] == [100, 100]
 
 
-def test_beyond_the_queue_requests_get_503_with_retry_after(server: Server) -> None:
+def test_beyond_the_queue_requests_get_503_with_retry_after(narrow: Server) -> None:
+    server = narrow
     running = post(server, {"prompt": PROMPT, "max_new_tokens": 2000, "min_new_tokens": 2000}, stream=True)
     chunks = running.raw.stream(1024)
     next(chunks)  # it runs; the connection stays open while ``chunks`` is not closed
@@ -170,7 +223,7 @@ def texts(server: Server, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def test_the_same_seed_gives_the_same_text_and_stop_strings_end_it(server: Server) -> None:
-    body = {"prompt": PROMPT, "max_new_tokens": 40, "temperature": 1.2, "seed": 11}
+    body = {"prompt": PROMPT, "max_new_tokens": 40, "min_new_tokens": 40, "temperature": 1.2, "seed": 11}
     first, _ = texts(server, body)
     assert texts(server, body)[0] == first
     assert texts(server, {**body, "seed": 12})[0] != first
@@ -213,11 +266,13 @@ def test_with_preload_the_model_loads_in_the_worker_not_the_master(tmp_path: Pat
         assert wait_ready(srv)["status"] == "ready"
         text, final = texts(srv, {"prompt": PROMPT, "max_new_tokens": 5, "min_new_tokens": 5})
         assert final["generated_tokens"] == 5 and text
-        loaders = re.findall(r"pid (\d+): loading model", srv.log())
+        loaded_by = r"pid (\d+): imported torch and transformers in [\d.]+ s; loading model"
+        loaders = re.findall(loaded_by, srv.log())
         assert loaders and all(int(pid) != srv.process.pid for pid in loaders)
 
 
-def test_a_client_that_leaves_while_queued_gives_its_place_back(server: Server) -> None:
+def test_a_client_that_leaves_while_queued_gives_its_place_back(narrow: Server) -> None:
+    server = narrow
     import socket
 
     running = post(server, {"prompt": PROMPT, "max_new_tokens": 2000, "min_new_tokens": 2000}, stream=True)
@@ -245,3 +300,22 @@ def test_a_client_that_leaves_while_queued_gives_its_place_back(server: Server) 
         chunks.close()
         running.close()
     wait_idle(server)
+
+
+def test_the_worker_answers_while_torch_imports_and_its_log_is_clean(tmp_path: Path, model_dir: Path) -> None:
+    env = {"FALCON_MODEL": str(model_dir), "HF_HUB_OFFLINE": "1"}
+    with gunicorn("wsgi:app", tmp_path=tmp_path, env=env) as srv:
+        # The worker answers as soon as it has booted: torch imports on the model's thread.
+        first = requests.get(f"{srv.url}/falcon/health", timeout=5).json()
+        assert first["status"] == "loading" and first["step"] == "importing torch and transformers"
+        assert requests.get(f"{srv.url}/health", timeout=5).json() == {"status": "ok"}
+        assert wait_ready(srv)["status"] == "ready"
+        assert texts(srv, {"prompt": PROMPT, "max_new_tokens": 5})[1]["generated_tokens"] == 5
+    log = srv.log()
+    assert "Worker exiting" in log
+    # The log says when the import starts and when it ends, in that order.
+    assert log.index("importing torch and transformers") < log.index("imported torch and transformers in")
+    # ssl is imported after gevent patched it; torch after gevent.thread (whose teardown at exit
+    # came first while torch's logging handlers were still to be removed).
+    assert "MonkeyPatchWarning" not in log
+    assert "Exception ignored" not in log

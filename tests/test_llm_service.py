@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +31,9 @@ def service(loads: list[int] | None = None, **kwargs: Any) -> GenerationService:
             loads.append(os.getpid())
         return fake_model()
 
-    return GenerationService("some/model", loader=loader, prepare=lambda: None, **kwargs)
+    # A model that cannot run: these tests are about loading and admission, in the mode that
+    # does not need one before a stream starts.
+    return GenerationService("some/model", loader=loader, prepare=lambda: None, batching=False, **kwargs)
 
 
 def ready(svc: GenerationService) -> GenerationService:
@@ -60,13 +64,49 @@ def test_without_a_source_the_service_is_disabled_and_never_loads() -> None:
     assert refused.value.status == 503 and "set X" in refused.value.message
 
 
-def test_a_failing_import_is_reported_as_a_failed_load() -> None:
+def settled(svc: GenerationService) -> GenerationService:
+    deadline = time.monotonic() + 10
+    while svc.status == "loading" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return svc
+
+
+def test_a_failing_import_is_reported_with_a_command_that_works_from_a_checkout() -> None:
     def missing() -> None:
         raise ImportError("No module named 'torch'")
 
-    svc = GenerationService("some/model", prepare=missing)
+    svc = settled(GenerationService("some/model", prepare=missing))
     assert svc.status == "failed"
-    assert "No module named 'torch'" in svc.health()["error"] and "llm extra" in svc.health()["error"]
+    error = svc.health()["error"]
+    assert "No module named 'torch'" in error
+    # The package is on no registry: the hint is what works in the repository's checkout.
+    assert "pip install torch==2.13.0 && pip install -e '.[llm]'" in error
+    assert "flask-sse-run[llm]" not in error
+
+
+def test_torch_is_imported_in_the_background_and_the_log_says_so_before_and_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release = threading.Event()
+    svc = GenerationService(
+        "some/model",
+        loader=lambda source, log: fake_model(),
+        prepare=lambda: release.wait(10),
+        batching=False,
+        logger=logging.getLogger("test.llm.import"),
+    )
+    with caplog.at_level(logging.INFO, logger="test.llm.import"):
+        began = time.monotonic()
+        svc.start()  # returns while the import runs: the worker goes on serving
+        assert time.monotonic() - began < 5
+        health = svc.health()
+        assert health["status"] == "loading" and health["step"] == "importing torch and transformers"
+        release.set()
+        settled(svc)
+    messages = [record.getMessage() for record in caplog.records]
+    importing = next(i for i, m in enumerate(messages) if "importing torch and transformers" in m)
+    imported = next(i for i, m in enumerate(messages) if "imported torch and transformers in" in m)
+    assert importing < imported
 
 
 def test_prompts_that_do_not_fit_the_context_are_refused_with_422() -> None:

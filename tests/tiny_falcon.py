@@ -75,9 +75,20 @@ def byte_bpe_tokenizer(vocab_size: int = 400) -> Any:
 
 
 def save_model(
-    directory: Path, *, tokenizer: str = "word", size: str = "tiny", context: int = 4096, seed: int = 0
+    directory: Path,
+    *,
+    tokenizer: str = "word",
+    size: str = "tiny",
+    context: int = 4096,
+    seed: int = 0,
+    init_range: float = 0.02,
 ) -> Path:
-    """Save a random Falcon and its tokenizer (``"word"`` or ``"bpe"``) to ``directory``."""
+    """Save a random Falcon and its tokenizer (``"word"`` or ``"bpe"``) to ``directory``.
+
+    ``init_range`` is the weights' standard deviation: at the usual 0.02 a tiny model's next
+    token hardly depends on the tokens before (greedy decoding repeats one token); 0.5 makes
+    it depend on all of them, so that a test sees a wrong mask or a wrong cache.
+    """
     import torch
     from transformers import FalconConfig, FalconForCausalLM
 
@@ -88,6 +99,7 @@ def save_model(
         max_position_embeddings=context,
         bos_token_id=eos,
         eos_token_id=eos,
+        initializer_range=init_range,
         **SIZES[size],
     )
     torch.manual_seed(seed)

@@ -1,7 +1,8 @@
-"""Stream the text a Hugging Face causal LM generates, with ``generate()`` in a real OS thread.
+"""The serial path: one ``generate()`` per stream, in a real OS thread.
 
-This is the only module of the package that imports torch and transformers; import it lazily
-(:mod:`flask_sse_run.llm.service` does, when a model is loaded).
+The service uses it with ``batching=False`` (``FALCON_BATCHING=0``) and for models whose cache
+cannot be batched; otherwise streams are rows of :mod:`.scheduler`'s batch. Imports torch and
+transformers: import it lazily (:mod:`flask_sse_run.llm.service` does, when a model is loaded).
 
 How a token travels: ``model.generate()`` runs in a native thread (:func:`run_in_thread`, on the
 executor given: one dedicated thread per device). For each new token it calls the streamer's
@@ -27,6 +28,7 @@ from ..streaming import close_iterator
 from ..threads import StreamClosed, ThreadChannel, run_in_thread
 from .detokenize import IncrementalDetokenizer
 from .params import GenerationParams
+from .scheduler import eos_token_ids
 from .stops import StopStrings
 
 __all__ = ["stream_text"]
@@ -92,15 +94,6 @@ class _StopWhen(StoppingCriteria):
         return cast(torch.BoolTensor, flags)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return {int(eos)} if isinstance(eos, int) else {int(i) for i in eos}
-
-
 def stream_text(
     model: Any,
     tokenizer: Any,
@@ -123,7 +116,7 @@ def stream_text(
     ``executor`` (:func:`~flask_sse_run.thread_executor`): torch then runs on one thread only.
     """
     started = time.perf_counter() if started is None else started
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
     state: dict[str, Any] = {}
 
@@ -133,7 +126,8 @@ def stream_text(
         state["streamer"] = streamer
         # Sampling draws from torch's global generator: seed it for every generation, from the
         # request or at random (so one request's seed does not make the next one predictable).
-        # With one generation at a time per device (the default) nothing else draws in between.
+        # With one generation at a time per device (concurrency 1) nothing else draws in between;
+        # the batched path (scheduler.py) gives each row its own generator instead.
         torch.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
         generate_started = time.perf_counter()

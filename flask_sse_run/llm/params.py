@@ -32,7 +32,9 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     #: The output ends before the first of these strings.
     stop: tuple[str, ...] = ()
-    #: The same seed and parameters give the same output (one generation at a time per device).
+    #: The same seed and parameters give the same output: batched, whatever else is in the batch
+    #: (each row draws from its own generator); on the serial path, with one ``generate()`` at
+    #: a time (it seeds torch's global generator, so the two paths give different text).
     seed: int | None = None
 
     def __post_init__(self) -> None:

@@ -3,21 +3,27 @@
 :class:`GenerationService` owns a model's life in a worker process:
 
 * **Loading** starts with :meth:`~GenerationService.start` (a gunicorn ``post_worker_init``
-  hook calls it) or on first use, on the device's dedicated OS thread, so the worker serves
-  other endpoints meanwhile. It happens once per process: the state is keyed by the pid, so a
-  ``--preload``-ed master that built the app never loads the model (nor touches torch, whose
-  threads would deadlock the forked workers), and each worker loads its own.
+  hook calls it) or on first use. torch and transformers are imported, and the model loaded, on
+  the device's dedicated OS thread, so the worker serves other endpoints meanwhile (under
+  gevent, only huggingface_hub's HTTP client is imported on the hub first: a few tenths of a
+  second). It happens once per process: the state is keyed by the pid, so a ``--preload``-ed
+  master that built the app never loads the model (nor touches torch, whose threads would
+  deadlock the forked workers), and each worker loads its own.
 * **Admission**, before the response starts: 503 while the model is disabled, loading or
   failed; 422 when the prompt does not fit the model's context; 503 with ``Retry-After`` when
-  the :class:`~flask_sse_run.llm.admission.DeviceQueue` is full.
-* **Generation** waits for its turn in the stream, then runs
-  :func:`~flask_sse_run.llm.generation.stream_text` on the dedicated thread.
+  every row runs and the queue is full.
+* **Generation**: by default every stream is a row of one batch decoded step by step
+  (:class:`~flask_sse_run.llm.scheduler.BatchScheduler`); with ``batching=False``, one
+  ``generate()`` per stream, ``concurrency`` at a time
+  (:func:`~flask_sse_run.llm.generation.stream_text` and a
+  :class:`~flask_sse_run.llm.admission.DeviceQueue`).
 
-Nothing here imports torch: the generation module is imported once a model has loaded.
+Nothing here imports torch: the modules that do are imported once a model has loaded.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -29,12 +35,20 @@ from typing import Any
 from ..concurrency import gevent_patched, thread_executor
 from ..errors import RequestError
 from .admission import DeviceQueue, Ticket
-from .loading import LoadedModel, import_runtime, load_pretrained
+from .loading import LoadedModel, import_hub_client, import_runtime, load_pretrained
 from .params import GenerationParams
+from .scheduler import BatchScheduler
 
-__all__ = ["GenerationService"]
+__all__ = ["INSTALL_HINT", "GenerationService"]
 
 Loader = Callable[[str, Callable[[str], object]], LoadedModel]
+
+#: What to run when torch or transformers are missing: the ``llm`` extra from a checkout (the
+#: package is not on any registry).
+INSTALL_HINT = (
+    "install the llm extra from the repository's checkout: "
+    "pip install torch==2.13.0 && pip install -e '.[llm]'"
+)
 
 
 @dataclass
@@ -44,7 +58,9 @@ class _Process:
     pid: int
     executor: Any
     started: float = field(default_factory=time.perf_counter)
+    step: str = "importing torch and transformers"
     loaded: LoadedModel | None = None
+    scheduler: BatchScheduler | None = None
     error: str | None = None
 
 
@@ -85,16 +101,27 @@ class _TicketStream:
 class GenerationService:
     """Serve ``source`` (a hub id or a local directory; ``None``: disabled) to text streams.
 
-    ``concurrency`` generations run at a time (each on its own OS thread), ``max_queue`` more
-    wait, the rest get 503 with ``Retry-After: retry_after``. ``disabled_hint`` ends the 503
-    message while no model is configured (say how to enable it). ``loader`` is
-    :func:`~flask_sse_run.llm.loading.load_pretrained` unless a test gives another.
+    With ``batching`` (the default), up to ``max_batch`` streams decode together on the
+    device's thread, ``max_queue`` more wait, the rest get 503 with ``Retry-After:
+    retry_after``; the rows' KV cache is bounded by ``max_batch_tokens`` tokens (a request that
+    could never fit gets 422), and prompts are prefilled ``prefill_chunk`` tokens per step. A
+    model whose cache cannot be batched (not plain ``DynamicLayer`` s) falls back to one
+    ``generate()`` at a time. Without ``batching``, ``concurrency`` ``generate()`` calls run at
+    a time, each on its own OS thread. ``disabled_hint`` ends the 503 message while no model is
+    configured (say how to enable it). ``loader`` is
+    :func:`~flask_sse_run.llm.loading.load_pretrained` unless a test gives another; ``prepare``
+    imports torch and transformers (on the device's thread). Raises :class:`ValueError` for a
+    limit out of range.
     """
 
     def __init__(
         self,
         source: str | None,
         *,
+        batching: bool = True,
+        max_batch: int = 16,
+        max_batch_tokens: int = 32768,
+        prefill_chunk: int = 512,
         concurrency: int = 1,
         max_queue: int = 8,
         retry_after: int = 5,
@@ -103,7 +130,13 @@ class GenerationService:
         prepare: Callable[[], object] = import_runtime,
         logger: logging.Logger | None = None,
     ) -> None:
+        if max_batch < 1 or max_batch_tokens < 2 or prefill_chunk < 1:
+            raise ValueError("need max_batch >= 1, max_batch_tokens >= 2 and prefill_chunk >= 1")
         self.source = source or None
+        self.batching = batching
+        self.max_batch = max_batch
+        self.max_batch_tokens = max_batch_tokens
+        self.prefill_chunk = prefill_chunk
         self.queue = DeviceQueue(concurrency, max_queue, retry_after)
         self.disabled_hint = disabled_hint
         self.logger = logger or logging.getLogger("flask_sse_run.llm")
@@ -119,37 +152,78 @@ class GenerationService:
     def start(self) -> None:
         """Start loading the model in this process, unless it has begun already (idempotent).
 
-        Call it in the worker after the fork; a ``--preload`` master must not.
+        Call it in the worker after the fork (a ``--preload`` master must not), on the thread
+        that serves requests. Returns at once: the import and the loading run on the device's
+        thread.
         """
         if self.source is None or (self._process is not None and self._process.pid == os.getpid()):
             return
-        process = _Process(pid=os.getpid(), executor=thread_executor(self.queue.concurrency, name="llm"))
+        threads = 1 if self.batching else self.queue.concurrency
+        process = _Process(pid=os.getpid(), executor=thread_executor(threads, name="llm"))
         self._process = process
         self.finished, self.tokens_generated, self.last_generation = Counter(), 0, None
-        self.logger.info("pid %d: importing torch and transformers", process.pid)
-        try:
-            self._prepare()
-        except Exception as exc:
-            hint = (
-                "under gevent, import them before it patches (gunicorn.conf.py's post_fork hook does)"
-                if gevent_patched()
-                else "install the llm extra: pip install 'flask-sse-run[llm]'"
-            )
-            process.error = f"{type(exc).__name__}: {exc}; {hint}"
-            self.logger.error("cannot load model %s: %s", self.source, process.error)
-            return
-        self.logger.info("pid %d: loading model %s in a background thread", process.pid, self.source)
+        if gevent_patched():
+            try:
+                import_hub_client()  # under gevent it must run here, on the hub's thread
+            except Exception as exc:
+                self._failed_import(process, exc)
+                return
+        self.logger.info("pid %d: importing torch and transformers in a background thread", process.pid)
         process.executor.submit(self._load, process)
+
+    def _failed_import(self, process: _Process, exc: BaseException) -> None:
+        hint = f"; {INSTALL_HINT}" if isinstance(exc, ImportError) else ""
+        process.error = f"{type(exc).__name__}: {exc}{hint}"
+        self.logger.error("cannot load model %s: %s", self.source, process.error)
 
     def _load(self, process: _Process) -> None:
         # Runs on the device's thread: the model's first torch work happens where all of it will.
+        began = time.perf_counter()
+        try:
+            self._prepare()
+        except BaseException as exc:
+            self._failed_import(process, exc)
+            return
+        self.logger.info(
+            "pid %d: imported torch and transformers in %.1f s; loading model %s",
+            process.pid,
+            time.perf_counter() - began,
+            self.source,
+        )
+        process.step = "loading the model"
         try:
             loaded = self._loader(self.source or "", self.logger.info)
+            if self.batching:
+                process.scheduler = self._scheduler(loaded, process)
         except BaseException as exc:
             process.error = f"{type(exc).__name__}: {exc}"[:1000]
             self.logger.exception("loading model %s failed", self.source)
-        else:
-            process.loaded = loaded
+            return
+        # torch's, transformers' and the model's objects live as long as the process: out of
+        # the collector's sight, as gunicorn.conf.py does with the app's. Otherwise each full
+        # collection scans them all (0.2 s with torch imported), the worker stopped meanwhile.
+        gc.freeze()
+        process.loaded = loaded
+
+    def _scheduler(self, loaded: LoadedModel, process: _Process) -> BatchScheduler | None:
+        from .batch import check_model  # torch: imported by now
+
+        try:
+            check_model(loaded.model)
+        except TypeError as exc:
+            self.logger.warning("batched decoding is off (%s): one generate() at a time", exc)
+            return None
+        return BatchScheduler(
+            loaded.model,
+            loaded.tokenizer,
+            executor=process.executor,
+            max_batch=self.max_batch,
+            max_queue=self.queue.max_queue,
+            max_batch_tokens=self.max_batch_tokens,
+            prefill_chunk=self.prefill_chunk,
+            retry_after=self.queue.retry_after,
+            logger=self.logger,
+        )
 
     @property
     def status(self) -> str:
@@ -166,6 +240,22 @@ class GenerationService:
         assert self._process is not None
         return self._process
 
+    @property
+    def running(self) -> int:
+        """Generations running in this process (rows in the batch, or ``generate()`` calls)."""
+        scheduler = self._scheduler_now()
+        return scheduler.running if scheduler is not None else self.queue.running
+
+    @property
+    def waiting(self) -> int:
+        """Admitted requests waiting for their turn in this process."""
+        scheduler = self._scheduler_now()
+        return scheduler.waiting if scheduler is not None else self.queue.waiting
+
+    def _scheduler_now(self) -> BatchScheduler | None:
+        process = self._process
+        return process.scheduler if process is not None and process.pid == os.getpid() else None
+
     def health(self) -> dict[str, Any]:
         """The service's state, for a health endpoint (starts loading if not begun)."""
         status = self.status
@@ -176,6 +266,7 @@ class GenerationService:
         process = self._current()
         body["model"] = self.source
         if status == "loading":
+            body["step"] = process.step
             body["loading_seconds"] = round(time.perf_counter() - process.started, 1)
         elif status == "failed":
             body["error"] = process.error
@@ -187,10 +278,15 @@ class GenerationService:
                 parameters=loaded.parameters,
                 context=loaded.context,
                 load_seconds=loaded.load_seconds,
-                running=self.queue.running,
-                waiting=self.queue.waiting,
-                concurrency=self.queue.concurrency,
+                running=self.running,
+                waiting=self.waiting,
                 max_queue=self.queue.max_queue,
+            )
+            if process.scheduler is not None:
+                body["batch"] = process.scheduler.health()
+            else:
+                body["concurrency"] = self.queue.concurrency
+            body.update(
                 finished=dict(self.finished),
                 tokens_generated=self.tokens_generated,
                 last_generation=self.last_generation,
@@ -215,15 +311,20 @@ class GenerationService:
         return process, process.loaded
 
     def stream(self, prompt: str, params: GenerationParams) -> Iterator[dict[str, Any]]:
-        """Admit a request and return its stream (see :func:`~.generation.stream_text`).
+        """Admit a request and return its stream of ``{"text", "index"}`` items, then a summary.
 
-        Raises :class:`RequestError` before anything is streamed: 503 (no model, loading,
-        failed, queue full with ``Retry-After``), 422 (the prompt does not fit the context).
+        The summary is ``{"finish_reason": "length"|"stop"|"eos"|"cancelled",
+        "generated_tokens", "time_to_first_token_ms", "tokens_per_s"}``; the time to first
+        token counts from this call. Raises :class:`RequestError` before anything is streamed:
+        503 (no model, loading, failed, queue full with ``Retry-After``), 422 (the prompt does
+        not fit the context, or the KV budget).
         """
         received = time.perf_counter()
         process, loaded = self._ready()
         prompt_ids = list(loaded.tokenizer.encode(prompt))
         self._check_length(len(prompt_ids), params, loaded.context)
+        if process.scheduler is not None:
+            return process.scheduler.admit(prompt_ids, params, started=received, on_finish=self._record)
         ticket = self.queue.admit()
 
         def generate() -> Iterator[dict[str, Any]]:
