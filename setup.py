@@ -64,7 +64,15 @@ setup(
             "urllib3>=2.3",
         ],
         # transformers[serving]: bench_llm.py's reference server, `transformers serve`.
-        "dev": ["ruff>=0.6", "mypy>=1.10", "types-requests", "transformers[serving]>=5.24"],
+        "dev": [
+            "ruff>=0.6",
+            "mypy>=1.10",
+            "types-requests",
+            "transformers[serving]>=5.24",
+            # The documentation site (docs/), built by .ci/run with warnings as errors.
+            "sphinx>=7",
+            "myst-parser>=3",
+        ],
     },
     classifiers=[
         "Framework :: Flask",

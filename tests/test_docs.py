@@ -1,0 +1,245 @@
+"""The documentation's examples run, so that they cannot rot: every ```python block of README.md
+and docs/*.md has a check here (a new block without one fails), and the `curl` call of the
+README prints what the README says. The site itself is built by .ci/run (warnings as errors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from flask_sse_run.testing import stream_events
+from tests.live import ROOT, Server, gunicorn
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+_BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.S | re.M)
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    """``(where, code)`` of every python block: where is ``file:first line of code``."""
+    blocks = []
+    for path in DOCS:
+        text = path.read_text()
+        for match in _BLOCK.finditer(text):
+            code = textwrap.dedent(match.group(2))
+            blocks.append((f"{path.name}:{code.strip().splitlines()[0][:40]}", code))
+    return blocks
+
+
+def run_block(code: str, preamble: str = "", replace: dict[str, str] | None = None) -> dict[str, Any]:
+    """Execute ``preamble`` then the block in one fresh namespace; return the namespace."""
+    for old, new in (replace or {}).items():
+        assert old in code, old
+        code = code.replace(old, new)
+    namespace: dict[str, Any] = {"__name__": "docs_example"}
+    exec(compile(textwrap.dedent(preamble) + code, "<docs example>", "exec"), namespace)
+    return namespace
+
+
+APP_PREAMBLE = """
+from flask import Flask
+from flask_sse_run import SSERun
+app = Flask(__name__)
+sse = SSERun(app)
+"""
+
+# --- one check per block --------------------------------------------------------------------------
+
+
+def check_ten_line_app(code: str, tmp_path: Path) -> None:
+    app = run_block(code)["app"]
+    events = stream_events(app.test_client(), "/run", json={"upper_range": 2})
+    assert [event.data for event in events] == ["Number 0 ", "Number 1 "]
+
+
+def check_requests_client(code: str, tmp_path: Path) -> None:
+    with gunicorn("wsgi:app", tmp_path=tmp_path) as server:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            run_block(code, replace={"http://127.0.0.1:8000": server.url})
+    assert out.getvalue().splitlines() == ["Number 0 ", "Number 1 ", "Number 2 "]
+
+
+def check_jwt_auth(code: str, tmp_path: Path) -> None:
+    secret = "s" * 32
+    os.environ["JWT_SECRET"] = secret
+    try:
+        namespace = run_block(
+            code, "import os, flask\nfrom flask import Flask\nfrom flask_sse_run import SSERun\n"
+            "app = Flask(__name__)\nsse = SSERun()\n",
+        )  # fmt: skip
+    finally:
+        del os.environ["JWT_SECRET"]
+    app = namespace["app"]
+    namespace["sse"].init_app(app)
+    token = jwt.encode({"sub": "ann", "aud": "counting-api", "exp": int(time.time()) + 60}, secret)
+    client = app.test_client()
+    assert client.post("/whoami").status_code == 401
+    events = stream_events(client, "/whoami", headers={"Authorization": f"Bearer {token}"})
+    assert [event.data for event in events] == ["ann"]
+
+
+def check_blueprint(code: str, tmp_path: Path) -> None:
+    app = run_block(code, "from flask import Flask\napp = Flask(__name__)\napp.secret_key = 'k'\n")["app"]
+    client = app.test_client()
+    assert client.post("/api/run", json={"upper_range": 1}).status_code == 401  # the hook refuses
+    assert client.options("/api/run").status_code == 204  # preflights pass the hook
+    with client.session_transaction() as session:
+        session["user_id"] = 1
+    assert client.post("/api/run", json={"upper_range": 1}).status_code == 200
+
+
+def check_cors(code: str, tmp_path: Path) -> None:
+    preamble = APP_PREAMBLE.replace("SSERun(app)", 'SSERun(app, url_prefix="/api")') + (
+        "@sse.function\ndef run(n: int):\n    yield n\n"
+    )
+    app = run_block(code, preamble)["app"]
+    origin = {"Origin": "https://app.example.com"}
+    preflight = app.test_client().options(
+        "/api/run",
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "last-event-id",
+        },
+    )
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert "last-event-id" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    streamed = app.test_client().post("/api/run", json={"n": 1}, headers=origin)
+    assert "X-Request-ID" in streamed.headers["Access-Control-Expose-Headers"]
+
+
+def check_gunicorn_settings(code: str, tmp_path: Path) -> None:
+    # The lines the docs say matter are this repository's gunicorn.conf.py's own.
+    namespace = run_block(code)
+    conf = run_block((ROOT / "gunicorn.conf.py").read_text())
+    for name in ("worker_class", "worker_connections", "backlog"):
+        assert namespace[name] == conf[name], name
+    assert callable(namespace["post_worker_init"])
+
+
+def check_llm_in_your_app(code: str, tmp_path: Path) -> None:
+    from tests.tiny_falcon import save_model
+
+    model = save_model(tmp_path / "model")
+    namespace = run_block(code, "from flask import Flask\napp = Flask(__name__)\n",
+                          replace={'"tiiuae/falcon-7b-instruct"': repr(str(model))})  # fmt: skip
+    llm = namespace["llm"]
+    llm.start()  # what the docs say gunicorn's hook does (else the first request gets a 503)
+    deadline = time.monotonic() + 120
+    while llm.health()["status"] != "ready":
+        assert time.monotonic() < deadline, llm.health()
+        time.sleep(0.1)
+    body = {"prompt": "Tell me a story", "max_new_tokens": 4}
+    events = stream_events(namespace["app"].test_client(), "/generate", json=body)
+    assert json.loads(events[-1].data)["generated_tokens"] >= 1
+    assert all("text" in json.loads(event.data) for event in events[:-1])
+
+
+def check_threads(code: str, tmp_path: Path) -> None:
+    app = run_block(code, APP_PREAMBLE + "expensive_step = lambda i: i * i\n")["app"]
+    events = stream_events(app.test_client(), "/crunch", json={"n": 4})
+    assert [event.data for event in events] == ["0", "1", "4", "9"]
+
+
+def check_relay(code: str, tmp_path: Path) -> None:
+    env = {"TEST_APP_CONFIG": json.dumps({"ENGINE_INTERVAL": 0.01})}
+    with gunicorn("tests.relay_apps:engine_app()", tmp_path=tmp_path, env=env) as engine:
+        url = f"{engine.url}/v1/completions"
+        app = run_block(code, "from flask import Flask\napp = Flask(__name__)\n",
+                        replace={"http://engine:8000/v1/completions": url})["app"]  # fmt: skip
+        events = stream_events(app.test_client(), "/story", json={"prompt": "once", "max_tokens": 3})
+    texts = [json.loads(event.data)["choices"][0]["text"] for event in events if event.data.startswith("{")]
+    assert "".join(texts).startswith(" tok0 tok1 tok2")
+
+
+def check_resumable_decorator(code: str, tmp_path: Path) -> None:
+    namespace = run_block(code, APP_PREAMBLE)
+    registered = namespace["sse"].functions["run"]
+    assert registered.resumable is True and registered.methods == ("GET", "POST")
+
+
+def check_testing_helpers(code: str, tmp_path: Path) -> None:
+    app = run_block(DOCS_BLOCKS["README.md:import time"])["app"]
+    namespace = run_block(code)
+    tests = [value for name, value in namespace.items() if name.startswith("test_")]
+    assert len(tests) == 2
+    for test in tests:
+        with app.test_client() as client:
+            test(client)
+
+
+CHECKS: dict[str, Callable[[str, Path], None]] = {
+    "README.md:import time": check_ten_line_app,
+    'authentication.md:app.config["SSE_RUN_JWT_KEY"] = os.envir': check_jwt_auth,
+    "blueprints.md:from flask import Blueprint, abort, requ": check_blueprint,
+    "blueprints.md:from flask_cors import CORS": check_cors,
+    'deployment.md:worker_class = "gevent"': check_gunicorn_settings,
+    "falcon.md:from flask_sse_run import SSERun": check_llm_in_your_app,
+    "getting-started.md:import requests": check_requests_client,
+    "getting-started.md:import time": check_ten_line_app,
+    "long-running-work.md:from flask_sse_run import disconnected, ": check_threads,
+    "relay.md:from flask_sse_run import SSERun, open_s": check_relay,
+    'resumable-runs.md:@sse.function(resumable=True, methods=("': check_resumable_decorator,
+    "testing.md:from flask_sse_run.testing import Server": check_testing_helpers,
+}
+DOCS_BLOCKS = dict(python_blocks())
+
+
+def test_every_python_block_of_the_docs_has_a_check() -> None:
+    assert sorted(DOCS_BLOCKS) == sorted(CHECKS), set(DOCS_BLOCKS) ^ set(CHECKS)
+
+
+@pytest.mark.parametrize("where", sorted(CHECKS))
+def test_the_docs_python_example_runs(where: str, tmp_path: Path) -> None:
+    CHECKS[where](DOCS_BLOCKS[where], tmp_path)
+
+
+def _curl_blocks() -> Iterator[tuple[str, str]]:
+    text = (ROOT / "README.md").read_text()
+    for match in re.finditer(r"```console\n\$ (curl (?:.*\\\n)*.*)\n((?:.|\n)*?)```", text):
+        yield match.group(1).replace("\\\n", " "), match.group(2)
+
+
+def test_the_readmes_curl_call_prints_what_the_readme_shows(tmp_path: Path) -> None:
+    ((command, expected),) = list(_curl_blocks())
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "yourmodule.py").write_text(DOCS_BLOCKS["README.md:import time"])
+    with gunicorn("yourmodule:app", tmp_path=tmp_path, cwd=project, env={"PYTHONPATH": str(ROOT)}) as server:
+        out = _curl(command, server)
+    assert out == expected
+
+
+def test_the_example_apps_output_in_the_readme_is_the_resumable_runs(tmp_path: Path) -> None:
+    # The README shows the example app's output for the same curl call: ids of one run.
+    text = (ROOT / "README.md").read_text()
+    shown = re.search(r"the same `curl` prints:\n\n```console\n(.*?)```", text, re.S)
+    assert shown is not None
+    ((command, _),) = list(_curl_blocks())
+    with gunicorn("wsgi:app", tmp_path=tmp_path) as server:
+        out = _curl(command, server)
+    run_id = re.search(r"id: ([0-9a-f]{32}):1", out)
+    assert run_id is not None
+    shown_id = re.search(r"id: ([0-9a-f]{32}):1", shown.group(1))
+    assert shown_id is not None
+    assert out == shown.group(1).replace(shown_id.group(1), run_id.group(1))
+
+
+def _curl(command: str, server: Server) -> str:
+    # The README's words, the shell's quotes undone, against the test's server.
+    parts = re.findall(r"'[^']*'|\S+", command)[1:]
+    args = ["curl", "-sS", *[part.strip("'").replace("http://127.0.0.1:8000", server.url) for part in parts]]
+    return subprocess.run(args, capture_output=True, text=True, timeout=30, check=True).stdout
