@@ -58,16 +58,26 @@ def reconnect_latency(producer: Server, follower: Server, reconnects: int) -> tu
             )
             data = b""
             while b"\n\n" not in data:
-                data += sock.recv(65536)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise RuntimeError(f"the run did not start: {data[:200]!r}")
+                data += chunk
             first_id = data.split(b"id: ", 1)[1].split(b"\n", 1)[0]
         time.sleep(0.05)  # the run goes on: a few events wait for the reconnect
         with socket.create_connection(("127.0.0.1", follower.port)) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             started = time.perf_counter()
-            sock.sendall(b"GET /ticks_resumable HTTP/1.1\r\nHost: x\r\nLast-Event-ID: %s\r\n\r\n" % first_id)
+            # The function's URL and method, as EventSource (GET) or fetch-event-source would.
+            sock.sendall(
+                b"POST /ticks_resumable HTTP/1.1\r\nHost: x\r\nLast-Event-ID: %s\r\nContent-Length: 0\r\n\r\n"
+                % first_id
+            )
             data = b""
             while b"\n\n" not in data.partition(b"\r\n\r\n")[2]:
-                data += sock.recv(65536)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise RuntimeError(f"the reconnect got no event: {data[:200]!r}")
+                data += chunk
             latencies.append(time.perf_counter() - started)
         with socket.create_connection(("127.0.0.1", producer.port)) as sock:  # cancel it
             run_id = first_id.split(b":")[0]
