@@ -1,4 +1,8 @@
-"""The Falcon-7B endpoints: ``POST /falcon/run`` streams generated text, ``GET /falcon/health``.
+"""The Falcon-7B blueprint: ``/falcon/run`` streams generated text, ``GET /falcon/health``.
+
+``falcon_blueprint`` is a plain :class:`flask.Blueprint`: ``app.register_blueprint(falcon_blueprint)``
+mounts everything (``init_falcon(app)`` does just that). Its first registration on an app creates
+the app's generation service (``app.extensions["falcon"]``) from that app's config.
 
 Enabled by the environment variable ``FALCON_MODEL``: a hub id such as
 ``tiiuae/falcon-7b-instruct`` or a local directory. Without it the app starts as usual (nothing
@@ -29,14 +33,16 @@ import sys
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from flask import Flask, Response, current_app, jsonify
+from flask import Blueprint, Flask, Response, current_app, jsonify
+from flask.blueprints import BlueprintSetupState
+from flask.sansio.app import App
 from pydantic import Field
 
 from flask_sse_run import SSERun
 from flask_sse_run.llm import GenerationParams, GenerationService, UpstreamService
 from flask_sse_run.llm.service import INSTALL_HINT
 
-__all__ = ["EXTENSION_KEY", "falcon", "init_falcon", "start_in_worker"]
+__all__ = ["EXTENSION_KEY", "falcon", "falcon_blueprint", "init_falcon", "start_in_worker"]
 
 EXTENSION_KEY = "falcon"
 ENABLE_HINT = (
@@ -44,7 +50,8 @@ ENABLE_HINT = (
     f"directory, {INSTALL_HINT}, and restart the server"
 )
 
-falcon = SSERun(url_prefix="/falcon")
+falcon_blueprint = Blueprint("falcon", __name__, url_prefix="/falcon")
+falcon = SSERun(falcon_blueprint)
 
 StopString = Annotated[str, Field(min_length=1, max_length=64)]
 
@@ -82,12 +89,12 @@ def run(
     return service.stream(prompt, params)
 
 
-def _setting(app: Flask, name: str, default: str | None) -> str | None:
+def _setting(app: App, name: str, default: str | None) -> str | None:
     value = app.config.get(name, os.environ.get(name, default))
     return None if value is None else str(value)
 
 
-def _number(app: Flask, name: str, default: int) -> int:
+def _number(app: App, name: str, default: int) -> int:
     text = _setting(app, name, None)
     if text is None or text == "":
         return default
@@ -106,7 +113,7 @@ def _show_progress(logger: logging.Logger) -> None:
         logger.setLevel(logging.INFO)
 
 
-def upstream_service(app: Flask) -> UpstreamService | None:
+def upstream_service(app: App) -> UpstreamService | None:
     """The engine-backed service when ``FALCON_UPSTREAM`` is set (it wins over ``FALCON_MODEL``).
 
     ``FALCON_UPSTREAM`` is an OpenAI-compatible base URL (``http://host:port/v1``: vLLM, TGI,
@@ -126,11 +133,11 @@ def upstream_service(app: Flask) -> UpstreamService | None:
     )
 
 
-def init_falcon(app: Flask) -> GenerationService | UpstreamService:
-    """Add the Falcon endpoints to ``app``; the model starts loading in a worker, not here.
+def make_service(app: App) -> GenerationService | UpstreamService:
+    """The generation service ``app``'s config asks for (not started: a worker starts it).
 
-    Reads the ``FALCON_*`` keys (the module's docstring lists them); raises
-    :class:`ValueError` for a value that is not an integer or is out of range.
+    Reads the ``FALCON_*`` keys (the module's docstring lists them); raises :class:`ValueError`
+    for a value that is not an integer or is out of range.
     """
     service = upstream_service(app) or GenerationService(
         _setting(app, "FALCON_MODEL", None),
@@ -143,16 +150,34 @@ def init_falcon(app: Flask) -> GenerationService | UpstreamService:
         disabled_hint=ENABLE_HINT,
     )
     _show_progress(service.logger)
-    app.extensions[EXTENSION_KEY] = service
-    falcon.init_app(app)
+    return service
 
-    @app.get("/falcon/health")
-    def falcon_health() -> Response:
-        body = service.health()
-        response = jsonify(body)
-        response.status_code = 200 if body["status"] == "ready" else 503
-        return response
 
+@falcon_blueprint.record_once
+def _create_service(setup: BlueprintSetupState) -> None:
+    # Once per app, at its first registration of the blueprint: the service is the app's, read
+    # from its config, whatever prefix (or how many prefixes) the blueprint is mounted under.
+    setup.app.extensions[EXTENSION_KEY] = make_service(setup.app)
+
+
+@falcon_blueprint.get("/health")
+def health() -> Response:
+    """The service's state: 200 when the model is ready, 503 otherwise (see the README)."""
+    service: GenerationService | UpstreamService = current_app.extensions[EXTENSION_KEY]
+    body = service.health()
+    response = jsonify(body)
+    response.status_code = 200 if body["status"] == "ready" else 503
+    return response
+
+
+def init_falcon(app: Flask) -> GenerationService | UpstreamService:
+    """Register :data:`falcon_blueprint` on ``app``; return the app's generation service.
+
+    The model starts loading in a worker, not here. Raises :class:`ValueError` for a
+    ``FALCON_*`` value that is not an integer or is out of range.
+    """
+    app.register_blueprint(falcon_blueprint)
+    service: GenerationService | UpstreamService = app.extensions[EXTENSION_KEY]
     return service
 
 

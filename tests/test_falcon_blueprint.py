@@ -38,10 +38,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model(tmp_path_factory.mktemp("falcon"))
 
 
-def wait_ready(client: FlaskClient, timeout: float = 60) -> dict[str, Any]:
+def wait_ready(client: FlaskClient, timeout: float = 60, prefix: str = "/falcon") -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        body: dict[str, Any] = client.get("/falcon/health").get_json()
+        body: dict[str, Any] = client.get(f"{prefix}/health").get_json()
         if body["status"] != "loading" or time.monotonic() > deadline:
             return body
         time.sleep(0.05)
@@ -229,3 +229,41 @@ def test_the_core_and_the_example_app_do_not_import_torch() -> None:
     env = {**os.environ, "FALCON_MODEL": ""}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_an_app_of_ones_own_mounts_everything_with_register_blueprint(model_dir: Path) -> None:
+    from flask import url_for
+
+    from example_app.falcon import falcon_blueprint
+
+    app = Flask("own")
+    app.config.update(TESTING=True, FALCON_MODEL=str(model_dir))
+    app.register_blueprint(falcon_blueprint)  # nothing else: the service comes with it
+    client = app.test_client()
+    assert wait_ready(client)["status"] == "ready"
+    body = {"prompt": "Tell me a story", "max_new_tokens": 3, "min_new_tokens": 3}
+    assert events(client.post("/falcon/run", json=body).data)[-1]["generated_tokens"] == 3
+    with app.test_request_context():
+        assert url_for("falcon.sse_run_call", name="run") == "/falcon/run"
+        assert url_for("falcon.health") == "/falcon/health"
+    doc = client.get("/falcon/openapi.json").get_json()
+    assert doc["paths"]["/falcon/run"]["post"]["operationId"] == "falcon_run"
+    assert "falcon_run_parameters" in doc["components"]["schemas"]
+
+
+def test_the_blueprint_mounts_under_another_prefix_with_one_service_per_app(model_dir: Path) -> None:
+    from example_app.falcon import falcon_blueprint
+
+    app = Flask("elsewhere")
+    app.config.update(TESTING=True, FALCON_MODEL=str(model_dir))
+    app.register_blueprint(falcon_blueprint, url_prefix="/llm")
+    app.register_blueprint(falcon_blueprint, url_prefix="/llm2", name="falcon2")
+    service = app.extensions["falcon"]
+    client = app.test_client()
+    assert wait_ready(client, prefix="/llm")["status"] == "ready"
+    assert client.get("/falcon/health").status_code == 404
+    body = {"prompt": "Tell me a story", "max_new_tokens": 2, "min_new_tokens": 2}
+    for prefix in ("/llm", "/llm2"):
+        assert client.get(f"{prefix}/health").get_json()["status"] == "ready"
+        assert events(client.post(f"{prefix}/run", json=body).data)[-1]["generated_tokens"] == 2
+    assert app.extensions["falcon"] is service and service.finished["length"] == 2
