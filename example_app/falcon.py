@@ -56,7 +56,7 @@ falcon = SSERun(falcon_blueprint)
 StopString = Annotated[str, Field(min_length=1, max_length=64)]
 
 
-@falcon.function
+@falcon.function(resumable=True, methods=("GET", "POST"))
 def run(
     prompt: Annotated[str, Field(min_length=1)],
     max_new_tokens: Annotated[int, Field(ge=1, le=2048)] = 256,
@@ -74,6 +74,11 @@ def run(
     "length"|"stop"|"eos"|"cancelled", "generated_tokens": n, "time_to_first_token_ms": ...,
     "tokens_per_s": ...}``. ``temperature`` 0 decodes greedily. The output ends before the first
     of the ``stop`` strings. ``min_new_tokens`` forbids EOS before that many tokens.
+
+    A resumable run, served with GET too (``EventSource``): the generation goes on when the
+    client's connection drops, and a reconnect with ``Last-Event-ID`` gets the rest of the text;
+    ``DELETE /falcon/runs/<run_id>``, or no client for ``SSE_RUN_RESUME_WINDOW`` seconds, stops it
+    (its row leaves the batch at the next step).
     """
     service: GenerationService | UpstreamService = current_app.extensions[EXTENSION_KEY]
     params = GenerationParams(
