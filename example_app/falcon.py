@@ -31,7 +31,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
 from flask.blueprints import BlueprintSetupState
@@ -41,6 +41,10 @@ from pydantic import Field
 from flask_sse_run import SSERun
 from flask_sse_run.llm import GenerationParams, GenerationService, UpstreamService
 from flask_sse_run.llm.service import INSTALL_HINT
+from flask_sse_run.views import EXTENSION_KEY as SSE_RUN_KEY
+
+if TYPE_CHECKING:
+    from flask_sse_run.metrics import LLMMetrics
 
 __all__ = ["EXTENSION_KEY", "falcon", "falcon_blueprint", "init_falcon", "start_in_worker"]
 
@@ -135,7 +139,18 @@ def upstream_service(app: App) -> UpstreamService | None:
         model=_setting(app, "FALCON_UPSTREAM_MODEL", None),
         api_key=_setting(app, "FALCON_UPSTREAM_API_KEY", None),
         extensions=[name.strip() for name in extensions.split(",") if name.strip()],
+        metrics=_llm_metrics(app),
     )
+
+
+def _llm_metrics(app: App) -> LLMMetrics | None:
+    """The LLM metrics, when the app records metrics (``SSE_RUN_METRICS``)."""
+    state = app.extensions.get(SSE_RUN_KEY)  # the blueprint's SSERun has mounted: it read them
+    if state is None or not state.settings.metrics:
+        return None
+    from flask_sse_run.metrics import llm_metrics
+
+    return llm_metrics()
 
 
 def make_service(app: App) -> GenerationService | UpstreamService:
@@ -153,6 +168,7 @@ def make_service(app: App) -> GenerationService | UpstreamService:
         concurrency=_number(app, "FALCON_CONCURRENCY", 1),
         max_queue=_number(app, "FALCON_MAX_QUEUE", 8),
         disabled_hint=ENABLE_HINT,
+        metrics=_llm_metrics(app),
     )
     _show_progress(service.logger)
     return service

@@ -28,6 +28,7 @@ from ..streaming import close_iterator
 from ..threads import StreamClosed, ThreadChannel, run_in_thread
 from .detokenize import IncrementalDetokenizer
 from .params import GenerationParams
+from .rows import per_output_token_ms
 from .scheduler import eos_token_ids
 from .stops import StopStrings
 
@@ -112,7 +113,8 @@ def stream_text(
     any wait in a queue; tokens per second count from the start of ``generate()``. The prompt is
     not echoed. ``on_finish`` is called in the consuming greenlet once the generation thread has
     ended, with the summary plus ``tokens_after_cancel`` (tokens generated after the stream was
-    closed; 0 unless cancelled). Give every call for one device the same single-thread
+    closed; 0 unless cancelled), ``queue_ms`` (waiting for the device) and
+    ``time_per_output_token_ms``. Give every call for one device the same single-thread
     ``executor`` (:func:`~flask_sse_run.thread_executor`): torch then runs on one thread only.
     """
     started = time.perf_counter() if started is None else started
@@ -175,6 +177,11 @@ def _summarize(
         "time_to_first_token_ms": None if first is None else round((first - started) * 1000, 2),
         "tokens_per_s": round(streamer.generated / max(ended - generate_started, 1e-9), 2),
     }
+    # For on_finish only (not streamed): the wait for the device, the time per token after the first.
+    state["timing"] = {
+        "queue_ms": round((generate_started - started) * 1000, 2),
+        "time_per_output_token_ms": per_output_token_ms(first, ended, streamer.generated),
+    }
 
 
 def _consume(
@@ -198,4 +205,5 @@ def _consume(
         if on_finish is not None and streamer is not None and "summary" in state:
             summary = dict(state["summary"])
             summary["tokens_after_cancel"] = streamer.after_close
+            summary.update(state["timing"])
             on_finish(summary)

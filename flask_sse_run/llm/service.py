@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..concurrency import gevent_patched, thread_executor
 from ..errors import RequestError
@@ -39,7 +39,10 @@ from .loading import LoadedModel, import_hub_client, import_runtime, load_pretra
 from .params import GenerationParams
 from .scheduler import BatchScheduler
 
-__all__ = ["INSTALL_HINT", "GenerationService"]
+if TYPE_CHECKING:
+    from ..metrics import LLMMetrics
+
+__all__ = ["INSTALL_HINT", "GenerationService", "record_metrics"]
 
 Loader = Callable[[str, Callable[[str], object]], LoadedModel]
 
@@ -110,7 +113,10 @@ class GenerationService:
     a time, each on its own OS thread. ``disabled_hint`` ends the 503 message while no model is
     configured (say how to enable it). ``loader`` is
     :func:`~flask_sse_run.llm.loading.load_pretrained` unless a test gives another; ``prepare``
-    imports torch and transformers (on the device's thread). Raises :class:`ValueError` for a
+    imports torch and transformers (on the device's thread). ``metrics``
+    (:func:`flask_sse_run.metrics.llm_metrics`, when the app has ``SSE_RUN_METRICS`` on) records
+    each generation's queueing, time to first token, time per output token, tokens and tokens
+    computed after a cancel, and the batch's rows at each step. Raises :class:`ValueError` for a
     limit out of range.
     """
 
@@ -129,6 +135,7 @@ class GenerationService:
         loader: Loader = load_pretrained,
         prepare: Callable[[], object] = import_runtime,
         logger: logging.Logger | None = None,
+        metrics: LLMMetrics | None = None,
     ) -> None:
         if max_batch < 1 or max_batch_tokens < 2 or prefill_chunk < 1:
             raise ValueError("need max_batch >= 1, max_batch_tokens >= 2 and prefill_chunk >= 1")
@@ -140,6 +147,7 @@ class GenerationService:
         self.queue = DeviceQueue(concurrency, max_queue, retry_after)
         self.disabled_hint = disabled_hint
         self.logger = logger or logging.getLogger("flask_sse_run.llm")
+        self.metrics = metrics
         self._loader = loader
         self._prepare = prepare
         self._process: _Process | None = None
@@ -223,6 +231,7 @@ class GenerationService:
             prefill_chunk=self.prefill_chunk,
             retry_after=self.queue.retry_after,
             logger=self.logger,
+            metrics=self.metrics,
         )
 
     @property
@@ -365,6 +374,8 @@ class GenerationService:
         self.finished[summary["finish_reason"]] += 1
         self.tokens_generated += summary["generated_tokens"]
         self.last_generation = summary
+        if self.metrics is not None:
+            record_metrics(self.metrics, summary)
         self.logger.info(
             "generation finished: %s after %d tokens (%d computed after the client left), "
             "first token in %s ms, %.1f tokens/s",
@@ -374,3 +385,20 @@ class GenerationService:
             summary["time_to_first_token_ms"],
             summary["tokens_per_s"],
         )
+
+
+def record_metrics(metrics: LLMMetrics, summary: dict[str, Any]) -> None:
+    """Record one ended generation (its ``on_finish`` summary) in ``metrics``.
+
+    Called on the streams' side (the hub under gevent), where prometheus_client's locks belong.
+    A generation that never had a token records its tokens only.
+    """
+    metrics.tokens.inc(summary["generated_tokens"])
+    if summary.get("tokens_after_cancel"):
+        metrics.tokens_after_cancel.inc(summary["tokens_after_cancel"])
+    if summary.get("queue_ms") is not None:
+        metrics.queue.observe(summary["queue_ms"] / 1000)
+    if summary.get("time_to_first_token_ms") is not None:
+        metrics.time_to_first_token.observe(summary["time_to_first_token_ms"] / 1000)
+    if summary.get("time_per_output_token_ms") is not None:
+        metrics.time_per_output_token.observe(summary["time_per_output_token_ms"] / 1000)

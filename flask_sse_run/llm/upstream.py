@@ -29,7 +29,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError, RequestError, UpstreamError
@@ -43,7 +43,11 @@ from ..relay import (
     shared_session,
 )
 from .params import GenerationParams
+from .rows import per_output_token_ms
 from .stops import StopStrings
+
+if TYPE_CHECKING:
+    from ..metrics import LLMMetrics
 
 __all__ = ["EXTENSIONS", "UpstreamService"]
 
@@ -60,7 +64,9 @@ class UpstreamService:
     ``api_key`` as a bearer token. ``extensions`` names the non-OpenAI parameters the engine
     accepts (a subset of :data:`EXTENSIONS`' keys). ``connect_timeout`` and ``silence_timeout``
     bound connecting and each wait for the engine's next byte; ``health_timeout`` bounds the
-    health check's request. Raises :class:`~flask_sse_run.ConfigurationError` for a bad URL or
+    health check's request. ``metrics`` (:func:`flask_sse_run.metrics.llm_metrics`) records each
+    generation's time to first token, time per output token and tokens (the engine queues, so no
+    queueing time). Raises :class:`~flask_sse_run.ConfigurationError` for a bad URL or
     extension.
     """
 
@@ -75,6 +81,7 @@ class UpstreamService:
         silence_timeout: float = SILENCE_TIMEOUT,
         health_timeout: float = 2.0,
         logger: logging.Logger | None = None,
+        metrics: LLMMetrics | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
@@ -93,6 +100,7 @@ class UpstreamService:
         self.silence_timeout = silence_timeout
         self.health_timeout = health_timeout
         self.logger = logger or logging.getLogger("flask_sse_run.llm")
+        self.metrics = metrics
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.running = 0
         self.finished: Counter[str] = Counter()
@@ -217,6 +225,10 @@ class UpstreamService:
         self.finished[summary["finish_reason"]] += 1
         self.tokens_generated += summary["generated_tokens"]
         self.last_generation = summary
+        if self.metrics is not None:
+            from .service import record_metrics
+
+            record_metrics(self.metrics, summary)
         self.logger.info(
             "upstream generation finished: %s after %d tokens, first token in %s ms, %.1f tokens/s",
             summary["finish_reason"],
@@ -330,7 +342,9 @@ class _CompletionStream:
             "time_to_first_token_ms": None if first is None else round((first - self._received) * 1000, 2),
             "tokens_per_s": round(generated / max(ended - self._opened, 1e-9), 2),
         }
-        self._on_finish(self._summary)
+        # Recorded, not streamed: the time per token after the first (the engine queues alone).
+        recorded = {**self._summary, "time_per_output_token_ms": per_output_token_ms(first, ended, generated)}
+        self._on_finish(recorded)
         return self._summary
 
 
