@@ -1,4 +1,5 @@
-"""The Falcon-7B blueprint: ``/falcon/run`` streams generated text, ``GET /falcon/health``.
+"""The Falcon-7B blueprint: ``/falcon/run`` streams generated text, ``GET /falcon/health``, and
+OpenAI's ``/falcon/v1/completions``, ``/falcon/v1/chat/completions`` and ``/falcon/v1/models``.
 
 ``falcon_blueprint`` is a plain :class:`flask.Blueprint`: ``app.register_blueprint(falcon_blueprint)``
 mounts everything (``init_falcon(app)`` does just that). Its first registration on an app creates
@@ -20,6 +21,11 @@ enable them. ``app.config`` keys of the same names win over the environment (tes
 ``FALCON_UPSTREAM`` (an OpenAI-compatible engine's URL) streams from that engine instead, with no
 model in this process (see :func:`upstream_service`).
 
+Next to ``run``, the blueprint serves OpenAI's API (:mod:`flask_sse_run.llm.openai_views`):
+``POST /falcon/v1/completions``, ``POST /falcon/v1/chat/completions``, ``GET /falcon/v1/models``.
+``FALCON_OPENAI_PREFIX`` (``/v1``) moves them below the blueprint's prefix; ``FALCON_OPENAI_MODEL``
+names the model they report (see :func:`model_name`).
+
 The model loads in each gunicorn worker after the fork (``post_worker_init`` in
 ``gunicorn.conf.py`` starts it; otherwise the first request does), on the worker's dedicated
 torch thread, while the worker serves everything else. A bad value fails at start-up.
@@ -40,15 +46,27 @@ from pydantic import Field
 
 from flask_sse_run import SSERun
 from flask_sse_run.llm import GenerationParams, GenerationService, UpstreamService
+from flask_sse_run.llm.openai_views import TextService, add_openai_routes
 from flask_sse_run.llm.service import INSTALL_HINT
 from flask_sse_run.views import EXTENSION_KEY as SSE_RUN_KEY
 
 if TYPE_CHECKING:
     from flask_sse_run.metrics import LLMMetrics
 
-__all__ = ["EXTENSION_KEY", "falcon", "falcon_blueprint", "init_falcon", "start_in_worker"]
+__all__ = [
+    "EXTENSION_KEY",
+    "MODEL_NAME_KEY",
+    "falcon",
+    "falcon_blueprint",
+    "init_falcon",
+    "model_name",
+    "openai_prefix",
+    "start_in_worker",
+]
 
 EXTENSION_KEY = "falcon"
+#: Where the app keeps the model name its OpenAI routes report and accept.
+MODEL_NAME_KEY = "falcon.model_name"
 ENABLE_HINT = (
     "set FALCON_MODEL to a Hugging Face model id (e.g. tiiuae/falcon-7b-instruct) or a local "
     f"directory, {INSTALL_HINT}, and restart the server"
@@ -75,9 +93,10 @@ def run(
     """Stream the model's continuation of ``prompt``, one event per piece of text.
 
     Events: ``{"text": "...", "index": i}`` for each piece, then ``{"finish_reason":
-    "length"|"stop"|"eos"|"cancelled", "generated_tokens": n, "time_to_first_token_ms": ...,
-    "tokens_per_s": ...}``. ``temperature`` 0 decodes greedily. The output ends before the first
-    of the ``stop`` strings. ``min_new_tokens`` forbids EOS before that many tokens.
+    "length"|"stop"|"eos"|"cancelled", "generated_tokens": n, "prompt_tokens": n,
+    "time_to_first_token_ms": ..., "tokens_per_s": ...}``. ``temperature`` 0 decodes greedily.
+    The output ends before the first of the ``stop`` strings. ``min_new_tokens`` forbids EOS
+    before that many tokens.
 
     A resumable run, served with GET too (``EventSource``): the generation goes on when the
     client's connection drops, and a reconnect with ``Last-Event-ID`` gets the rest of the text;
@@ -174,11 +193,49 @@ def make_service(app: App) -> GenerationService | UpstreamService:
     return service
 
 
+def model_name(app: App) -> str:
+    """The model name the OpenAI routes report (``GET /v1/models``) and accept in ``model``.
+
+    ``FALCON_OPENAI_MODEL`` if set; else ``FALCON_UPSTREAM_MODEL`` in front of an engine, or
+    ``FALCON_MODEL`` (the hub id or directory, as vLLM names a model after its path); else
+    ``"falcon"``.
+    """
+    upstream = _setting(app, "FALCON_UPSTREAM", None)
+    source = _setting(app, "FALCON_UPSTREAM_MODEL" if upstream else "FALCON_MODEL", None)
+    return _setting(app, "FALCON_OPENAI_MODEL", None) or source or "falcon"
+
+
+def openai_prefix(app: App) -> str:
+    """Where the OpenAI routes go below the blueprint's prefix: ``FALCON_OPENAI_PREFIX``
+    (default ``/v1``; ``""``: right below it). Raises :class:`ValueError` for a bad one."""
+    prefix = _setting(app, "FALCON_OPENAI_PREFIX", "/v1") or ""
+    if prefix and (not prefix.startswith("/") or prefix.endswith("/") or "<" in prefix):
+        raise ValueError(f"FALCON_OPENAI_PREFIX must be empty or a path like /v1, not {prefix!r}")
+    return prefix
+
+
 @falcon_blueprint.record_once
 def _create_service(setup: BlueprintSetupState) -> None:
     # Once per app, at its first registration of the blueprint: the service is the app's, read
     # from its config, whatever prefix (or how many prefixes) the blueprint is mounted under.
     setup.app.extensions[EXTENSION_KEY] = make_service(setup.app)
+    setup.app.extensions[MODEL_NAME_KEY] = model_name(setup.app)
+
+
+def _service() -> TextService:
+    service: GenerationService | UpstreamService = current_app.extensions[EXTENSION_KEY]
+    return service
+
+
+def _model_name() -> str:
+    return str(current_app.extensions[MODEL_NAME_KEY])
+
+
+@falcon_blueprint.record
+def _openai_routes(setup: BlueprintSetupState) -> None:
+    # At each registration, below its prefix: POST {prefix}/v1/completions and
+    # /v1/chat/completions, GET /v1/models (flask_sse_run.llm.openai_views).
+    add_openai_routes(setup, _service, _model_name, prefix=openai_prefix(setup.app))
 
 
 @falcon_blueprint.get("/health")

@@ -117,7 +117,10 @@ def test_run_streams_text_pieces_then_a_summary(client: FlaskClient) -> None:
     pieces, final = items[:-1], items[-1]
     assert [piece["index"] for piece in pieces] == list(range(len(pieces)))
     assert all(set(piece) == {"text", "index"} for piece in pieces)
-    assert set(final) == {"finish_reason", "generated_tokens", "time_to_first_token_ms", "tokens_per_s"}
+    assert set(final) == {
+        "finish_reason", "generated_tokens", "prompt_tokens", "time_to_first_token_ms", "tokens_per_s",
+    }  # fmt: skip
+    assert final["prompt_tokens"] == 4  # "Tell me a story": one token a word
     assert final["finish_reason"] == "length" and final["generated_tokens"] == 8
     assert not "".join(piece["text"] for piece in pieces).startswith(" Tell me a story")  # no echo
 
@@ -169,15 +172,22 @@ def test_a_prompt_too_long_for_the_context_gets_422(client: FlaskClient) -> None
 
 def test_beyond_the_queue_requests_get_503_with_retry_after(ready_app: Flask) -> None:
     client = ready_app.test_client()  # no preserved contexts: two responses overlap here
-    body = {"prompt": "Tell me a story", "max_new_tokens": 5}
+    body = {"prompt": "Tell me a story", "max_new_tokens": 2000, "min_new_tokens": 2000}
     first = client.post("/falcon/run", json=body, buffered=False)  # running, not read to the end
     try:
         refused = client.post("/falcon/run", json=body)
         assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
         assert "busy" in refused.get_json()["error"]
     finally:
-        first.close()  # its place is given back though its stream was not read
-    assert client.post("/falcon/run", json=body).status_code == 200
+        first.close()
+    # A resumable run goes on without its client (for a reconnect); DELETE ends it, and its
+    # place is given back once its row has left the batch.
+    assert client.delete(f"/falcon/runs/{first.headers['X-Run-ID']}").status_code == 204
+    deadline = time.monotonic() + 10
+    while client.get("/falcon/health").get_json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    again = client.post("/falcon/run", json={**body, "max_new_tokens": 5, "min_new_tokens": 5})
+    assert again.status_code == 200 and again.data  # read to its end: the run has ended
 
 
 def test_health_reports_the_model_and_its_generations(client: FlaskClient) -> None:

@@ -253,7 +253,13 @@ def test_a_falcon_generation_shows_up_in_the_llm_metrics(tmp_path: Path) -> None
         assert llm(scrape(srv), "batch_rows") == 1
         requests.delete(f"{srv.url}/falcon/runs/{response.headers['X-Run-ID']}", timeout=10)
         response.close()
-        last = wait_for(lambda: (h := requests.get(health, timeout=5).json())["running"] == 0 and h)
+        last = wait_for(
+            lambda: (
+                (h := requests.get(health, timeout=5).json())["last_generation"]["finish_reason"]
+                == "cancelled"
+                and h
+            )
+        )
         found = wait_for(lambda: (f := scrape(srv)) and llm(f, "batch_rows") == 0 and f)
     cancelled = last["last_generation"]
     assert cancelled["finish_reason"] == "cancelled"

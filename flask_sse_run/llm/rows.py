@@ -148,6 +148,7 @@ class Row:
         self.summary = {
             "finish_reason": reason,
             "generated_tokens": self.generated,
+            "prompt_tokens": len(self.prompt_ids),
             "time_to_first_token_ms": None if first is None else round((first - self.started) * 1000, 2),
             "tokens_per_s": round(self.generated / max(ended - began, 1e-9), 2),
         }
@@ -163,6 +164,7 @@ class Row:
         self.summary = {
             "finish_reason": "error",
             "generated_tokens": self.generated,
+            "prompt_tokens": len(self.prompt_ids),
             "time_to_first_token_ms": None,
             "tokens_per_s": 0.0,
         }

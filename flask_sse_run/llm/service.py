@@ -323,7 +323,7 @@ class GenerationService:
         """Admit a request and return its stream of ``{"text", "index"}`` items, then a summary.
 
         The summary is ``{"finish_reason": "length"|"stop"|"eos"|"cancelled",
-        "generated_tokens", "time_to_first_token_ms", "tokens_per_s"}``; the time to first
+        "generated_tokens", "prompt_tokens", "time_to_first_token_ms", "tokens_per_s"}``; the time to first
         token counts from this call. Raises :class:`RequestError` before anything is streamed:
         503 (no model, loading, failed, queue full with ``Retry-After``), 422 (the prompt does
         not fit the context, or the KV budget).
@@ -350,6 +350,37 @@ class GenerationService:
             )
 
         return _TicketStream(ticket, generate)
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str | None:
+        """The prompt the tokenizer's chat template makes of ``messages``, the assistant's turn
+        opened (``add_generation_prompt``); ``None`` when the tokenizer has no template.
+
+        Raises :class:`RequestError`: 503 as :meth:`stream` does while the model is not ready,
+        400 when the template refuses the messages (its own message, e.g. roles that do not
+        alternate).
+        """
+        _, loaded = self._ready()
+        tokenizer = loaded.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            return None
+        try:
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja2's TemplateError, raise_exception() in the template
+            raise RequestError(400, f"messages: the model's chat template refused them: {exc}") from None
+        return str(prompt)
+
+    def max_new_tokens_for(self, prompt: str) -> int:
+        """The most tokens ``prompt`` leaves room for: the model's context, and with batching the
+        KV budget, minus the prompt's tokens (at least 1: :meth:`stream` then says what is wrong).
+
+        Raises :class:`RequestError` (503) as :meth:`stream` does while the model is not ready.
+        """
+        process, loaded = self._ready()
+        used = len(loaded.tokenizer.encode(prompt))
+        room = loaded.context - used
+        if process.scheduler is not None:
+            room = min(room, process.scheduler.max_batch_tokens - used)
+        return max(room, 1)
 
     @staticmethod
     def _check_length(prompt_tokens: int, params: GenerationParams, context: int) -> None:
