@@ -259,6 +259,13 @@ def test_an_app_of_ones_own_mounts_everything_with_register_blueprint(model_dir:
     doc = client.get("/falcon/openapi.json").get_json()
     assert doc["paths"]["/falcon/run"]["post"]["operationId"] == "falcon_run"
     assert "falcon_run_parameters" in doc["components"]["schemas"]
+    # The OpenAI routes come with it.
+    assert client.get("/falcon/v1/models").get_json()["data"][0]["id"] == str(model_dir)
+    chat = {"model": str(model_dir), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    answer = client.post("/falcon/v1/chat/completions", json=chat).get_json()
+    assert answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] <= 3
+    with app.test_request_context():
+        assert url_for("falcon.openai_chat_completions") == "/falcon/v1/chat/completions"
 
 
 def test_the_blueprint_mounts_under_another_prefix_with_one_service_per_app(model_dir: Path) -> None:
@@ -276,4 +283,5 @@ def test_the_blueprint_mounts_under_another_prefix_with_one_service_per_app(mode
     for prefix in ("/llm", "/llm2"):
         assert client.get(f"{prefix}/health").get_json()["status"] == "ready"
         assert events(client.post(f"{prefix}/run", json=body).data)[-1]["generated_tokens"] == 2
+        assert client.get(f"{prefix}/v1/models").status_code == 200
     assert app.extensions["falcon"] is service and service.finished["length"] == 2
