@@ -239,6 +239,12 @@ def test_a_falcon_generation_shows_up_in_the_llm_metrics(tmp_path: Path) -> None
             assert llm(found, f"{histogram}_count") == 1, histogram
         assert llm(found, "time_to_first_token_seconds_sum") > 0
         assert llm(found, "batch_rows") == 0
+        # An OpenAI stream is a stream of the extension's: counted by its route.
+        stream = {"model": str(model), "prompt": "Tell me a story", "max_tokens": 3, "stream": True}
+        assert requests.post(f"{srv.url}/falcon/v1/completions", json=stream, timeout=60).text.endswith(
+            "[DONE]\n\n"
+        )
+        assert streams(scrape(srv), "falcon/v1/completions", "complete") == 1
 
         # A long one: its row is in the batch while it runs; DELETE stops it.
         long = {"prompt": "Tell me a story", "max_new_tokens": 2000, "min_new_tokens": 2000}
@@ -263,6 +269,6 @@ def test_a_falcon_generation_shows_up_in_the_llm_metrics(tmp_path: Path) -> None
         found = wait_for(lambda: (f := scrape(srv)) and llm(f, "batch_rows") == 0 and f)
     cancelled = last["last_generation"]
     assert cancelled["finish_reason"] == "cancelled"
-    assert llm(found, "tokens_total") == 30 + cancelled["generated_tokens"]
+    assert llm(found, "tokens_total") == 30 + 3 + cancelled["generated_tokens"]
     assert llm(found, "tokens_after_cancel_total") == cancelled["tokens_after_cancel"] <= 1
-    assert llm(found, "time_to_first_token_seconds_count") == 2
+    assert llm(found, "time_to_first_token_seconds_count") == 3

@@ -170,6 +170,30 @@ def test_a_client_that_closes_mid_stream_takes_its_row_out_of_the_batch(server: 
     assert stopped_after < 2
 
 
+def test_a_client_that_leaves_before_the_whole_answer_stops_its_generation(server: Server) -> None:
+    wait_idle(server)
+    before = health(server)["finished"].get("cancelled", 0)
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 2000, "min_tokens": 2000}  # stream: false
+    data = json.dumps(body).encode()
+    leaving = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    leaving.sendall(
+        b"POST /falcon/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    deadline = time.monotonic() + 10
+    while health(server)["running"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    leaving.close()  # gone before any byte of the answer
+    deadline = time.monotonic() + 3
+    while (last := health(server))["finished"].get("cancelled", 0) == before:
+        assert time.monotonic() < deadline, "the generation went on without its client"
+        time.sleep(0.02)
+    assert last["last_generation"]["tokens_after_cancel"] <= 1
+    assert last["last_generation"]["generated_tokens"] < 2000
+
+
 def test_langchains_chat_openai_invokes_and_streams(server: Server) -> None:
     langchain_openai = pytest.importorskip("langchain_openai")
     llm = langchain_openai.ChatOpenAI(
