@@ -280,3 +280,29 @@ def test_the_mount_point_and_the_model_name_are_configurable(model_dir: Path) ->
     assert client.post("/falcon/openai/completions", json=body).status_code == 200
     with pytest.raises(ValueError, match="FALCON_OPENAI_PREFIX"):
         create_app({"FALCON_OPENAI_PREFIX": "openai/"})
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400_with_its_message(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    directory = save_model(tmp_path / "strict")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+        "{{ m['content'] }}\n{% endfor %}"
+    )
+    tokenizer.save_pretrained(directory)
+    client = ready({"FALCON_MODEL": str(directory)}).test_client()
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    refused = client.post("/falcon/v1/chat/completions", json={"model": str(directory), "messages": messages})
+    message = error(refused, 400)["message"]
+    assert message.startswith("messages: the model's chat template refused them") and "alternate" in message
+    messages[1]["role"] = "assistant"
+    assert (
+        client.post(
+            "/falcon/v1/chat/completions",
+            json={"model": str(directory), "messages": messages, "max_tokens": 2},
+        ).status_code
+        == 200
+    )
