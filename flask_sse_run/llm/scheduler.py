@@ -210,9 +210,13 @@ class BatchScheduler:
             return True
 
     def _report_rows(self) -> None:
-        # On the hub, once per step's wake-up: the rows in the batch after that step.
+        # On the hub, once per step's wake-up: the rows in the batch after that step. A failing
+        # metrics directory must not break the wake-up's callback.
         assert self.metrics is not None
-        self.metrics.batch_rows.set(self._in_batch)
+        try:
+            self.metrics.batch_rows.set(self._in_batch)
+        except Exception:
+            self.logger.exception("the batch's rows could not be recorded")
 
     def health(self) -> dict[str, Any]:
         """The batch's figures: rows running and waiting, limits, KV columns held, steps,

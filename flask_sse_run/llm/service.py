@@ -406,7 +406,10 @@ class GenerationService:
         self.tokens_generated += summary["generated_tokens"]
         self.last_generation = summary
         if self.metrics is not None:
-            record_metrics(self.metrics, summary)
+            try:
+                record_metrics(self.metrics, summary)
+            except Exception:  # the stream's end must not fail for its metrics
+                self.logger.exception("a generation's metrics could not be recorded")
         self.logger.info(
             "generation finished: %s after %d tokens (%d computed after the client left), "
             "first token in %s ms, %.1f tokens/s",

@@ -237,7 +237,10 @@ class UpstreamService:
         if self.metrics is not None:
             from .service import record_metrics
 
-            record_metrics(self.metrics, summary)
+            try:
+                record_metrics(self.metrics, summary)
+            except Exception:  # the stream's end must not fail for its metrics
+                self.logger.exception("a generation's metrics could not be recorded")
         self.logger.info(
             "upstream generation finished: %s after %d tokens, first token in %s ms, %.1f tokens/s",
             summary["finish_reason"],
