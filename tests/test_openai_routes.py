@@ -266,18 +266,19 @@ def test_bearer_auth_guards_every_route_and_answers_in_openais_shape(model_dir: 
 
 
 def test_the_mount_point_and_the_model_name_are_configurable(model_dir: Path) -> None:
-    app = ready(
-        {
-            "FALCON_MODEL": str(model_dir),
-            "FALCON_OPENAI_PREFIX": "/openai",
-            "FALCON_OPENAI_MODEL": "falcon-7b",
-        }
-    )
-    client = app.test_client()
+    config = {
+        "FALCON_OPENAI_PREFIX": "/openai",
+        "FALCON_OPENAI_MODEL": "falcon-7b",
+        "SSE_RUN_END_EVENT": "done",
+    }
+    client = ready({"FALCON_MODEL": str(model_dir), **config}).test_client()
     assert client.get("/falcon/v1/models").status_code == 404
     assert client.get("/falcon/openai/models").get_json()["data"][0]["id"] == "falcon-7b"
     body = {"model": "falcon-7b", "prompt": PROMPT, "max_tokens": 2}
     assert client.post("/falcon/openai/completions", json=body).status_code == 200
+    # The app's end event is not sent: OpenAI's streams end with [DONE], and nothing follows.
+    streamed = client.post("/falcon/openai/completions", json={**body, "stream": True}).get_data()
+    assert streamed.endswith(b"data: [DONE]\n\n") and b"event:" not in streamed
     with pytest.raises(ValueError, match="FALCON_OPENAI_PREFIX"):
         create_app({"FALCON_OPENAI_PREFIX": "openai/"})
 
