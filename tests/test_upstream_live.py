@@ -225,11 +225,14 @@ def test_pieces_arrive_as_the_engine_makes_them(server: Server) -> None:
     assert times[len(times) // 2] - times[0] > 0.25 * (times[-1] - times[0])
 
 
-def test_a_client_that_leaves_ends_the_engines_generation(server: Server, engine: Upstream) -> None:
+def test_deleting_the_run_ends_the_engines_generation(server: Server, engine: Upstream) -> None:
     response = post(server, {"prompt": PROMPT, "max_new_tokens": 2048, "temperature": 0})
     assert len(timed_events(response, limit=20)) >= 20
-    response.close()
-    # 2048 tokens take the engine over 25 s; it stops computing at once instead.
+    response.close()  # a resumable run: it goes on for a reconnect ...
+    assert requests.get(f"{server.url}/falcon/health", timeout=10).json()["running"] == 1
+    # ... until DELETE. 2048 tokens take the engine over 25 s; it stops computing at once instead.
+    deleted = requests.delete(f"{server.url}/falcon/runs/{response.headers['X-Run-ID']}", timeout=10)
+    assert deleted.status_code == 204
     assert wait_idle(engine, timeout=3) < 3
     health = requests.get(f"{server.url}/falcon/health", timeout=10).json()
     assert health["finished"].get("cancelled", 0) >= 1
@@ -239,6 +242,19 @@ def test_a_client_that_leaves_ends_the_engines_generation(server: Server, engine
     with post(server, {"prompt": PROMPT, "max_new_tokens": 5, "temperature": 0}) as second:
         assert json.loads(timed_events(second)[-1][1].data)["generated_tokens"] == 5
     assert time.monotonic() - started < 4
+
+
+def test_a_client_that_closes_an_openai_stream_ends_the_engines_generation(
+    server: Server, engine: Upstream
+) -> None:
+    openai = pytest.importorskip("openai")
+    sdk = openai.OpenAI(base_url=f"{server.url}/falcon/v1", api_key="unused", max_retries=0, timeout=60)
+    stream = sdk.completions.create(
+        model="falcon", prompt=PROMPT, max_tokens=2048, temperature=0, stream=True
+    )
+    assert len([chunk for chunk, _ in zip(stream, range(20), strict=False)]) == 20
+    stream.close()  # not a run: the relayed request is closed at once, and the engine aborts
+    assert wait_idle(engine, timeout=3) < 3
 
 
 def test_an_engine_killed_mid_stream_gives_one_error_event_and_a_clean_end(
