@@ -62,6 +62,11 @@ setup(
             # met by the torch==2.13.0 installed first.
             "transformers[serving]>=5.24",
             "urllib3>=2.3",
+            # The OpenAI routes' live tests: the clients people use, against gunicorn. 3.50: the
+            # SDK whose stream parsing (ids, keep-alive comments, event names) the wire format
+            # was measured against.
+            "openai>=3.50",
+            "langchain-openai>=1.7",
         ],
         # transformers[serving]: bench_llm.py's reference server, `transformers serve`.
         "dev": [

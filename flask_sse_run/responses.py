@@ -7,7 +7,7 @@ and for a resumable run its ``X-Run-ID``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from flask import Request, Response, current_app, stream_with_context
@@ -81,13 +81,16 @@ def stream_response(
     *,
     run_id: str | None = None,
     record: StreamRecord | None = None,
+    closer: Callable[[BaseException | None, bool], bytes] | None = None,
 ) -> Response:
     """Stream ``source`` as Server-Sent Events.
 
     With ``run_id`` the source is a resumable run's tail: it yields the run's own stored
     events, its end among them, so no end event is added here, and the response says which
     run it follows (``X-Run-ID``). ``record`` (when the app observes streams) counts what the
-    stream sends, and is told how it ended.
+    stream sends, and is told how it ended. ``closer(error, shutdown)`` writes the stream's end
+    instead of the settings' error, end and shutdown events (a protocol of its own: OpenAI's
+    chunks end with ``data: [DONE]``); keep-alive comments, gzip and disconnects are unchanged.
     """
     gzip = settings.gzip and _accepts_gzip(req)
     options = StreamOptions(
@@ -100,6 +103,7 @@ def stream_response(
         gzip=gzip,
         send_timeout=settings.send_timeout,
         record=record,
+        closer=closer,
     )
     if run_id is None:  # a tail reads the store only: it needs no request context
         source = stream_with_context(source)

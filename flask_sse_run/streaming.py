@@ -17,7 +17,7 @@ gone) closes the generator.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,10 @@ class StreamOptions:
     send_timeout: float = 0.0
     #: What the stream did, for metrics, the trace and the log; ``None`` when nobody asks.
     record: StreamRecord | None = None
+    #: Writes what ends the stream instead of the events above, for a wire protocol of its own
+    #: (OpenAI's ``data: [DONE]``): called with the generator's error (``None`` when it finished)
+    #: and whether the worker is shutting down. A disconnect writes nothing, as always.
+    closer: Callable[[BaseException | None, bool], bytes] | None = None
 
     def new_gzip(self) -> GzipStream | None:
         """A compressor for this stream, if it is gzipped."""
@@ -81,7 +85,10 @@ def error_event(exc: BaseException, *, expose: bool, request_id: str) -> bytes:
 
 
 def closing_events(options: StreamOptions, error: BaseException | None, *, shutdown: bool = False) -> bytes:
-    """What ends a stream: its shutdown event, its error event, its end event, or nothing."""
+    """What ends a stream: its shutdown event, its error event, its end event, or nothing (or
+    what its ``closer`` writes instead)."""
+    if options.closer is not None:
+        return options.closer(error, shutdown)
     if shutdown:
         return Event(data="", event=options.shutdown_event).encode()
     if error is not None:

@@ -168,3 +168,48 @@ def test_the_pages_stop_button_closes_the_stream_and_cancels_the_run_on_the_serv
         assert stats == {"started": 1, "finished": 1}
         assert driver.find_element("id", "run-start").is_enabled()
         assert not driver.find_element("id", "run-stop").is_enabled()
+
+
+@pytest.mark.timeout(300)
+def test_the_pages_falcon_panel_streams_a_generation_with_ids_and_closes_after_the_summary(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("torch")
+    from tests.tiny_falcon import save_model
+
+    model = save_model(tmp_path / "falcon")
+    env = {"FALCON_MODEL": str(model), "HF_HUB_OFFLINE": "1"}
+    with gunicorn("wsgi:app", tmp_path=tmp_path, env=env) as server, chromium(tmp_path) as driver:
+        driver.get(f"{server.url}/")
+        # The form appears once /falcon/health says ready (the page asks again every 5 s).
+        wait_for(
+            driver,
+            lambda d: d.find_element("id", "falcon-health").get_attribute("data-status") == "ready",
+            120,
+            "the model to be ready on the page",
+        )
+        field = driver.find_element("id", "falcon-max-new-tokens")
+        field.clear()
+        field.send_keys("40")
+        driver.find_element("id", "falcon-start").click()
+        wait_for(
+            driver,
+            lambda d: d.find_element("id", "falcon-state").get_attribute("data-state") == "finished",
+            60,
+            "the generation to finish on the page",
+        )
+
+        def text(element: str) -> str:
+            return str(driver.execute_script(f"return document.getElementById('{element}').textContent"))
+
+        generated, summary, ids = text("falcon-text"), text("falcon-summary"), text("falcon-ids")
+        count = int(text("falcon-count"))
+        time.sleep(1)  # long enough for an EventSource left open to reconnect (it must not)
+        health = requests.get(f"{server.url}/falcon/health", timeout=10).json()
+    sent = re.search(r"finish_reason (length|eos), (\d+) tokens", summary)
+    assert sent, summary
+    assert generated.strip() and count >= 2  # text pieces, then the summary
+    # A resumable run: each event with its id, once and in order; one generation on the server.
+    assert ids.endswith(f"#1\N{EN DASH}{count} (each once, in order)"), ids
+    assert sum(health["finished"].values()) == 1
+    assert health["tokens_generated"] == int(sent.group(2))

@@ -38,10 +38,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model(tmp_path_factory.mktemp("falcon"))
 
 
-def wait_ready(client: FlaskClient, timeout: float = 60) -> dict[str, Any]:
+def wait_ready(client: FlaskClient, timeout: float = 60, prefix: str = "/falcon") -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        body: dict[str, Any] = client.get("/falcon/health").get_json()
+        body: dict[str, Any] = client.get(f"{prefix}/health").get_json()
         if body["status"] != "loading" or time.monotonic() > deadline:
             return body
         time.sleep(0.05)
@@ -117,7 +117,10 @@ def test_run_streams_text_pieces_then_a_summary(client: FlaskClient) -> None:
     pieces, final = items[:-1], items[-1]
     assert [piece["index"] for piece in pieces] == list(range(len(pieces)))
     assert all(set(piece) == {"text", "index"} for piece in pieces)
-    assert set(final) == {"finish_reason", "generated_tokens", "time_to_first_token_ms", "tokens_per_s"}
+    assert set(final) == {
+        "finish_reason", "generated_tokens", "prompt_tokens", "time_to_first_token_ms", "tokens_per_s",
+    }  # fmt: skip
+    assert final["prompt_tokens"] == 4  # "Tell me a story": one token a word
     assert final["finish_reason"] == "length" and final["generated_tokens"] == 8
     assert not "".join(piece["text"] for piece in pieces).startswith(" Tell me a story")  # no echo
 
@@ -169,15 +172,22 @@ def test_a_prompt_too_long_for_the_context_gets_422(client: FlaskClient) -> None
 
 def test_beyond_the_queue_requests_get_503_with_retry_after(ready_app: Flask) -> None:
     client = ready_app.test_client()  # no preserved contexts: two responses overlap here
-    body = {"prompt": "Tell me a story", "max_new_tokens": 5}
+    body = {"prompt": "Tell me a story", "max_new_tokens": 2000, "min_new_tokens": 2000}
     first = client.post("/falcon/run", json=body, buffered=False)  # running, not read to the end
     try:
         refused = client.post("/falcon/run", json=body)
         assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
         assert "busy" in refused.get_json()["error"]
     finally:
-        first.close()  # its place is given back though its stream was not read
-    assert client.post("/falcon/run", json=body).status_code == 200
+        first.close()
+    # A resumable run goes on without its client (for a reconnect); DELETE ends it, and its
+    # place is given back once its row has left the batch.
+    assert client.delete(f"/falcon/runs/{first.headers['X-Run-ID']}").status_code == 204
+    deadline = time.monotonic() + 10
+    while client.get("/falcon/health").get_json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    again = client.post("/falcon/run", json={**body, "max_new_tokens": 5, "min_new_tokens": 5})
+    assert again.status_code == 200 and again.data  # read to its end: the run has ended
 
 
 def test_health_reports_the_model_and_its_generations(client: FlaskClient) -> None:
@@ -229,3 +239,49 @@ def test_the_core_and_the_example_app_do_not_import_torch() -> None:
     env = {**os.environ, "FALCON_MODEL": ""}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_an_app_of_ones_own_mounts_everything_with_register_blueprint(model_dir: Path) -> None:
+    from flask import url_for
+
+    from example_app.falcon import falcon_blueprint
+
+    app = Flask("own")
+    app.config.update(TESTING=True, FALCON_MODEL=str(model_dir))
+    app.register_blueprint(falcon_blueprint)  # nothing else: the service comes with it
+    client = app.test_client()
+    assert wait_ready(client)["status"] == "ready"
+    body = {"prompt": "Tell me a story", "max_new_tokens": 3, "min_new_tokens": 3}
+    assert events(client.post("/falcon/run", json=body).data)[-1]["generated_tokens"] == 3
+    with app.test_request_context():
+        assert url_for("falcon.sse_run_call", name="run") == "/falcon/run"
+        assert url_for("falcon.health") == "/falcon/health"
+    doc = client.get("/falcon/openapi.json").get_json()
+    assert doc["paths"]["/falcon/run"]["post"]["operationId"] == "falcon_run"
+    assert "falcon_run_parameters" in doc["components"]["schemas"]
+    # The OpenAI routes come with it.
+    assert client.get("/falcon/v1/models").get_json()["data"][0]["id"] == str(model_dir)
+    chat = {"model": str(model_dir), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    answer = client.post("/falcon/v1/chat/completions", json=chat).get_json()
+    assert answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] <= 3
+    with app.test_request_context():
+        assert url_for("falcon.openai_chat_completions") == "/falcon/v1/chat/completions"
+
+
+def test_the_blueprint_mounts_under_another_prefix_with_one_service_per_app(model_dir: Path) -> None:
+    from example_app.falcon import falcon_blueprint
+
+    app = Flask("elsewhere")
+    app.config.update(TESTING=True, FALCON_MODEL=str(model_dir))
+    app.register_blueprint(falcon_blueprint, url_prefix="/llm")
+    app.register_blueprint(falcon_blueprint, url_prefix="/llm2", name="falcon2")
+    service = app.extensions["falcon"]
+    client = app.test_client()
+    assert wait_ready(client, prefix="/llm")["status"] == "ready"
+    assert client.get("/falcon/health").status_code == 404
+    body = {"prompt": "Tell me a story", "max_new_tokens": 2, "min_new_tokens": 2}
+    for prefix in ("/llm", "/llm2"):
+        assert client.get(f"{prefix}/health").get_json()["status"] == "ready"
+        assert events(client.post(f"{prefix}/run", json=body).data)[-1]["generated_tokens"] == 2
+        assert client.get(f"{prefix}/v1/models").status_code == 200
+    assert app.extensions["falcon"] is service and service.finished["length"] == 2

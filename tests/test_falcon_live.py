@@ -53,12 +53,15 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
 
 @pytest.fixture(scope="module")
 def narrow(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Server]:
-    """One row at a time and one waiting: the queue's tests."""
+    """One row at a time and one waiting, runs cancelled 1 s after their client left: the queue's
+    tests."""
     env = {
         "FALCON_MODEL": str(model_dir),
         "FALCON_MAX_BATCH": "1",
         "FALCON_MAX_QUEUE": "1",
         "HF_HUB_OFFLINE": "1",
+        # A run whose client left waits this long for a reconnect before it is cancelled.
+        "EXAMPLE_SSE_RUN_RESUME_WINDOW": "1",
     }
     with gunicorn("wsgi:app", tmp_path=tmp_path_factory.mktemp("narrow"), env=env) as srv:
         assert wait_ready(srv)["status"] == "ready", srv.log()
@@ -115,18 +118,72 @@ def test_tokens_arrive_progressively_while_other_endpoints_stay_fast(server: Ser
     assert p99 < 0.5, f"p99 {p99 * 1000:.1f} ms over {len(latencies)} requests"
 
 
-def test_a_client_that_disconnects_stops_the_generation(server: Server) -> None:
+def text_of(events: list[dict[str, Any]]) -> str:
+    return "".join(event.get("text", "") for event in events)
+
+
+def test_a_client_that_drops_mid_generation_reconnects_and_gets_the_rest_generated_once(
+    server: Server,
+) -> None:
+    before = wait_idle(server)
+    body = {"prompt": PROMPT, "max_new_tokens": 2000, "min_new_tokens": 2000, "temperature": 0}
+    response = post(server, body, stream=True)
+    run_id = response.headers["X-Run-ID"]
+    parser, first = SSEParser(), []
+    for chunk in response.raw.stream(65536, decode_content=True):
+        first.extend(parser.feed(chunk))
+        if len(first) >= 20:
+            break
+    response.close()  # the connection drops mid-generation; the run goes on without it
+    assert health(server)["running"] == 1
+    last_id = first[-1].id
+    assert last_id == f"{run_id}:{len(first)}"
+    headers = {**NO_GZIP, "Last-Event-ID": last_id}
+    rest_response = requests.post(
+        f"{server.url}/falcon/run", json={"prompt": "ignored"}, headers=headers, timeout=60
+    )
+    assert rest_response.status_code == 200 and rest_response.headers["X-Run-ID"] == run_id
+    rest = list(SSEParser().feed(rest_response.content))
+    events = [json.loads(event.data) for event in [*first, *rest]]
+    assert [event.id for event in [*first, *rest]] == [f"{run_id}:{i + 1}" for i in range(len(events))]
+    pieces, summary = events[:-1], events[-1]
+    assert [piece["index"] for piece in pieces] == list(range(len(pieces)))  # none lost, none twice
+    assert (summary["finish_reason"], summary["generated_tokens"]) == ("length", 2000)
+    # The same text as a fresh greedy generation of the same prompt, and generated once: the
+    # service counted one generation of 2000 tokens, not two.
+    after = wait_idle(server)
+    assert after["finished"]["length"] - before["finished"].get("length", 0) == 1
+    assert after["tokens_generated"] - before["tokens_generated"] == 2000
+    fresh, _ = texts(server, body)
+    assert text_of(pieces) == fresh
+    # Read to its end: a reconnect now is told to stop (204).
+    again = requests.get(f"{server.url}/falcon/runs/{run_id}?last_event_id={len(events)}", timeout=10)
+    assert again.status_code == 204
+
+
+def test_delete_of_the_run_stops_its_row_at_the_next_step(server: Server) -> None:
     body = {"prompt": PROMPT, "max_new_tokens": 2000, "min_new_tokens": 2000}
     response = post(server, body, stream=True)
-    received = read_events(response, limit=20)
-    response.close()  # the client goes away
-    closed_at = time.monotonic()
-    stats = wait_idle(server)
-    stopped_after = time.monotonic() - closed_at
-    last = stats["last_generation"]
-    assert last["finish_reason"] == "cancelled"
-    # The server notices at its next write and the row leaves the batch at the next step: at
-    # most the token of the step running then, and far from the 2000 asked for.
+    run_id = response.headers["X-Run-ID"]
+    parser, received = SSEParser(), []
+    chunks = response.raw.stream(65536, decode_content=True)
+    for chunk in chunks:
+        received.extend(parser.feed(chunk))
+        if len(received) >= 20:
+            break
+    deleted = requests.delete(f"{server.url}/falcon/runs/{run_id}", timeout=10)
+    assert deleted.status_code == 204
+    deleted_at = time.monotonic()
+    for chunk in chunks:  # the stream that followed the run ends, cleanly
+        received.extend(parser.feed(chunk))
+    wait_idle(server)
+    stopped_after = time.monotonic() - deleted_at
+    # Recorded by the run's greenlet once the loop has let the row go: a moment after it left.
+    deadline = time.monotonic() + 5
+    while (last := health(server)["last_generation"])["finish_reason"] != "cancelled":
+        assert time.monotonic() < deadline, last
+        time.sleep(0.02)
+    # The row leaves the batch at the next step: at most the token of the step running then.
     assert last["tokens_after_cancel"] <= 1
     assert len(received) <= last["generated_tokens"] < 1000
     assert stopped_after < 2
@@ -271,7 +328,7 @@ def test_with_preload_the_model_loads_in_the_worker_not_the_master(tmp_path: Pat
         assert loaders and all(int(pid) != srv.process.pid for pid in loaders)
 
 
-def test_a_client_that_leaves_while_queued_gives_its_place_back(narrow: Server) -> None:
+def test_a_client_that_leaves_while_queued_gives_its_place_back_when_the_window_ends(narrow: Server) -> None:
     server = narrow
     import socket
 
@@ -290,11 +347,13 @@ def test_a_client_that_leaves_while_queued_gives_its_place_back(narrow: Server) 
         while health(server)["waiting"] < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert health(server)["waiting"] == 1
-        queued.close()  # the waiting client goes away
-        deadline = time.monotonic() + 2
+        queued.close()  # the waiting client goes away; its run waits for a reconnect, 1 s
+        deadline = time.monotonic() + 4
         while health(server)["waiting"] and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert health(server)["waiting"] == 0  # its place is free at once, not when its turn came
+        assert (
+            health(server)["waiting"] == 0
+        )  # its place is free once the window ended, not when its turn came
         assert health(server)["running"] == 1
     finally:
         chunks.close()

@@ -79,6 +79,9 @@ def test_streamed_text_is_what_bare_generate_produces(bpe: LoadedModel, executor
     assert final["finish_reason"] == "length" and final["generated_tokens"] == 40
     assert final["time_to_first_token_ms"] > 0 and final["tokens_per_s"] > 0
     assert summary["tokens_after_cancel"] == 0
+    # For the metrics (not streamed): the wait for the device, the time per token after the first.
+    assert summary["queue_ms"] >= 0 and summary["time_per_output_token_ms"] > 0
+    assert "queue_ms" not in final
 
 
 def test_one_event_per_word_with_a_word_level_tokenizer(words: LoadedModel, executor: Any) -> None:

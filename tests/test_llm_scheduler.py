@@ -431,3 +431,49 @@ def test_stop_strings_eos_and_min_new_tokens_end_rows_as_generate_does(
     at_least = GenerationParams(max_new_tokens=30, min_new_tokens=30, temperature=0)
     items = Client(lambda: sched_eos.admit(prompt, at_least, started=0.0)).join()
     assert items[-1]["finish_reason"] == "length" and items[-1]["generated_tokens"] == 30
+
+
+def test_metrics_record_each_generation_and_the_rows_after_each_step(
+    words: LoadedModel, executor: Any
+) -> None:
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import REGISTRY
+
+    from flask_sse_run.llm.service import record_metrics
+    from flask_sse_run.metrics import llm_metrics
+
+    def value(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    names = (
+        "sse_run_llm_tokens_total", "sse_run_llm_tokens_after_cancel_total",
+        "sse_run_llm_queue_seconds_count", "sse_run_llm_time_to_first_token_seconds_count",
+        "sse_run_llm_time_per_output_token_seconds_count",
+    )  # fmt: skip
+    before = {name: value(name) for name in names}
+    metrics = llm_metrics()
+    sched = make(words, executor, metrics=metrics)
+    prompt = words.tokenizer.encode(WORDS_PROMPT)
+    summaries: list[dict[str, Any]] = []
+
+    def record(summary: dict[str, Any]) -> None:  # what the service does with on_finish
+        summaries.append(summary)
+        record_metrics(metrics, summary)
+
+    finished = Client(lambda: sched.admit(prompt, greedy(12), started=time.perf_counter(), on_finish=record))
+    doomed = sched.admit(prompt, greedy(2000), started=time.perf_counter(), on_finish=record)
+    next(doomed)
+    assert value("sse_run_llm_batch_rows") >= 1  # set after each step
+    finished.join()
+    doomed.close()  # type: ignore[attr-defined]
+    wait_for(lambda: value("sse_run_llm_batch_rows") == 0)
+    done, cancelled = summaries
+    assert done["queue_ms"] >= 0 and done["time_per_output_token_ms"] > 0
+    gained = {name: value(name) - before[name] for name in names}
+    assert gained == {
+        "sse_run_llm_tokens_total": 12 + cancelled["generated_tokens"],
+        "sse_run_llm_tokens_after_cancel_total": cancelled["tokens_after_cancel"],
+        "sse_run_llm_queue_seconds_count": 2,
+        "sse_run_llm_time_to_first_token_seconds_count": 2,
+        "sse_run_llm_time_per_output_token_seconds_count": 2 if cancelled["generated_tokens"] >= 2 else 1,
+    }

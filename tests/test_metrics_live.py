@@ -205,3 +205,70 @@ def test_the_gevent_body_counts_events_and_bytes_exactly(tmp_path: Path) -> None
     assert found[("sse_run_first_event_seconds_count", (("function", "pid"),))] == 3
     assert found[("sse_run_stream_duration_seconds_count", (("function", "pid"),))] == 3
     assert found[("sse_run_stream_duration_seconds_bucket", (("function", "pid"), ("le", "0.5")))] == 2
+
+
+def test_a_falcon_generation_shows_up_in_the_llm_metrics(tmp_path: Path) -> None:
+    import json
+
+    import pytest
+
+    pytest.importorskip("torch")
+    from flask_sse_run.testing import SSEParser
+    from tests.tiny_falcon import save_model
+
+    model = save_model(tmp_path / "falcon")
+    env = {
+        "FALCON_MODEL": str(model),
+        "HF_HUB_OFFLINE": "1",
+        "EXAMPLE_SSE_RUN_METRICS": "true",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+    }
+
+    def llm(found: dict[Any, float], name: str) -> float:
+        return found.get((f"sse_run_llm_{name}", ()), 0.0)
+
+    with gunicorn("wsgi:app", tmp_path=tmp_path, env=env) as srv:
+        health = f"{srv.url}/falcon/health"
+        wait_for(lambda: requests.get(health, timeout=5).json()["status"] == "ready", timeout=90)
+        body = {"prompt": "Tell me a story", "max_new_tokens": 30, "min_new_tokens": 30}
+        summary = requests.post(f"{srv.url}/falcon/run", json=body, timeout=60).text.split("data: ")[-1]
+        assert json.loads(summary)["generated_tokens"] == 30
+        found = scrape(srv)
+        assert llm(found, "tokens_total") == 30
+        for histogram in ("queue_seconds", "time_to_first_token_seconds", "time_per_output_token_seconds"):
+            assert llm(found, f"{histogram}_count") == 1, histogram
+        assert llm(found, "time_to_first_token_seconds_sum") > 0
+        assert llm(found, "batch_rows") == 0
+        # An OpenAI stream is a stream of the extension's: counted by its route.
+        stream = {"model": str(model), "prompt": "Tell me a story", "max_tokens": 3, "stream": True}
+        assert requests.post(f"{srv.url}/falcon/v1/completions", json=stream, timeout=60).text.endswith(
+            "[DONE]\n\n"
+        )
+        assert streams(scrape(srv), "falcon/v1/completions", "complete") == 1
+
+        # A long one: its row is in the batch while it runs; DELETE stops it.
+        long = {"prompt": "Tell me a story", "max_new_tokens": 2000, "min_new_tokens": 2000}
+        identity = {"Accept-Encoding": "identity"}
+        url = f"{srv.url}/falcon/run"
+        response = requests.post(url, json=long, headers=identity, stream=True, timeout=60)
+        parser, received = SSEParser(), []
+        for chunk in response.raw.stream(1024):
+            received.extend(parser.feed(chunk))
+            if len(received) >= 5:
+                break
+        assert llm(scrape(srv), "batch_rows") == 1
+        requests.delete(f"{srv.url}/falcon/runs/{response.headers['X-Run-ID']}", timeout=10)
+        response.close()
+        last = wait_for(
+            lambda: (
+                (h := requests.get(health, timeout=5).json())["last_generation"]["finish_reason"]
+                == "cancelled"
+                and h
+            )
+        )
+        found = wait_for(lambda: (f := scrape(srv)) and llm(f, "batch_rows") == 0 and f)
+    cancelled = last["last_generation"]
+    assert cancelled["finish_reason"] == "cancelled"
+    assert llm(found, "tokens_total") == 30 + 3 + cancelled["generated_tokens"]
+    assert llm(found, "tokens_after_cancel_total") == cancelled["tokens_after_cancel"] <= 1
+    assert llm(found, "time_to_first_token_seconds_count") == 3

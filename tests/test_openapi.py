@@ -848,5 +848,8 @@ def test_the_example_app_documents_run_for_get_and_post_and_its_runs() -> None:
     assert list(doc["paths"]["/run"]) == ["get", "post"]
     assert doc["paths"]["/run"]["get"]["operationId"] == "run_get"
     assert parameters(doc["paths"]["/run"]["get"], "query")["upper_range"]["required"] is True
-    assert {"/runs/{run_id}", "/falcon/run"} <= set(doc["paths"])
-    assert "/falcon/runs/{run_id}" not in doc["paths"]  # the Falcon functions are not resumable
+    assert {"/runs/{run_id}", "/falcon/run", "/falcon/runs/{run_id}"} <= set(doc["paths"])
+    # The Falcon run is resumable and served with GET (the page's EventSource) too.
+    assert list(doc["paths"]["/falcon/run"]) == ["get", "post"]
+    assert doc["paths"]["/falcon/run"]["get"]["operationId"] == "falcon_run_get"
+    assert list(doc["paths"]["/falcon/runs/{run_id}"]) == ["get", "delete"]

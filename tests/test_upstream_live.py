@@ -225,11 +225,14 @@ def test_pieces_arrive_as_the_engine_makes_them(server: Server) -> None:
     assert times[len(times) // 2] - times[0] > 0.25 * (times[-1] - times[0])
 
 
-def test_a_client_that_leaves_ends_the_engines_generation(server: Server, engine: Upstream) -> None:
+def test_deleting_the_run_ends_the_engines_generation(server: Server, engine: Upstream) -> None:
     response = post(server, {"prompt": PROMPT, "max_new_tokens": 2048, "temperature": 0})
     assert len(timed_events(response, limit=20)) >= 20
-    response.close()
-    # 2048 tokens take the engine over 25 s; it stops computing at once instead.
+    response.close()  # a resumable run: it goes on for a reconnect ...
+    assert requests.get(f"{server.url}/falcon/health", timeout=10).json()["running"] == 1
+    # ... until DELETE. 2048 tokens take the engine over 25 s; it stops computing at once instead.
+    deleted = requests.delete(f"{server.url}/falcon/runs/{response.headers['X-Run-ID']}", timeout=10)
+    assert deleted.status_code == 204
     assert wait_idle(engine, timeout=3) < 3
     health = requests.get(f"{server.url}/falcon/health", timeout=10).json()
     assert health["finished"].get("cancelled", 0) >= 1
@@ -239,6 +242,19 @@ def test_a_client_that_leaves_ends_the_engines_generation(server: Server, engine
     with post(server, {"prompt": PROMPT, "max_new_tokens": 5, "temperature": 0}) as second:
         assert json.loads(timed_events(second)[-1][1].data)["generated_tokens"] == 5
     assert time.monotonic() - started < 4
+
+
+def test_a_client_that_closes_an_openai_stream_ends_the_engines_generation(
+    server: Server, engine: Upstream
+) -> None:
+    openai = pytest.importorskip("openai")
+    sdk = openai.OpenAI(base_url=f"{server.url}/falcon/v1", api_key="unused", max_retries=0, timeout=60)
+    stream = sdk.completions.create(
+        model="falcon", prompt=PROMPT, max_tokens=2048, temperature=0, stream=True
+    )
+    assert len([chunk for chunk, _ in zip(stream, range(20), strict=False)]) == 20
+    stream.close()  # not a run: the relayed request is closed at once, and the engine aborts
+    assert wait_idle(engine, timeout=3) < 3
 
 
 def test_an_engine_killed_mid_stream_gives_one_error_event_and_a_clean_end(
@@ -267,3 +283,49 @@ def test_an_engine_killed_mid_stream_gives_one_error_event_and_a_clean_end(
     assert error["type"] == "UpstreamError" and error["status"] == 502
     assert error["message"].startswith("the upstream connection broke mid-stream (")
     assert health.status_code == 503 and health.json()["status"] == "failed"
+
+
+# -- the OpenAI routes in front of the engine ---------------------------------------------------
+
+
+def test_the_openai_routes_relay_the_engine_to_the_sdk(server: Server, engine: Upstream) -> None:
+    openai = pytest.importorskip("openai")
+    sdk = openai.OpenAI(base_url=f"{server.url}/falcon/v1", api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in sdk.models.list()] == ["falcon"]  # FALCON_UPSTREAM_MODEL is not set
+    completion = sdk.completions.create(model="falcon", prompt=PROMPT, max_tokens=20, temperature=0)
+    expected = engine_text(engine, {"prompt": PROMPT, "max_tokens": 20, "temperature": 0})
+    assert completion.choices[0].text == expected and completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.completion_tokens == 20
+    assert completion.usage.prompt_tokens > 0  # the engine's count
+    stream = sdk.chat.completions.create(
+        model="falcon", messages=[{"role": "user", "content": PROMPT}], max_tokens=10, temperature=0,
+        stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens <= 10
+    assert chunks[-2].choices[0].finish_reason in {"length", "stop"}
+
+
+def test_an_engine_killed_mid_stream_is_one_error_chunk_that_the_sdk_raises(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    openai = pytest.importorskip("openai")
+    with transformers_serve(model_dir, tmp_path) as doomed:
+        env = {"FALCON_UPSTREAM": f"{doomed.url}/v1", "FALCON_MODEL": ""}
+        with gunicorn("wsgi:app", tmp_path=tmp_path, env=env) as front:
+            wait_answering(f"{front.url}/falcon/health", front.process, front.log_path, 30)
+            sdk = openai.OpenAI(
+                base_url=f"{front.url}/falcon/v1", api_key="unused", max_retries=0, timeout=60
+            )
+            stream = sdk.completions.create(
+                model="falcon", prompt=PROMPT, max_tokens=2048, temperature=0, stream=True
+            )
+            received = []
+            with pytest.raises(openai.APIError) as failed:
+                for chunk in stream:
+                    received.append(chunk)
+                    if len(received) == 10:
+                        doomed.kill()
+    assert len(received) >= 10 and all(c.choices[0].finish_reason is None for c in received)
+    assert failed.value.message.startswith("the upstream connection broke mid-stream (")
+    assert failed.value.body["type"] == "server_error"  # type: ignore[index]

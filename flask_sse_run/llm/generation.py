@@ -28,6 +28,7 @@ from ..streaming import close_iterator
 from ..threads import StreamClosed, ThreadChannel, run_in_thread
 from .detokenize import IncrementalDetokenizer
 from .params import GenerationParams
+from .rows import per_output_token_ms
 from .scheduler import eos_token_ids
 from .stops import StopStrings
 
@@ -107,12 +108,13 @@ def stream_text(
     """Generate a continuation of ``prompt_ids``; yield ``{"text", "index"}`` pieces, then a summary.
 
     The last item is ``{"finish_reason": "length"|"stop"|"eos"|"cancelled",
-    "generated_tokens": n, "time_to_first_token_ms": ..., "tokens_per_s": ...}``: time to first
-    token counts from ``started`` (a ``time.perf_counter()`` value, default: now), so it includes
-    any wait in a queue; tokens per second count from the start of ``generate()``. The prompt is
-    not echoed. ``on_finish`` is called in the consuming greenlet once the generation thread has
-    ended, with the summary plus ``tokens_after_cancel`` (tokens generated after the stream was
-    closed; 0 unless cancelled). Give every call for one device the same single-thread
+    "generated_tokens": n, "prompt_tokens": n, "time_to_first_token_ms": ..., "tokens_per_s": ...}``:
+    time to first token counts from ``started`` (a ``time.perf_counter()`` value, default: now),
+    so it includes any wait in a queue; tokens per second count from the start of ``generate()``.
+    The prompt is not echoed. ``on_finish`` is called in the consuming greenlet once the
+    generation thread has ended, with the summary plus ``tokens_after_cancel`` (tokens generated
+    after the stream was closed; 0 unless cancelled), ``queue_ms`` (waiting for the device) and
+    ``time_per_output_token_ms``. Give every call for one device the same single-thread
     ``executor`` (:func:`~flask_sse_run.thread_executor`): torch then runs on one thread only.
     """
     started = time.perf_counter() if started is None else started
@@ -141,7 +143,7 @@ def stream_text(
                 **params.generate_kwargs(),
             )
         finally:  # the summary is recorded however generate() ended
-            _summarize(state, streamer, channel, eos_ids, started, generate_started)
+            _summarize(state, streamer, channel, eos_ids, started, generate_started, len(prompt_ids))
         try:
             channel.send(state["summary"])
         except StreamClosed:
@@ -157,6 +159,7 @@ def _summarize(
     eos_ids: set[int],
     started: float,
     generate_started: float,
+    prompt_tokens: int,
 ) -> None:
     """Record the generation's summary in ``state`` (in the generation thread)."""
     ended = time.perf_counter()
@@ -172,8 +175,14 @@ def _summarize(
     state["summary"] = {
         "finish_reason": reason,
         "generated_tokens": streamer.generated,
+        "prompt_tokens": prompt_tokens,
         "time_to_first_token_ms": None if first is None else round((first - started) * 1000, 2),
         "tokens_per_s": round(streamer.generated / max(ended - generate_started, 1e-9), 2),
+    }
+    # For on_finish only (not streamed): the wait for the device, the time per token after the first.
+    state["timing"] = {
+        "queue_ms": round((generate_started - started) * 1000, 2),
+        "time_per_output_token_ms": per_output_token_ms(first, ended, streamer.generated),
     }
 
 
@@ -198,4 +207,5 @@ def _consume(
         if on_finish is not None and streamer is not None and "summary" in state:
             summary = dict(state["summary"])
             summary["tokens_after_cancel"] = streamer.after_close
+            summary.update(state["timing"])
             on_finish(summary)

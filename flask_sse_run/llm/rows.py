@@ -32,7 +32,7 @@ from .detokenize import IncrementalDetokenizer, TokenDecoder
 from .params import GenerationParams
 from .stops import StopStrings
 
-__all__ = ["Row", "RowStream", "Wakeup", "make_wakeup"]
+__all__ = ["Row", "RowStream", "Wakeup", "make_wakeup", "per_output_token_ms"]
 
 
 class _Event(Protocol):
@@ -73,6 +73,7 @@ class Row:
         self.last_token: int | None = None
         self.began: float | None = None  # when its prefill started (it left the queue)
         self.first_token_at: float | None = None
+        self.ended_at: float | None = None  # when it finished (not when it failed)
         self.after_cancel = 0  # tokens computed after the stream was cancelled (0 or 1)
         #: Set by the stream's side: the consumer has gone (closed) or its token cancelled.
         self.closed = False
@@ -141,12 +142,13 @@ class Row:
                 reason = "eos"
             else:
                 reason = "length"
-        ended = time.perf_counter()
+        ended = self.ended_at = time.perf_counter()
         began = self.began if self.began is not None else ended
         first = self.first_token_at
         self.summary = {
             "finish_reason": reason,
             "generated_tokens": self.generated,
+            "prompt_tokens": len(self.prompt_ids),
             "time_to_first_token_ms": None if first is None else round((first - self.started) * 1000, 2),
             "tokens_per_s": round(self.generated / max(ended - began, 1e-9), 2),
         }
@@ -162,6 +164,7 @@ class Row:
         self.summary = {
             "finish_reason": "error",
             "generated_tokens": self.generated,
+            "prompt_tokens": len(self.prompt_ids),
             "time_to_first_token_ms": None,
             "tokens_per_s": 0.0,
         }
@@ -169,7 +172,12 @@ class Row:
 
 
 class Wakeup(Protocol):
-    """Wakes the streams of rows that got items: called by the loop thread, once per step."""
+    """Wakes the streams of rows that got items: called by the loop thread, once per step.
+
+    ``on_step`` (given to :func:`make_wakeup`) runs once per wake-up on the streams' side (the
+    hub under gevent), after the events are set: where the loop's figures may be handed to code
+    that must not run on the loop's thread (prometheus_client's locks are gevent's there).
+    """
 
     calls: int
 
@@ -185,10 +193,11 @@ class Wakeup(Protocol):
 class _HubWakeup:
     """Under gevent: one async watcher for all rows; its callback, on the hub, sets their events."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_step: Callable[[], object] | None = None) -> None:
         from gevent import get_hub
 
         self.calls = 0
+        self._on_step = on_step
         self._rows: deque[Row] = deque()
         self._watcher = get_hub().loop.async_()
         # Started once and kept started: libev forgets a send() made while it is stopped. Not
@@ -212,13 +221,16 @@ class _HubWakeup:
             event = self._rows.popleft().event
             if event is not None:
                 event.set()
+        if self._on_step is not None:
+            self._on_step()
 
 
 class _ThreadWakeup:
     """Without gevent: streams wait on ``threading`` events, which any thread may set."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_step: Callable[[], object] | None = None) -> None:
         self.calls = 0
+        self._on_step = on_step
 
     def new_event(self) -> _Event:
         return threading.Event()
@@ -228,14 +240,17 @@ class _ThreadWakeup:
         for row in rows:
             if row.event is not None:
                 row.event.set()
+        if self._on_step is not None:
+            self._on_step()
 
 
-def make_wakeup() -> Wakeup:
+def make_wakeup(on_step: Callable[[], object] | None = None) -> Wakeup:
     """The wake-up for this process: gevent's hub when patched, plain threads otherwise.
 
     Call it on the thread that serves the streams (under gevent: the hub's, after the fork).
+    ``on_step`` runs after each wake-up, on that side (see :class:`Wakeup`).
     """
-    return _HubWakeup() if gevent_patched() else _ThreadWakeup()
+    return _HubWakeup(on_step) if gevent_patched() else _ThreadWakeup(on_step)
 
 
 class _Queue(Protocol):
@@ -252,10 +267,11 @@ class RowStream:
     The row enters the scheduler's queue at the first ``next()``, when the stream's cancel token
     is current; :meth:`close` (the client left) takes it out of the queue at once or, once it
     runs, makes it leave the batch at the next step and waits (cooperatively) for that.
-    ``on_finish`` gets the summary plus ``tokens_after_cancel`` once the row has ended, in the
-    stream's greenlet or thread. A class rather than a generator: a generator that never
-    started ignores ``close()``, and the place of a request whose client left before the first
-    byte would then leak.
+    ``on_finish`` gets the summary plus ``tokens_after_cancel``, ``queue_ms`` (from the request's
+    arrival to its prefill) and ``time_per_output_token_ms`` (after the first token; ``None``
+    below two tokens) once the row has ended, in the stream's greenlet or thread. A class rather
+    than a generator: a generator that never started ignores ``close()``, and the place of a
+    request whose client left before the first byte would then leak.
     """
 
     def __init__(
@@ -319,6 +335,19 @@ class RowStream:
         if self._recorded or self._on_finish is None or self.row.summary is None:
             return
         self._recorded = True
-        summary = dict(self.row.summary)
-        summary["tokens_after_cancel"] = self.row.after_cancel
+        row = self.row
+        summary = dict(row.summary)  # type: ignore[arg-type]  # checked above
+        summary["tokens_after_cancel"] = row.after_cancel
+        summary["queue_ms"] = None if row.began is None else round((row.began - row.started) * 1000, 2)
+        summary["time_per_output_token_ms"] = per_output_token_ms(
+            row.first_token_at, row.ended_at, row.generated
+        )
         self._on_finish(summary)
+
+
+def per_output_token_ms(first: float | None, ended: float | None, tokens: int) -> float | None:
+    """Milliseconds per output token after the first (OpenTelemetry GenAI's
+    ``time_per_output_token``): ``(ended - first) / (tokens - 1)``; ``None`` below two tokens."""
+    if first is None or ended is None or tokens < 2:
+        return None
+    return round((ended - first) * 1000 / (tokens - 1), 3)

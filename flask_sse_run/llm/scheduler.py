@@ -34,13 +34,16 @@ import concurrent.futures
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..concurrency import raw_lock
 from ..errors import RequestError
 from .metrics import StepMeter
 from .params import GenerationParams
 from .rows import Row, RowStream, Wakeup, make_wakeup
+
+if TYPE_CHECKING:
+    from ..metrics import LLMMetrics
 
 __all__ = ["BatchScheduler", "eos_token_ids"]
 
@@ -61,6 +64,8 @@ class BatchScheduler:
     ``executor`` must run the loop on the thread where all of the device's torch work happens
     (:func:`~flask_sse_run.thread_executor` ``(1)``). ``prefill_chunk`` bounds the prompt
     tokens prefilled per turn, so a long prompt delays the running rows by one chunk at a time.
+    ``metrics`` (:func:`flask_sse_run.metrics.llm_metrics`) gets the batch's rows after every
+    step, set from the streams' side (the hub), never from the loop's thread.
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class BatchScheduler:
         prefill_chunk: int = 512,
         retry_after: int = 5,
         logger: logging.Logger | None = None,
+        metrics: LLMMetrics | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or max_batch_tokens < 2 or prefill_chunk < 1 or retry_after < 0:
             raise ValueError(
@@ -89,6 +95,7 @@ class BatchScheduler:
         self.prefill_chunk = prefill_chunk
         self.retry_after = retry_after
         self.logger = logger or logging.getLogger("flask_sse_run.llm")
+        self.metrics = metrics
         self.meter = StepMeter()
         self.eos_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
@@ -164,7 +171,8 @@ class BatchScheduler:
                 headers={"Retry-After": str(self.retry_after)},
             )
         if self._wakeup is None:
-            self._wakeup = make_wakeup()  # here: on the hub, in the worker
+            # Here: on the hub, in the worker.
+            self._wakeup = make_wakeup(None if self.metrics is None else self._report_rows)
         row = Row(prompt_ids, params, self.tokenizer, self.eos_ids, started)
         row.stage = "reserved"
         return RowStream(self, row, self._wakeup, on_finish)
@@ -200,6 +208,15 @@ class BatchScheduler:
                 return False
             row.stage = "withdrawn"
             return True
+
+    def _report_rows(self) -> None:
+        # On the hub, once per step's wake-up: the rows in the batch after that step. A failing
+        # metrics directory must not break the wake-up's callback.
+        assert self.metrics is not None
+        try:
+            self.metrics.batch_rows.set(self._in_batch)
+        except Exception:
+            self.logger.exception("the batch's rows could not be recorded")
 
     def health(self) -> dict[str, Any]:
         """The batch's figures: rows running and waiting, limits, KV columns held, steps,

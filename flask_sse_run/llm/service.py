@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..concurrency import gevent_patched, thread_executor
 from ..errors import RequestError
@@ -39,7 +39,10 @@ from .loading import LoadedModel, import_hub_client, import_runtime, load_pretra
 from .params import GenerationParams
 from .scheduler import BatchScheduler
 
-__all__ = ["INSTALL_HINT", "GenerationService"]
+if TYPE_CHECKING:
+    from ..metrics import LLMMetrics
+
+__all__ = ["INSTALL_HINT", "GenerationService", "record_metrics"]
 
 Loader = Callable[[str, Callable[[str], object]], LoadedModel]
 
@@ -110,7 +113,10 @@ class GenerationService:
     a time, each on its own OS thread. ``disabled_hint`` ends the 503 message while no model is
     configured (say how to enable it). ``loader`` is
     :func:`~flask_sse_run.llm.loading.load_pretrained` unless a test gives another; ``prepare``
-    imports torch and transformers (on the device's thread). Raises :class:`ValueError` for a
+    imports torch and transformers (on the device's thread). ``metrics``
+    (:func:`flask_sse_run.metrics.llm_metrics`, when the app has ``SSE_RUN_METRICS`` on) records
+    each generation's queueing, time to first token, time per output token, tokens and tokens
+    computed after a cancel, and the batch's rows at each step. Raises :class:`ValueError` for a
     limit out of range.
     """
 
@@ -129,6 +135,7 @@ class GenerationService:
         loader: Loader = load_pretrained,
         prepare: Callable[[], object] = import_runtime,
         logger: logging.Logger | None = None,
+        metrics: LLMMetrics | None = None,
     ) -> None:
         if max_batch < 1 or max_batch_tokens < 2 or prefill_chunk < 1:
             raise ValueError("need max_batch >= 1, max_batch_tokens >= 2 and prefill_chunk >= 1")
@@ -140,6 +147,7 @@ class GenerationService:
         self.queue = DeviceQueue(concurrency, max_queue, retry_after)
         self.disabled_hint = disabled_hint
         self.logger = logger or logging.getLogger("flask_sse_run.llm")
+        self.metrics = metrics
         self._loader = loader
         self._prepare = prepare
         self._process: _Process | None = None
@@ -223,6 +231,7 @@ class GenerationService:
             prefill_chunk=self.prefill_chunk,
             retry_after=self.queue.retry_after,
             logger=self.logger,
+            metrics=self.metrics,
         )
 
     @property
@@ -314,7 +323,7 @@ class GenerationService:
         """Admit a request and return its stream of ``{"text", "index"}`` items, then a summary.
 
         The summary is ``{"finish_reason": "length"|"stop"|"eos"|"cancelled",
-        "generated_tokens", "time_to_first_token_ms", "tokens_per_s"}``; the time to first
+        "generated_tokens", "prompt_tokens", "time_to_first_token_ms", "tokens_per_s"}``; the time to first
         token counts from this call. Raises :class:`RequestError` before anything is streamed:
         503 (no model, loading, failed, queue full with ``Retry-After``), 422 (the prompt does
         not fit the context, or the KV budget).
@@ -342,6 +351,37 @@ class GenerationService:
 
         return _TicketStream(ticket, generate)
 
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str | None:
+        """The prompt the tokenizer's chat template makes of ``messages``, the assistant's turn
+        opened (``add_generation_prompt``); ``None`` when the tokenizer has no template.
+
+        Raises :class:`RequestError`: 503 as :meth:`stream` does while the model is not ready,
+        400 when the template refuses the messages (its own message, e.g. roles that do not
+        alternate).
+        """
+        _, loaded = self._ready()
+        tokenizer = loaded.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            return None
+        try:
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja2's TemplateError, raise_exception() in the template
+            raise RequestError(400, f"messages: the model's chat template refused them: {exc}") from None
+        return str(prompt)
+
+    def max_new_tokens_for(self, prompt: str) -> int:
+        """The most tokens ``prompt`` leaves room for: the model's context, and with batching the
+        KV budget, minus the prompt's tokens (at least 1: :meth:`stream` then says what is wrong).
+
+        Raises :class:`RequestError` (503) as :meth:`stream` does while the model is not ready.
+        """
+        process, loaded = self._ready()
+        used = len(loaded.tokenizer.encode(prompt))
+        room = loaded.context - used
+        if process.scheduler is not None:
+            room = min(room, process.scheduler.max_batch_tokens - used)
+        return max(room, 1)
+
     @staticmethod
     def _check_length(prompt_tokens: int, params: GenerationParams, context: int) -> None:
         def refuse(loc: str, msg: str) -> RequestError:
@@ -365,6 +405,11 @@ class GenerationService:
         self.finished[summary["finish_reason"]] += 1
         self.tokens_generated += summary["generated_tokens"]
         self.last_generation = summary
+        if self.metrics is not None:
+            try:
+                record_metrics(self.metrics, summary)
+            except Exception:  # the stream's end must not fail for its metrics
+                self.logger.exception("a generation's metrics could not be recorded")
         self.logger.info(
             "generation finished: %s after %d tokens (%d computed after the client left), "
             "first token in %s ms, %.1f tokens/s",
@@ -374,3 +419,20 @@ class GenerationService:
             summary["time_to_first_token_ms"],
             summary["tokens_per_s"],
         )
+
+
+def record_metrics(metrics: LLMMetrics, summary: dict[str, Any]) -> None:
+    """Record one ended generation (its ``on_finish`` summary) in ``metrics``.
+
+    Called on the streams' side (the hub under gevent), where prometheus_client's locks belong.
+    A generation that never had a token records its tokens only.
+    """
+    metrics.tokens.inc(summary["generated_tokens"])
+    if summary.get("tokens_after_cancel"):
+        metrics.tokens_after_cancel.inc(summary["tokens_after_cancel"])
+    if summary.get("queue_ms") is not None:
+        metrics.queue.observe(summary["queue_ms"] / 1000)
+    if summary.get("time_to_first_token_ms") is not None:
+        metrics.time_to_first_token.observe(summary["time_to_first_token_ms"] / 1000)
+    if summary.get("time_per_output_token_ms") is not None:
+        metrics.time_per_output_token.observe(summary["time_per_output_token_ms"] / 1000)

@@ -10,8 +10,8 @@ Nothing here imports torch or transformers: a Flask app in front of an engine ne
   ``seed`` are standard OpenAI fields. ``top_k``, ``repetition_penalty`` and ``min_new_tokens``
   are not: they are sent (as ``top_k``, ``repetition_penalty``, ``min_tokens``, vLLM's names)
   only when named in ``extensions``; otherwise a request that sets one to anything but its
-  default is refused with 422, never silently ignored. (``top_k``'s default, 50, is not sent:
-  the engine's own default applies.)
+  default is refused with 422, never silently ignored. (``top_k``'s default, 50, and 0, all
+  tokens, as OpenAI samples, are not sent: the engine's own default applies.)
 * **Stop strings** are also applied here, with the local service's rule (the text ends before
   the first one, even split across pieces): engines differ on whether they strip it.
 * **Refusals.** The engine's 4xx keeps its status and message and comes before the stream
@@ -29,7 +29,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError, RequestError, UpstreamError
@@ -43,7 +43,11 @@ from ..relay import (
     shared_session,
 )
 from .params import GenerationParams
+from .rows import per_output_token_ms
 from .stops import StopStrings
+
+if TYPE_CHECKING:
+    from ..metrics import LLMMetrics
 
 __all__ = ["EXTENSIONS", "UpstreamService"]
 
@@ -60,7 +64,9 @@ class UpstreamService:
     ``api_key`` as a bearer token. ``extensions`` names the non-OpenAI parameters the engine
     accepts (a subset of :data:`EXTENSIONS`' keys). ``connect_timeout`` and ``silence_timeout``
     bound connecting and each wait for the engine's next byte; ``health_timeout`` bounds the
-    health check's request. Raises :class:`~flask_sse_run.ConfigurationError` for a bad URL or
+    health check's request. ``metrics`` (:func:`flask_sse_run.metrics.llm_metrics`) records each
+    generation's time to first token, time per output token and tokens (the engine queues, so no
+    queueing time). Raises :class:`~flask_sse_run.ConfigurationError` for a bad URL or
     extension.
     """
 
@@ -75,6 +81,7 @@ class UpstreamService:
         silence_timeout: float = SILENCE_TIMEOUT,
         health_timeout: float = 2.0,
         logger: logging.Logger | None = None,
+        metrics: LLMMetrics | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
@@ -93,6 +100,7 @@ class UpstreamService:
         self.silence_timeout = silence_timeout
         self.health_timeout = health_timeout
         self.logger = logger or logging.getLogger("flask_sse_run.llm")
+        self.metrics = metrics
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.running = 0
         self.finished: Counter[str] = Counter()
@@ -106,6 +114,14 @@ class UpstreamService:
 
     def start(self) -> None:
         """Nothing to load: the engine holds the model (here for the blueprint's gunicorn hook)."""
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str | None:
+        """``None``: no tokenizer here, so no chat template (callers use a plain fallback)."""
+        return None
+
+    def max_new_tokens_for(self, prompt: str) -> int | None:
+        """``None``: the engine's context is not known here."""
+        return None
 
     # -- health ------------------------------------------------------------------------------
 
@@ -178,8 +194,8 @@ class UpstreamService:
             ("repetition_penalty", params.repetition_penalty, 1.0),
             ("min_new_tokens", params.min_new_tokens, 0),
         ):
-            if value == neutral or (name == "top_k" and params.greedy):
-                continue  # the default, or a sampling parameter of greedy decoding: nothing to send
+            if value == neutral or (name == "top_k" and (params.greedy or value == 0)):
+                continue  # the default, all tokens, or greedy decoding's: nothing to send
             if name in self.extensions:
                 body[EXTENSIONS[name]] = value
             else:
@@ -193,9 +209,10 @@ class UpstreamService:
         """Ask the engine for ``prompt``'s continuation; return the stream of its pieces.
 
         Items: ``{"text": ..., "index": i}`` per piece, then ``{"finish_reason": "length"|"stop"|
-        "eos", "generated_tokens": n, "time_to_first_token_ms": ..., "tokens_per_s": ...}`` (as
-        :class:`~flask_sse_run.llm.GenerationService`). Raises :class:`RequestError` before
-        anything is streamed: 422 (parameters), the engine's 4xx, 502/503/504
+        "eos", "generated_tokens": n, "prompt_tokens": n, "time_to_first_token_ms": ...,
+        "tokens_per_s": ...}`` (as :class:`~flask_sse_run.llm.GenerationService`; ``prompt_tokens``
+        is the engine's usage count, ``None`` when it sends none before the text ends). Raises
+        :class:`RequestError` before anything is streamed: 422 (parameters), the engine's 4xx, 502/503/504
         (:class:`~flask_sse_run.errors.UpstreamError`).
         """
         received = time.perf_counter()
@@ -217,6 +234,13 @@ class UpstreamService:
         self.finished[summary["finish_reason"]] += 1
         self.tokens_generated += summary["generated_tokens"]
         self.last_generation = summary
+        if self.metrics is not None:
+            from .service import record_metrics
+
+            try:
+                record_metrics(self.metrics, summary)
+            except Exception:  # the stream's end must not fail for its metrics
+                self.logger.exception("a generation's metrics could not be recorded")
         self.logger.info(
             "upstream generation finished: %s after %d tokens, first token in %s ms, %.1f tokens/s",
             summary["finish_reason"],
@@ -249,6 +273,7 @@ class _CompletionStream:
         self._on_finish = on_finish
         self._summary: dict[str, Any] | None = None
         self._pieces = 0  # text chunks received (about one per token)
+        self._prompt_tokens: int | None = None  # the engine's count, if it sends its usage
         self._first: float | None = None
         self._items = self._run()
         on_start()
@@ -289,6 +314,7 @@ class _CompletionStream:
             chunk = _chunk(event.data)
             if isinstance(chunk.get("usage"), dict):
                 usage = chunk["usage"].get("completion_tokens", usage)
+                self._prompt_tokens = chunk["usage"].get("prompt_tokens", self._prompt_tokens)
             for choice in chunk.get("choices") or ():
                 text = choice.get("text") or ""
                 if text and not stops.stopped:
@@ -327,10 +353,13 @@ class _CompletionStream:
         self._summary = {
             "finish_reason": reason,
             "generated_tokens": generated,
+            "prompt_tokens": self._prompt_tokens,
             "time_to_first_token_ms": None if first is None else round((first - self._received) * 1000, 2),
             "tokens_per_s": round(generated / max(ended - self._opened, 1e-9), 2),
         }
-        self._on_finish(self._summary)
+        # Recorded, not streamed: the time per token after the first (the engine queues alone).
+        recorded = {**self._summary, "time_per_output_token_ms": per_output_token_ms(first, ended, generated)}
+        self._on_finish(recorded)
         return self._summary
 
 
