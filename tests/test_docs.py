@@ -19,6 +19,7 @@ from typing import Any
 
 import jwt
 import pytest
+import requests
 
 from flask_sse_run.testing import stream_events
 from tests.live import ROOT, Server, gunicorn
@@ -181,7 +182,72 @@ def check_testing_helpers(code: str, tmp_path: Path) -> None:
             test(client)
 
 
+def check_falcon_blueprint(code: str, tmp_path: Path) -> None:
+    app = run_block(code, "from flask import Flask\napp = Flask(__name__)\n")["app"]
+    client = app.test_client()
+    health = client.get("/falcon/health")
+    assert health.status_code == 503 and "FALCON_MODEL" in health.get_json()["message"]  # no model here
+    assert client.get("/falcon/v1/models").status_code == 200
+    assert client.post("/falcon/run", json={"prompt": "x"}).status_code == 503
+
+
+@contextlib.contextmanager
+def falcon_server(tmp_path: Path) -> Iterator[Server]:
+    """The example app under gunicorn with a tiny Falcon, named as the docs name the model."""
+    from tests.tiny_falcon import save_model
+
+    model = save_model(tmp_path / "model", tokenizer="bpe")
+    env = {
+        "FALCON_MODEL": str(model),
+        "FALCON_OPENAI_MODEL": "tiiuae/falcon-7b-instruct",
+        "HF_HUB_OFFLINE": "1",
+    }
+    with gunicorn("wsgi:app", tmp_path=tmp_path, env=env) as server:
+        deadline = time.monotonic() + 120
+        while requests.get(f"{server.url}/falcon/health", timeout=10).json()["status"] != "ready":
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.2)
+        yield server
+
+
+def check_openai_client(code: str, tmp_path: Path) -> None:
+    with falcon_server(tmp_path) as server:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            run_block(code, replace={"http://127.0.0.1:8000": server.url, "max_tokens=200": "max_tokens=5"})
+    assert "completion_tokens=5" in out.getvalue()  # the usage chunk, after the text
+
+
+def check_langchain(code: str, tmp_path: Path) -> None:
+    with falcon_server(tmp_path) as server:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            run_block(code, replace={"http://127.0.0.1:8000": server.url, "max_tokens=200": "max_tokens=5"})
+    assert out.getvalue().strip()  # the streamed text
+
+
+def check_openai_routes_in_your_app(code: str, tmp_path: Path) -> None:
+    from tests.tiny_falcon import save_model
+
+    model = save_model(tmp_path / "model")
+    namespace = run_block(code, "from flask import Flask\napp = Flask(__name__)\n",
+                          replace={'"tiiuae/falcon-7b-instruct"': repr(str(model))})  # fmt: skip
+    llm = namespace["llm"]
+    llm.start()
+    deadline = time.monotonic() + 120
+    while llm.health()["status"] != "ready":
+        assert time.monotonic() < deadline, llm.health()
+        time.sleep(0.1)
+    body = {"model": "falcon-7b", "prompt": "Tell me a story", "max_tokens": 3}
+    answer = namespace["app"].test_client().post("/v1/completions", json=body)
+    assert answer.status_code == 200 and answer.get_json()["usage"]["completion_tokens"] == 3
+
+
 CHECKS: dict[str, Callable[[str, Path], None]] = {
+    "falcon.md:from example_app.falcon import falcon_bl": check_falcon_blueprint,
+    "openai.md:from openai import OpenAI": check_openai_client,
+    "openai.md:from langchain_openai import ChatOpenAI": check_langchain,
+    "openai.md:from flask_sse_run import SSERun": check_openai_routes_in_your_app,
     "README.md:import time": check_ten_line_app,
     'authentication.md:app.config["SSE_RUN_JWT_KEY"] = os.envir': check_jwt_auth,
     "blueprints.md:from flask import Blueprint, abort, requ": check_blueprint,
