@@ -284,3 +284,38 @@ def test_redis_that_cannot_be_reached_is_unavailable_not_a_hang(tmp_path: Path) 
         assert info.value.status == 503 and info.value.headers["Retry-After"]
     assert time.monotonic() - started < 3 * TIMEOUT + 5
     store.close()
+
+
+def test_redis_calls_beyond_the_pool_wait_for_a_connection_instead_of_failing(redis_url: str) -> None:
+    # A thousand runs starting at once on one worker got 503s: redis-py's default pool raises
+    # "Too many connections" past its size. Here the pool holds 2 (the URL's max_connections)
+    # and Redis stalls every call for a moment, so that 12 calls all want a connection at once.
+    import redis
+
+    from flask_sse_run.runs.redis_store import RedisRunStore
+
+    store = RedisRunStore(
+        f"{redis_url}?max_connections=2", prefix=f"t-{uuid.uuid4().hex}:", max_events=10,
+        max_runs=5, ttl=5, window=5,
+    )  # fmt: skip
+    store.create(RUN, "run", "", None)
+    admin = redis.Redis.from_url(redis_url)
+    admin.client_pause(300)
+    results: list[object] = []
+
+    def call() -> None:
+        try:
+            results.append(store.get(RUN))
+        except StoreUnavailable as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    admin.close()
+    assert len(results) == 12
+    assert not [r for r in results if isinstance(r, StoreUnavailable)]
+    assert len(store._redis.connection_pool._connections) <= 2  # type: ignore[attr-defined]
+    store.close()

@@ -46,10 +46,12 @@ from typing import Any
 from ..concurrency import new_event, spawn
 from .store import RUNNING, RunInfo, RunSlice, RunStore, StoreFull, StoreUnavailable
 
-__all__ = ["RUNNING_TTL", "TIMEOUT", "RedisRunStore"]
+__all__ = ["POOL_SIZE", "RUNNING_TTL", "TIMEOUT", "RedisRunStore"]
 
 #: Seconds every Redis call may take (connect, read or write) before the store is unavailable.
 TIMEOUT = 2.0
+#: Connections each worker's calls share (not the subscriber's own); a call waits for a free one.
+POOL_SIZE = 50
 #: Seconds a running run's keys live past the producer's last touch (it touches them at every
 #: append and every few seconds while idle).
 RUNNING_TTL = 120
@@ -97,9 +99,18 @@ class RedisRunStore(RunStore):
         self._listen_errors: tuple[type[BaseException], ...] = (*self._errors, ValueError)
         # Nothing connects here: a Redis that is down at start-up makes requests 503, not the
         # app fail to start, and serves again once it is back.
-        self._redis = redis.Redis.from_url(
-            url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, retry_on_timeout=False
+        # A pool that makes a call wait (up to TIMEOUT) for a free connection: redis-py's
+        # default pool raises "Too many connections" past 100, and a thousand runs starting at
+        # once got 503s. A ``max_connections`` in the URL's query overrides the size.
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=POOL_SIZE,
+            timeout=TIMEOUT,
+            socket_timeout=TIMEOUT,
+            socket_connect_timeout=TIMEOUT,
+            retry_on_timeout=False,
         )
+        self._redis = redis.Redis(connection_pool=pool)
         # The subscriber waits up to LISTEN_TIMEOUT for a message: room for that.
         self._reader_client = redis.Redis.from_url(
             url, socket_timeout=TIMEOUT + LISTEN_TIMEOUT, socket_connect_timeout=TIMEOUT
@@ -279,6 +290,7 @@ class RedisRunStore(RunStore):
         """Close the connections (the subscriber stops at its next wake-up)."""
         self._closed = True
         self._redis.close()
+        self._redis.connection_pool.disconnect()  # a pool passed in is not closed with its client
         self._reader_client.close()
 
     # -- the shared subscriber ------------------------------------------------------------------
