@@ -19,12 +19,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 from ..concurrency import new_event
 from .store import RUNNING, RunInfo, RunSlice, RunStore, StoreFull
 
 __all__ = ["MemoryRunStore"]
+
+
+_DATA = itemgetter(1)
 
 
 class _Run:
@@ -92,12 +96,18 @@ class MemoryRunStore(RunStore):
             run = self._runs.get(run_id)
             if run is None or run.status != RUNNING:
                 return
-            run.events.extend(events)
-            run.nbytes += sum([len(data) for _, data in events])
-            run.last_seq = events[-1][0]
             held = run.events
-            while len(held) > 1 and (len(held) > self.max_events or run.nbytes > self.max_bytes):
-                run.nbytes -= len(held.popleft()[1])
+            held.extend(events)
+            nbytes = run.nbytes + sum(map(len, map(_DATA, events)))
+            run.last_seq = events[-1][0]
+            # A firehose's every append drops as many as it adds: count first, then pop in a
+            # plain loop (a condition re-evaluated per event cost more than the append itself).
+            popleft = held.popleft
+            for _ in range(len(held) - self.max_events):
+                nbytes -= len(popleft()[1])
+            while nbytes > self.max_bytes and len(held) > 1:
+                nbytes -= len(popleft()[1])
+            run.nbytes = nbytes
             run.wake()
 
     def finish(self, run_id: str, status: str) -> None:

@@ -104,17 +104,21 @@ class Producer:
         shutdown.register(self)
         if shutdown.shutting_down():
             self._ended_by = "shutdown"
-        source, token, id_prefix = self._source, self.token, f"{self.run_id}:".encode()
+        source, id_prefix = self._source, f"{self.run_id}:".encode()
+        # The producer's greenlet runs only the generator, in a context of its own: the token is
+        # bound once for its whole life, not around every item as a stream's request greenlet
+        # (which also runs other code) must.
+        TOKEN_VAR.set(self.token)
+        batch = self._batch  # _flush empties it in place: this name stays valid
         seq, error = 0, None
         try:
             turn, started = loop.iteration, perf_counter()
             while self._ended_by is None:
-                if self._batch and not self._scheduled:
+                if batch and not self._scheduled:
                     self._scheduled = True
                     loop.run_callback(self._hub_turn)
                 before = loop.iteration
                 self._in_generator = True
-                bound = TOKEN_VAR.set(token)
                 try:
                     item = next(source)
                 except (StopIteration, Interrupted):
@@ -125,7 +129,6 @@ class Producer:
                     break
                 finally:
                     self._in_generator = False
-                    TOKEN_VAR.reset(bound)
                 seq += 1
                 try:
                     data = encode_with_id(item, id_prefix, seq)
@@ -136,11 +139,13 @@ class Producer:
                     break
                 if self._flushing:
                     self._wait_for_flush()
-                self._batch.append((seq, data))
-                if loop.iteration != before or seq == 1 or len(self._batch) >= BATCH_EVENTS:
-                    self._flush()  # it blocked (it is slow), or this is the first event
-                if loop.iteration != turn:
-                    turn, started = loop.iteration, perf_counter()
+                batch.append((seq, data))
+                now = loop.iteration
+                if now != before or len(batch) >= BATCH_EVENTS or seq == 1:
+                    self._flush()  # it blocked (it is slow), the batch is full, or the first event
+                    now = loop.iteration
+                if now != turn:
+                    turn, started = now, perf_counter()
                 elif perf_counter() - started >= FAIR_SLICE:
                     self._flush()
                     gevent.sleep(0)  # it never blocks: let the others run
@@ -220,7 +225,8 @@ class Producer:
     def _flush(self) -> None:
         if not self._batch:
             return
-        events, self._batch = self._batch, []
+        events = self._batch[:]
+        self._batch.clear()  # in place: the loop holds this list
         try:
             self._store.append(self.run_id, events)
         except Exception as exc:  # the store went away: the run cannot go on

@@ -95,8 +95,9 @@ class RedisRunStore(RunStore):
         import redis
 
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
-        # ValueError too: redis-py's reading a socket that close() closed.
-        self._listen_errors: tuple[type[BaseException], ...] = (*self._errors, ValueError)
+        # ValueError and AttributeError too: redis-py's reading a socket that close() closed
+        # (its buffer gone) from another thread.
+        self._listen_errors: tuple[type[BaseException], ...] = (*self._errors, ValueError, AttributeError)
         # Nothing connects here: a Redis that is down at start-up makes requests 503, not the
         # app fail to start, and serves again once it is back.
         # A pool that makes a call wait (up to TIMEOUT) for a free connection: redis-py's
