@@ -160,7 +160,7 @@ class MemoryRunStore(RunStore):
                 events.reverse()
             return RunSlice(events, missed, run.status, run.last_seq)
 
-    def wait(self, run_id: str, after: int, timeout: float) -> None:
+    def wait(self, run_id: str, after: int, timeout: float, mark: object = None) -> None:
         """Block until an event after ``after`` exists, the run ended, or ``timeout``."""
         with self._lock:
             run = self._runs.get(run_id)

@@ -127,6 +127,11 @@ class RedisRunStore(RunStore):
         self._append = self._redis.register_script(_APPEND)
         self._local: set[str] = set()  # runs produced by this process, still running
         self._waiters: dict[str, list[Any]] = {}  # run id -> events of the greenlets waiting
+        # Runs this process's responses follow: how many clients, and how many announcements
+        # the subscriber heard for each (a read's mark; see wait).
+        self._followers: dict[str, int] = {}
+        self._heard: dict[str, int] = {}
+        self._subscription = 0  # counts subscriptions; 0 while not subscribed
         self._reader: Any = None
         self._closed = False
 
@@ -225,6 +230,7 @@ class RedisRunStore(RunStore):
 
     def read(self, run_id: str, after: int, limit: int) -> RunSlice | None:
         """One round trip: the state and up to ``limit`` batches holding events after ``after``."""
+        mark = self._mark(run_id)  # before the round trip: a change made during it counts
         with self._call():
             pipe = self._redis.pipeline(transaction=False)
             pipe.hmget(self._key(run_id), "status", "last_seq")
@@ -236,14 +242,23 @@ class RedisRunStore(RunStore):
         # The first batch after the position starts later than the next seq: the ones between
         # were trimmed away.
         missed = max(0, int(entries[0][1][b"s"]) - 1 - after) if entries else 0
-        return RunSlice(events, missed, status.decode(), int(last_seq or 0))
+        return RunSlice(events, missed, status.decode(), int(last_seq or 0), mark)
 
-    def wait(self, run_id: str, after: int, timeout: float) -> None:
+    def _mark(self, run_id: str) -> tuple[int, int] | None:
+        # What the subscriber has heard of the run, if it listens and counts for this run.
+        heard = self._heard.get(run_id)
+        if heard is None or not self._subscription:
+            return None
+        return (self._subscription, heard)
+
+    def wait(self, run_id: str, after: int, timeout: float, mark: object = None) -> None:
         """Wait for the run to change, through the worker's one subscriber.
 
-        Each round registers, then checks (one round trip): a change between the caller's last
-        read and the registration is not missed, and a wake-up that changed nothing (the
-        subscriber waking everyone after it reconnected) waits on.
+        Each round registers, then makes sure no change slipped in since the caller's read
+        began: with that read's ``mark``, by what the subscriber has heard since (the same
+        subscription and count of announcements: no round trip, since every change is announced
+        after it is stored); without one, by asking Redis (one ``HMGET``). A wake-up that changed
+        nothing (the subscriber waking everyone after it reconnected) waits on.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -251,10 +266,14 @@ class RedisRunStore(RunStore):
             self._waiters.setdefault(run_id, []).append(event)
             try:
                 self._ensure_reader()
-                with self._call():
-                    status, last_seq = self._redis.hmget(self._key(run_id), "status", "last_seq")
-                if status is None or status != b"running" or int(last_seq or 0) > after:
-                    return
+                if mark is not None:
+                    if mark != self._mark(run_id):
+                        return  # heard of a change since the read began: read again
+                else:
+                    with self._call():
+                        status, last_seq = self._redis.hmget(self._key(run_id), "status", "last_seq")
+                    if status is None or status != b"running" or int(last_seq or 0) > after:
+                        return
                 left = deadline - time.monotonic()
                 if left <= 0 or not event.wait(left):
                     return
@@ -270,9 +289,17 @@ class RedisRunStore(RunStore):
         """A client follows the run (in any worker)."""
         with self._call():
             self._attach(keys=[self._key(run_id)])
+        self._followers[run_id] = self._followers.get(run_id, 0) + 1
+        self._heard.setdefault(run_id, 0)
 
     def detach(self, run_id: str) -> None:
         """A client left; the last one leaving marks the run idle (its window starts)."""
+        left = self._followers.get(run_id, 1) - 1
+        if left > 0:
+            self._followers[run_id] = left
+        else:
+            self._followers.pop(run_id, None)
+            self._heard.pop(run_id, None)
         with self._call():
             self._detach(keys=[self._key(run_id)], args=[repr(time.time())])
 
@@ -302,6 +329,7 @@ class RedisRunStore(RunStore):
 
     def _listen(self) -> None:
         # Started by the first wait and kept for the store's life: one per worker, idle cheaply.
+        subscriptions = 0
         while not self._closed:
             pubsub = self._reader_client.pubsub()  # type: ignore[no-untyped-call]
             try:
@@ -312,10 +340,16 @@ class RedisRunStore(RunStore):
                         continue
                     if message["type"] == "subscribe":
                         # Subscribed now: a change announced before went unheard by these.
+                        self._subscription = subscriptions = subscriptions + 1
                         self._wake(list(self._waiters))
                     elif message["type"] == "message":
-                        self._wake([message["data"].decode()])
+                        run_id = message["data"].decode()
+                        heard = self._heard.get(run_id)
+                        if heard is not None:  # followed here: count it for the reads' marks
+                            self._heard[run_id] = heard + 1
+                        self._wake([run_id])
             except self._listen_errors:
+                self._subscription = 0  # nothing is heard until subscribed again
                 if self._closed:
                     return
                 # Redis gone: every waiter reads again (and reports it); then resubscribe.

@@ -97,6 +97,9 @@ class RunSlice:
     status: str
     #: The seq of the last event the run has produced so far.
     last_seq: int
+    #: What the store knew of the run's changes when the read began, for :meth:`RunStore.wait`
+    #: (a store that hears of changes can then wait without asking again); ``None``: nothing.
+    mark: object = None
 
     @property
     def ended(self) -> bool:
@@ -134,9 +137,10 @@ class RunStore(ABC):
         unknown."""
 
     @abstractmethod
-    def wait(self, run_id: str, after: int, timeout: float) -> None:
+    def wait(self, run_id: str, after: int, timeout: float, mark: object = None) -> None:
         """Block (cooperatively) until the run has an event above ``after``, has ended, or
-        ``timeout`` seconds passed."""
+        ``timeout`` seconds passed. ``mark``: the :attr:`RunSlice.mark` of the read that found
+        nothing after ``after``. It may return early: the caller reads again."""
 
     @abstractmethod
     def attach(self, run_id: str) -> None:

@@ -62,7 +62,7 @@ def tail(store: RunStore, run_id: str, after: int, record: StreamRecord | None =
                 if record is not None:
                     record.outcome = found.status
                 return
-            store.wait(run_id, position, WAIT_TIMEOUT)
+            store.wait(run_id, position, WAIT_TIMEOUT, found.mark)
     except StoreUnavailable as exc:  # the store went away mid-stream: say so, and end cleanly
         if record is not None:
             record.outcome = "error"
