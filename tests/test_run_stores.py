@@ -353,8 +353,9 @@ def test_redis_a_follower_waits_on_announcements_without_asking_redis_again(redi
     # A change made after the read began, heard before the wait: the wait returns at once.
     found = store.read(RUN, 0, 10)
     assert found is not None
+    heard = store._heard[RUN]  # type: ignore[attr-defined]
     store.append(RUN, events(1, 1))
-    while store._heard.get(RUN) != 1:  # type: ignore[attr-defined]
+    while store._heard.get(RUN) == heard:  # type: ignore[attr-defined]
         assert time.monotonic() < deadline + 5, "the announcement never came"
         time.sleep(0.02)
     started = time.monotonic()

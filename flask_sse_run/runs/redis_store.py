@@ -37,6 +37,8 @@ for its natural end.
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from array import array
 from collections.abc import Iterator, Sequence
@@ -130,8 +132,13 @@ class RedisRunStore(RunStore):
         # Runs this process's responses follow: how many clients, and how many announcements
         # the subscriber heard for each (a read's mark; see wait).
         self._followers: dict[str, int] = {}
+        # Values from one increasing count, so that an entry made again never equals an old mark.
         self._heard: dict[str, int] = {}
+        self._announcements = itertools.count(1)
         self._subscription = 0  # counts subscriptions; 0 while not subscribed
+        # Held only around these dicts (no I/O under it): the subscriber may be a thread.
+        self._lock = threading.Lock()
+        self._listening = False
         self._reader: Any = None
         self._closed = False
 
@@ -246,7 +253,8 @@ class RedisRunStore(RunStore):
 
     def _mark(self, run_id: str) -> tuple[int, int] | None:
         # What the subscriber has heard of the run, if it listens and counts for this run.
-        heard = self._heard.get(run_id)
+        with self._lock:
+            heard = self._heard.get(run_id)
         if heard is None or not self._subscription:
             return None
         return (self._subscription, heard)
@@ -263,7 +271,8 @@ class RedisRunStore(RunStore):
         deadline = time.monotonic() + timeout
         while True:
             event = new_event()
-            self._waiters.setdefault(run_id, []).append(event)
+            with self._lock:
+                self._waiters.setdefault(run_id, []).append(event)
             try:
                 self._ensure_reader()
                 if mark is not None:
@@ -278,28 +287,32 @@ class RedisRunStore(RunStore):
                 if left <= 0 or not event.wait(left):
                     return
             finally:
-                waiting = self._waiters.get(run_id)
-                if waiting is not None:
-                    if event in waiting:
-                        waiting.remove(event)
-                    if not waiting:
-                        del self._waiters[run_id]
+                with self._lock:
+                    waiting = self._waiters.get(run_id)
+                    if waiting is not None:
+                        if event in waiting:
+                            waiting.remove(event)
+                        if not waiting:
+                            del self._waiters[run_id]
 
     def attach(self, run_id: str) -> None:
         """A client follows the run (in any worker)."""
         with self._call():
             self._attach(keys=[self._key(run_id)])
-        self._followers[run_id] = self._followers.get(run_id, 0) + 1
-        self._heard.setdefault(run_id, 0)
+        with self._lock:
+            self._followers[run_id] = self._followers.get(run_id, 0) + 1
+            if run_id not in self._heard:
+                self._heard[run_id] = next(self._announcements)
 
     def detach(self, run_id: str) -> None:
         """A client left; the last one leaving marks the run idle (its window starts)."""
-        left = self._followers.get(run_id, 1) - 1
-        if left > 0:
-            self._followers[run_id] = left
-        else:
-            self._followers.pop(run_id, None)
-            self._heard.pop(run_id, None)
+        with self._lock:
+            left = self._followers.get(run_id, 1) - 1
+            if left > 0:
+                self._followers[run_id] = left
+            else:
+                self._followers.pop(run_id, None)
+                self._heard.pop(run_id, None)
         with self._call():
             self._detach(keys=[self._key(run_id)], args=[repr(time.time())])
 
@@ -324,11 +337,21 @@ class RedisRunStore(RunStore):
     # -- the shared subscriber ------------------------------------------------------------------
 
     def _ensure_reader(self) -> None:
-        if self._reader is None:
+        # Started again if it ended (by an error it does not expect), so waits never rely on a
+        # subscriber that is gone.
+        if not self._listening and not self._closed:
+            self._listening = True
             self._reader = spawn(self._listen)
 
     def _listen(self) -> None:
         # Started by the first wait and kept for the store's life: one per worker, idle cheaply.
+        try:
+            self._subscribe_and_listen()
+        finally:
+            self._subscription = 0  # marks stop counting: waits ask Redis until it is back
+            self._listening = False
+
+    def _subscribe_and_listen(self) -> None:
         subscriptions = 0
         while not self._closed:
             pubsub = self._reader_client.pubsub()  # type: ignore[no-untyped-call]
@@ -344,9 +367,9 @@ class RedisRunStore(RunStore):
                         self._wake(list(self._waiters))
                     elif message["type"] == "message":
                         run_id = message["data"].decode()
-                        heard = self._heard.get(run_id)
-                        if heard is not None:  # followed here: count it for the reads' marks
-                            self._heard[run_id] = heard + 1
+                        with self._lock:
+                            if run_id in self._heard:  # followed here: a change for the marks
+                                self._heard[run_id] = next(self._announcements)
                         self._wake([run_id])
             except self._listen_errors:
                 self._subscription = 0  # nothing is heard until subscribed again
@@ -359,9 +382,10 @@ class RedisRunStore(RunStore):
                 pubsub.close()
 
     def _wake(self, run_ids: Sequence[str]) -> None:
-        for run_id in run_ids:
-            for event in self._waiters.pop(run_id, ()):
-                event.set()
+        with self._lock:
+            events = [event for run_id in run_ids for event in self._waiters.pop(run_id, ())]
+        for event in events:
+            event.set()
 
 
 def _info(run_id: str, fields: dict[bytes, bytes]) -> RunInfo | None:
