@@ -34,7 +34,7 @@ from typing import Any
 
 import redis
 
-from bench.bench_runtime import concurrent_streams, first_event_latency, one_stream_rate, percentile, serve
+from bench.bench_runtime import concurrent_streams, first_event_latencies, one_stream_rate, percentile, serve
 from tests.live import Server
 from tests.redis_server import RedisServer
 from tests.sse_clients import run_streams
@@ -99,9 +99,11 @@ def _rates(server: Server, suffixes: list[str], rounds: int = 5) -> list[float]:
     return [statistics.median(rate) for rate in rates]
 
 
-def _latency(server: Server, suffix: str) -> tuple[float, float]:
-    first_event_latency(server, 200, path=f"/one{suffix}")
-    return first_event_latency(server, 3000, path=f"/one{suffix}")
+def _latencies(server: Server, suffixes: list[str]) -> list[tuple[float, float]]:
+    """First-event latency p50/p99 per path suffix, their requests taken in turns."""
+    paths = [f"/one{suffix}" for suffix in suffixes]
+    first_event_latencies(server, 200, paths)
+    return first_event_latencies(server, 3000, paths)
 
 
 @contextmanager
@@ -117,8 +119,8 @@ def measure(config: dict[str, Any], scale: int, *, plain: bool) -> dict[str, Any
     with _server(config) as server:
         for (kind, _), rate in zip(kinds, _rates(server, [suffix for _, suffix in kinds]), strict=True):
             row[kind]["events_per_s"] = rate
-        for kind, suffix in kinds:
-            row[kind]["latency"] = _latency(server, suffix)
+        for (kind, _), latency in zip(kinds, _latencies(server, [suffix for _, suffix in kinds]), strict=True):
+            row[kind]["latency"] = latency
         with ExitStack() as stack:
             # With a shared store the reconnect goes to another server than the producer's.
             other = stack.enter_context(_server(config)) if "SSE_RUN_REDIS_URL" in config else server

@@ -27,10 +27,12 @@ from collections.abc import Callable, Iterator
 from time import perf_counter
 from typing import Any
 
+from .. import shutdown
 from ..cancellation import TOKEN_VAR, CancelToken
 from ..concurrency import gevent_patched, new_event, spawn
 from ..disconnect import Interrupted
 from ..events import encode_with_id
+from ..gevent_stream import FAIR_SLICE
 from ..streaming import StreamOptions, close_stream_source, closing_events
 from .ids import event_id
 from .store import RunStore
@@ -95,10 +97,7 @@ class Producer:
     # -- under gevent ---------------------------------------------------------------------------
 
     def _run_gevent(self) -> None:
-        import gevent
-
-        from .. import shutdown
-        from ..gevent_stream import FAIR_SLICE
+        import gevent  # patched: the import is a lookup
 
         loop = gevent.get_hub().loop
         shutdown.register(self)

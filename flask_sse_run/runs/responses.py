@@ -25,6 +25,7 @@ from flask import Request, Response, current_app, g, request
 
 from ..auth import authenticate
 from ..cancellation import CancelToken
+from ..concurrency import gevent_patched
 from ..errors import RequestError
 from ..negotiation import STREAM, request_id, wants_stream
 from ..responses import error_response, json_response, no_content, options_response, stream_response
@@ -96,6 +97,13 @@ def start_run(
             rid,
             {"Location": url, "Preference-Applied": "respond-async", "X-Run-ID": run_id},
         )
+    if gevent_patched():
+        import gevent
+
+        # The new run's first turn comes before the response's: a run that makes its first event
+        # without blocking is then found at the first read (a short one whole), with no wait on
+        # the store and no watcher armed for a stream that ends at once.
+        gevent.sleep(0)
     record = None if state.observers is None else state.observers.stream(prefix, name, rid, run_id)
     return stream_response(
         tail(state.runs.store, run_id, 0, record), req, settings, rid, CancelToken(), run_id=run_id,
