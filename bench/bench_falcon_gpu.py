@@ -42,6 +42,8 @@ sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server sets it
 
+from bench.common import in_threads, percentile  # noqa: E402
+
 PROMPT = " ".join(f"w{i}" for i in range(100, 116))  # 16 tokens
 
 #: Memory bandwidth in GB/s of GPUs by a part of their name (the SXM versions where both exist).
@@ -147,19 +149,8 @@ def streams(scheduler: Any, ids: list[int], tokens: int, count: int) -> list[dic
         ttft = (first or ended) - started
         results[i] = {"started": started, "ttft": ttft, "ended": ended, "tokens": tokens}
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(count, one)
     return results
-
-
-def percentile(values: list[float], q: int) -> float:
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    return statistics.quantiles(ordered, n=100, method="inclusive")[q - 1]
 
 
 def bandwidth_gbs(name: str) -> float | None:

@@ -64,6 +64,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import requests  # noqa: E402
 
+from bench.common import in_threads, percentile  # noqa: E402
 from flask_sse_run.testing import SSEParser  # noqa: E402
 from tests.latency import polled_latencies  # noqa: E402
 from tests.live import Server, free_port, gunicorn  # noqa: E402
@@ -224,19 +225,8 @@ def concurrently(stream: Callable[[], dict[str, float]], count: int) -> list[dic
         barrier.wait()
         results[i] = stream()
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(count, one)
     return results
-
-
-def percentile(values: list[float], q: int) -> float:
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    return statistics.quantiles(ordered, n=100, method="inclusive")[q - 1]
 
 
 def sweep(
@@ -386,11 +376,7 @@ def parity(directory: Path, tokens: int) -> dict[str, Any]:
         joined[i].set()
         batched[i] = text(items)
 
-    threads = [threading.Thread(target=row, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(len(prompts), row)
     executor.shutdown()
     differing = [i for i, (a, b) in enumerate(zip(alone, batched, strict=True)) if a != b]
     first = [

@@ -87,16 +87,17 @@ def reconnect_latency(producer: Server, follower: Server, reconnects: int) -> tu
     return percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000
 
 
-def _rates(server: Server, suffixes: list[str], rounds: int = 5) -> list[float]:
+def _rates(server: Server, suffixes: list[str], rounds: int = 5) -> list[tuple[float, int]]:
     """Median events/s of one stream per path suffix, measured in turns (a shared machine's
-    drifting speed weighs on all alike)."""
+    drifting speed weighs on all alike), and how many events its reader missed in all."""
     for suffix in suffixes:
         one_stream_rate(server, 20_000, path=f"/firehose{suffix}")
     rates: list[list[float]] = [[] for _ in suffixes]
+    lost: list[list[int]] = [[] for _ in suffixes]
     for _ in range(rounds):
-        for rate, suffix in zip(rates, suffixes, strict=True):
-            rate.append(one_stream_rate(server, 300_000, path=f"/firehose{suffix}"))
-    return [statistics.median(rate) for rate in rates]
+        for rate, missed, suffix in zip(rates, lost, suffixes, strict=True):
+            rate.append(one_stream_rate(server, 300_000, path=f"/firehose{suffix}", lost=missed))
+    return [(statistics.median(rate), sum(missed)) for rate, missed in zip(rates, lost, strict=True)]
 
 
 def _latencies(server: Server, suffixes: list[str]) -> list[tuple[float, float]]:
@@ -117,9 +118,13 @@ def measure(config: dict[str, Any], scale: int, *, plain: bool) -> dict[str, Any
     kinds = [("plain", ""), ("resumable", "_resumable")] if plain else [("resumable", "_resumable")]
     row: dict[str, Any] = {kind: {} for kind, _ in kinds}
     with _server(config) as server:
-        for (kind, _), rate in zip(kinds, _rates(server, [suffix for _, suffix in kinds]), strict=True):
-            row[kind]["events_per_s"] = rate
-        for (kind, _), latency in zip(kinds, _latencies(server, [suffix for _, suffix in kinds]), strict=True):
+        for (kind, _), (rate, missed) in zip(
+            kinds, _rates(server, [suffix for _, suffix in kinds]), strict=True
+        ):
+            row[kind]["events_per_s"], row[kind]["missed"] = rate, missed
+        for (kind, _), latency in zip(
+            kinds, _latencies(server, [suffix for _, suffix in kinds]), strict=True
+        ):
             row[kind]["latency"] = latency
         with ExitStack() as stack:
             # With a shared store the reconnect goes to another server than the producer's.
@@ -158,24 +163,19 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     scale = 1000 if args.quick else 5000
     memory = measure({}, scale, plain=True)
+    memory["resumable"]["reconnect"] = memory["reconnect"]
     print_table("plain stream", memory["plain"], "resumable run, in-process store", memory["resumable"])
     if args.no_redis:
         return
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as store:
         shared = measure({"SSE_RUN_REDIS_URL": store.url}, 1000, plain=False)
         per_event = redis_memory_per_event(store.url)
-    memory["resumable"]["reconnect"] = memory["reconnect"]
     shared["resumable"]["reconnect"] = shared["reconnect"]
     print_table(
         "resumable run, in-process store", memory["resumable"],
         "resumable run, Redis store (reconnect on another server)", shared["resumable"],
     )  # fmt: skip
     print(f"\nRedis memory per retained event (60-byte events, 100,000 kept): {per_event:.1f} bytes")
-
-
-def _reconnect(column: dict[str, Any], index: int) -> float | None:
-    reconnect = column.get("reconnect")
-    return None if reconnect is None else float(reconnect[index])
 
 
 def print_table(left_label: str, left: dict[str, Any], right_label: str, right: dict[str, Any]) -> None:
@@ -189,6 +189,7 @@ def print_table(left_label: str, left: dict[str, Any], right_label: str, right: 
 
     rows = [
         ("one stream, events/s", lambda c: c["events_per_s"], ",.0f", True),
+        ("... events its reader missed, of 5 x 300,000", lambda c: c["missed"], ",d", False),
         ("first event of 1-event requests, p50 ms", lambda c: c["latency"][0], ".3f", True),
         ("first event of 1-event requests, p99 ms", lambda c: c["latency"][1], ".3f", True),
         ("streams at 1 event/s (how many)", lambda c: c["streams"]["clients"], ",d", False),

@@ -6,7 +6,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Flask, current_app, request
@@ -280,9 +280,10 @@ def worker_stats() -> dict[str, Any]:
     }
 
 
-def create_app(**config: Any) -> Flask:
-    """The test app; ``TEST_APP_CONFIG`` (JSON) adds config when gunicorn builds it."""
-    app = Flask(__name__)
+def live_app(name: str, extension: SSERun, stats: Callable[[], dict[str, Any]], **config: Any) -> Flask:
+    """An app of the live tests: ``extension``'s functions, ``GET /health`` and ``GET /stats``
+    (``stats()``); ``TEST_APP_CONFIG`` (JSON) adds config when gunicorn builds it."""
+    app = Flask(name)
     app.config.update(json.loads(os.environ.get("TEST_APP_CONFIG", "{}")))
     app.config.update(config)
 
@@ -291,11 +292,16 @@ def create_app(**config: Any) -> Flask:
         return {"status": "ok"}
 
     @app.get("/stats")
-    def stats() -> dict[str, Any]:
-        return {**STATS, **worker_stats()}
+    def stats_view() -> dict[str, Any]:
+        return stats()
 
-    sse.init_app(app)
+    extension.init_app(app)
     return app
+
+
+def create_app(**config: Any) -> Flask:
+    """The test app (``tests.apps:create_app()``)."""
+    return live_app(__name__, sse, lambda: {**STATS, **worker_stats()}, **config)
 
 
 def endless_app() -> tuple[Flask, threading.Event, list[bool]]:

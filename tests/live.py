@@ -34,6 +34,18 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group that ``process`` leads (started with ``start_new_session``),
+    SIGKILL it if it is still there after 15 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+
+
 def answers(port: int, timeout: float = 2.0) -> bool:
     """Whether an HTTP request to 127.0.0.1:``port`` gets a response (any status)."""
     try:
@@ -93,10 +105,4 @@ def gunicorn(
         wait_until_answering(server, startup_timeout)
         yield server
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=5)
+        stop_group(process)

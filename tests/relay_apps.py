@@ -23,6 +23,7 @@ from flask import Flask, current_app, request
 
 from flask_sse_run import Event, RequestError, SSERun, open_stream, relay
 from flask_sse_run.relay import RelayStream
+from tests.apps import live_app
 
 sse = SSERun()
 
@@ -77,21 +78,8 @@ def refuse(status: int) -> Iterator[str]:
 
 
 def create_app(**config: Any) -> Flask:
-    """The app; ``TEST_APP_CONFIG`` (JSON) adds config when gunicorn builds it."""
-    app = Flask(__name__)
-    app.config.update(json.loads(os.environ.get("TEST_APP_CONFIG", "{}")))
-    app.config.update(config)
-
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/stats")
-    def stats() -> dict[str, Any]:
-        return {**STATS, "pid": os.getpid()}
-
-    sse.init_app(app)
-    return app
+    """The relay's app (``tests.relay_apps:create_app()``)."""
+    return live_app(__name__, sse, lambda: {**STATS, "pid": os.getpid()}, **config)
 
 
 def engine_app(**config: Any) -> Flask:

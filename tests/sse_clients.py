@@ -1,7 +1,8 @@
-"""Many SSE clients in one thread (raw sockets + epoll), recording when each event arrives.
+"""SSE clients for the live tests that record when each event arrives.
 
-Used by the live tests and by the benchmarks that need hundreds of concurrent streams: one
-thread with non-blocking sockets scales where a thread per client would not.
+:func:`run_streams`: many clients in one thread (raw sockets + epoll), for the live tests and
+the benchmarks that need hundreds of concurrent streams (one thread with non-blocking sockets
+scales where a thread per client would not). :func:`timed_events`: one ``requests`` stream.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ import selectors
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["StreamResult", "run_streams"]
+from flask_sse_run.testing import ServerSentEvent, SSEParser
+
+if TYPE_CHECKING:
+    import requests
+
+__all__ = ["StreamResult", "run_streams", "timed_events"]
 
 
 @dataclass
@@ -126,3 +132,17 @@ def run_streams(
             key.fileobj.close()  # type: ignore[union-attr]
         selector.close()
     return results
+
+
+def timed_events(
+    response: requests.Response, limit: int | None = None
+) -> list[tuple[float, ServerSentEvent]]:
+    """The events of a ``requests`` stream (``stream=True``), each with the time it arrived;
+    stops after ``limit`` events."""
+    parser, out = SSEParser(), []
+    for chunk in response.raw.stream(65536, decode_content=True):
+        now = time.monotonic()
+        out.extend((now, event) for event in parser.feed(chunk))
+        if limit is not None and len(out) >= limit:
+            break
+    return out

@@ -439,7 +439,7 @@ def test_metrics_record_each_generation_and_the_rows_after_each_step(
     pytest.importorskip("prometheus_client")
     from prometheus_client import REGISTRY
 
-    from flask_sse_run.llm.service import record_metrics
+    from flask_sse_run.llm.tally import record_metrics
     from flask_sse_run.metrics import llm_metrics
 
     def value(name: str) -> float:

@@ -142,8 +142,9 @@ def test_stream_true_streams_chunks_even_to_a_client_that_accepts_only_json(clie
     items = chunks(response)
     assert items[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     pieces = items[1:-2]
-    # Five tokens, in as many text chunks or fewer: a sampled <unk> has no text of its own.
-    assert 1 <= len(pieces) <= 5 and all(set(p["choices"][0]["delta"]) == {"content"} for p in pieces)
+    # Five tokens, in as many text chunks or fewer: a sampled <unk> has no text of its own
+    # (five of them, rarely, make none).
+    assert len(pieces) <= 5 and all(set(p["choices"][0]["delta"]) == {"content"} for p in pieces)
     assert items[-2]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length", "logprobs": None}
     assert items[-1]["choices"] == [] and items[-1]["usage"]["completion_tokens"] == 5
     assert all(item["usage"] is None for item in items[:-1])

@@ -16,8 +16,9 @@ import pytest
 import requests
 
 from flask_sse_run import Event, UpstreamError, open_stream, relay
-from flask_sse_run.testing import ServerSentEvent, SSEParser
+from flask_sse_run.testing import SSEParser
 from tests.live import Server, free_port, gunicorn
+from tests.sse_clients import timed_events
 from tests.upstreams import wait_answering
 
 APP = "tests.relay_apps:create_app()"
@@ -48,19 +49,6 @@ def relay_request(relayer: Server, url: str, **params: Any) -> requests.Response
     return requests.post(
         f"{relayer.url}/relay_from", json={"url": url, **params}, headers=NO_GZIP, stream=True, timeout=30
     )
-
-
-def timed_events(
-    response: requests.Response, limit: int | None = None
-) -> list[tuple[float, ServerSentEvent]]:
-    """The events of a stream, each with the time it arrived."""
-    parser, out = SSEParser(), []
-    for chunk in response.raw.stream(65536, decode_content=True):
-        now = time.monotonic()
-        out.extend((now, event) for event in parser.feed(chunk))
-        if limit is not None and len(out) >= limit:
-            break
-    return out
 
 
 def data_of(item: str | Event) -> Any:

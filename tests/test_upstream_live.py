@@ -26,6 +26,7 @@ from example_app import create_app
 from flask_sse_run.testing import ServerSentEvent, SSEParser, parse_events
 from tests import relay_apps
 from tests.live import ROOT, Server, free_port, gunicorn
+from tests.sse_clients import timed_events
 from tests.upstreams import Upstream, save_engine_model, transformers_serve, wait_answering, wait_idle
 
 PROMPT = "Tell me a story"
@@ -199,18 +200,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, engine: Upstream) -> Iterat
 
 def post(server: Server, body: dict[str, Any]) -> requests.Response:
     return requests.post(f"{server.url}/falcon/run", json=body, headers=NO_GZIP, stream=True, timeout=60)
-
-
-def timed_events(
-    response: requests.Response, limit: int | None = None
-) -> list[tuple[float, ServerSentEvent]]:
-    parser, out = SSEParser(), []
-    for chunk in response.raw.stream(65536, decode_content=True):
-        now = time.monotonic()
-        out.extend((now, event) for event in parser.feed(chunk))
-        if limit is not None and len(out) >= limit:
-            break
-    return out
 
 
 def test_pieces_arrive_as_the_engine_makes_them(server: Server) -> None:

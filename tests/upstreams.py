@@ -22,20 +22,11 @@ from pathlib import Path
 
 import requests
 
-from tests.live import ROOT, free_port
+from tests.live import ROOT, Server, free_port, stop_group
 
 
-class Upstream:
-    """A started server: its process, URL and log."""
-
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-        self.process = process
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+class Upstream(Server):
+    """A started server: its process, URL and log, and how to kill it and read its CPU time."""
 
     def kill(self) -> None:
         """SIGKILL the server's process group (no goodbye: sockets are cut as they are)."""
@@ -93,13 +84,7 @@ def transformers_serve(model_dir: Path, tmp_path: Path, startup_timeout: float =
         wait_answering(f"{upstream.url}/v1/models", process, log, startup_timeout)
         yield upstream
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=5)
+        stop_group(process)
 
 
 def wait_idle(upstream: Upstream, timeout: float) -> float:

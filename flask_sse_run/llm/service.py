@@ -27,7 +27,6 @@ import gc
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,11 +37,12 @@ from .admission import DeviceQueue, Ticket
 from .loading import LoadedModel, import_hub_client, import_runtime, load_pretrained
 from .params import GenerationParams
 from .scheduler import BatchScheduler
+from .tally import GenerationTally
 
 if TYPE_CHECKING:
     from ..metrics import LLMMetrics
 
-__all__ = ["INSTALL_HINT", "GenerationService", "record_metrics"]
+__all__ = ["INSTALL_HINT", "GenerationService"]
 
 Loader = Callable[[str, Callable[[str], object]], LoadedModel]
 
@@ -101,7 +101,7 @@ class _TicketStream:
             self._ticket.release()
 
 
-class GenerationService:
+class GenerationService(GenerationTally):
     """Serve ``source`` (a hub id or a local directory; ``None``: disabled) to text streams.
 
     With ``batching`` (the default), up to ``max_batch`` streams decode together on the
@@ -151,9 +151,7 @@ class GenerationService:
         self._loader = loader
         self._prepare = prepare
         self._process: _Process | None = None
-        self.finished: Counter[str] = Counter()
-        self.tokens_generated = 0
-        self.last_generation: dict[str, Any] | None = None
+        self.reset_tally()
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -169,7 +167,7 @@ class GenerationService:
         threads = 1 if self.batching else self.queue.concurrency
         process = _Process(pid=os.getpid(), executor=thread_executor(threads, name="llm"))
         self._process = process
-        self.finished, self.tokens_generated, self.last_generation = Counter(), 0, None
+        self.reset_tally()
         if gevent_patched():
             try:
                 import_hub_client()  # under gevent it must run here, on the hub's thread
@@ -295,11 +293,7 @@ class GenerationService:
                 body["batch"] = process.scheduler.health()
             else:
                 body["concurrency"] = self.queue.concurrency
-            body.update(
-                finished=dict(self.finished),
-                tokens_generated=self.tokens_generated,
-                last_generation=self.last_generation,
-            )
+            body.update(self.totals())
         return body
 
     # -- generation --------------------------------------------------------------------------
@@ -402,14 +396,7 @@ class GenerationService:
             )
 
     def _record(self, summary: dict[str, Any]) -> None:
-        self.finished[summary["finish_reason"]] += 1
-        self.tokens_generated += summary["generated_tokens"]
-        self.last_generation = summary
-        if self.metrics is not None:
-            try:
-                record_metrics(self.metrics, summary)
-            except Exception:  # the stream's end must not fail for its metrics
-                self.logger.exception("a generation's metrics could not be recorded")
+        self.tally(summary)
         self.logger.info(
             "generation finished: %s after %d tokens (%d computed after the client left), "
             "first token in %s ms, %.1f tokens/s",
@@ -419,20 +406,3 @@ class GenerationService:
             summary["time_to_first_token_ms"],
             summary["tokens_per_s"],
         )
-
-
-def record_metrics(metrics: LLMMetrics, summary: dict[str, Any]) -> None:
-    """Record one ended generation (its ``on_finish`` summary) in ``metrics``.
-
-    Called on the streams' side (the hub under gevent), where prometheus_client's locks belong.
-    A generation that never had a token records its tokens only.
-    """
-    metrics.tokens.inc(summary["generated_tokens"])
-    if summary.get("tokens_after_cancel"):
-        metrics.tokens_after_cancel.inc(summary["tokens_after_cancel"])
-    if summary.get("queue_ms") is not None:
-        metrics.queue.observe(summary["queue_ms"] / 1000)
-    if summary.get("time_to_first_token_ms") is not None:
-        metrics.time_to_first_token.observe(summary["time_to_first_token_ms"] / 1000)
-    if summary.get("time_per_output_token_ms") is not None:
-        metrics.time_per_output_token.observe(summary["time_per_output_token_ms"] / 1000)

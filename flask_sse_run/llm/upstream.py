@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Collection, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -45,6 +44,7 @@ from ..relay import (
 from .params import GenerationParams
 from .rows import per_output_token_ms
 from .stops import StopStrings
+from .tally import GenerationTally
 
 if TYPE_CHECKING:
     from ..metrics import LLMMetrics
@@ -57,7 +57,7 @@ _DEFAULTS = GenerationParams()
 _ABSENT: Any = object()  # a chunk without vLLM's stop_reason field
 
 
-class UpstreamService:
+class UpstreamService(GenerationTally):
     """Serve text streams from the OpenAI-compatible engine at ``base_url`` (``http://host:port/v1``).
 
     ``model`` is sent as the request's ``model`` (default: none, the engine's only model);
@@ -103,9 +103,7 @@ class UpstreamService:
         self.metrics = metrics
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.running = 0
-        self.finished: Counter[str] = Counter()
-        self.tokens_generated = 0
-        self.last_generation: dict[str, Any] | None = None
+        self.reset_tally()
 
     @property
     def source(self) -> str:
@@ -159,9 +157,7 @@ class UpstreamService:
             "models": models,
             "latency_ms": latency,
             "running": self.running,
-            "finished": dict(self.finished),
-            "tokens_generated": self.tokens_generated,
-            "last_generation": self.last_generation,
+            **self.totals(),
         }
 
     # -- generation --------------------------------------------------------------------------
@@ -231,16 +227,7 @@ class UpstreamService:
 
     def _record(self, summary: dict[str, Any]) -> None:
         self.running -= 1
-        self.finished[summary["finish_reason"]] += 1
-        self.tokens_generated += summary["generated_tokens"]
-        self.last_generation = summary
-        if self.metrics is not None:
-            from .service import record_metrics
-
-            try:
-                record_metrics(self.metrics, summary)
-            except Exception:  # the stream's end must not fail for its metrics
-                self.logger.exception("a generation's metrics could not be recorded")
+        self.tally(summary)
         self.logger.info(
             "upstream generation finished: %s after %d tokens, first token in %s ms, %.1f tokens/s",
             summary["finish_reason"],
