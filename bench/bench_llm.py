@@ -44,7 +44,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -67,8 +66,9 @@ import requests  # noqa: E402
 from bench.common import in_threads, percentile  # noqa: E402
 from flask_sse_run.testing import SSEParser  # noqa: E402
 from tests.latency import polled_latencies  # noqa: E402
-from tests.live import Server, free_port, gunicorn  # noqa: E402
+from tests.live import Server, free_port, gunicorn, stop_group  # noqa: E402
 from tests.tiny_falcon import save_model  # noqa: E402
+from tests.upstreams import wait_answering  # noqa: E402
 
 PROMPT = "Tell me a story"
 
@@ -293,26 +293,10 @@ def transformers_serve(directory: Path, work: Path) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError((work / f"serve-{port}.log").read_text())
-            try:
-                if requests.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("transformers serve did not start")
-            time.sleep(0.2)
+        wait_answering(f"{url}/v1/models", process, work / f"serve-{port}.log", timeout=300)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=5)
+        stop_group(process)
 
 
 def run_sweep(
