@@ -109,6 +109,18 @@ def sampled(loaded: LoadedModel, executor: Any, **params: Any) -> list[dict[str,
     return items
 
 
+def test_the_test_models_never_draw_their_end_of_sequence_token(words: LoadedModel, executor: Any) -> None:
+    # tests/tiny_falcon.py's never_ends: without it, 1 sampled token in 80 is EOS and the tests
+    # that count tokens fail by chance (3 of them did in one CI run).
+    ids = words.tokenizer.encode(WORDS_PROMPT)
+    with torch.no_grad():
+        logits = words.model(torch.tensor([ids])).logits[0, -1]
+    assert logits[words.tokenizer.eos_token_id] == -30.0
+    for seed in range(20):
+        summary = generate(words, executor, WORDS_PROMPT, temperature=2.0, max_new_tokens=40, seed=seed)[1]
+        assert (summary["finish_reason"], summary["generated_tokens"]) == ("length", 40)
+
+
 def test_generation_ends_at_eos_with_finish_reason_eos(words: LoadedModel, executor: Any) -> None:
     # Make the model's EOS a word the seeded sample produces at its fourth token or later.
     spoken = text_of(sampled(words, executor)).split()

@@ -115,7 +115,7 @@ def save_engine_model(directory: Path, *, hidden_size: int = 512, layers: int = 
     import torch
     from transformers import FalconConfig, FalconForCausalLM
 
-    from tests.tiny_falcon import EOS, byte_bpe_tokenizer
+    from tests.tiny_falcon import EOS, byte_bpe_tokenizer, never_ends
 
     tokenizer = byte_bpe_tokenizer()
     eos = tokenizer.convert_tokens_to_ids(EOS)
@@ -130,6 +130,7 @@ def save_engine_model(directory: Path, *, hidden_size: int = 512, layers: int = 
     )
     torch.manual_seed(0)
     model = FalconForCausalLM(config)
+    never_ends(model, eos)
     model.generation_config.do_sample = True
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
