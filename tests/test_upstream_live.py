@@ -209,9 +209,13 @@ def test_pieces_arrive_as_the_engine_makes_them(server: Server) -> None:
     summary = json.loads(events[-1][1].data)
     assert summary["finish_reason"] == "length" and summary["generated_tokens"] == 100
     times = [t - started for t, _ in events[:-1]]
-    # Streamed, not collected: the first piece comes early and the pieces spread over the run.
+    # Streamed, not collected: the first piece comes early and the pieces spread over the run,
+    # arriving in at least 3 of its 4 quarters (pieces held back and sent at the end would fill
+    # the first and the last; a stall of a loaded machine empties at most one).
     assert times[0] < 0.25 * times[-1], (times[0], times[-1])
-    assert times[len(times) // 2] - times[0] > 0.25 * (times[-1] - times[0])
+    span = times[-1] - times[0]
+    quarters = {min(3, int(4 * (t - times[0]) / span)) for t in times}
+    assert len(quarters) >= 3, times
 
 
 def test_deleting_the_run_ends_the_engines_generation(server: Server, engine: Upstream) -> None:
