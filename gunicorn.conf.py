@@ -107,17 +107,8 @@ def post_worker_init(worker: object) -> None:
     # two numbers, as default) still free short-lived cycles, and full ones still run, a hundred
     # times less often; measured, what they find is about 1,000 objects per 30,000 requests.
     gc.set_threshold(700, 10, 1000)
-    start_in_worker = _example_app_hook("start_in_worker")
-    if start_in_worker is not None:
-        start_in_worker(getattr(worker, "wsgi", None))
+    # An app with the Falcon blueprint starts loading its model here, after the fork (a no-op for
+    # any other app; importing the blueprint's module does not import torch).
+    from flask_sse_run.llm.falcon import start_in_worker
 
-
-def _example_app_hook(name: str) -> Any:
-    """``example_app.falcon.<name>``, or None where this file serves another app."""
-    try:
-        from example_app import falcon
-    except ModuleNotFoundError as exc:
-        if exc.name != "example_app":  # example_app is there but broken: say so
-            raise
-        return None
-    return getattr(falcon, name)
+    start_in_worker(getattr(worker, "wsgi", None))

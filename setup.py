@@ -8,6 +8,9 @@ setup(
     description="Serve plain Python generators as Server-Sent Events endpoints from Flask.",
     long_description=(pathlib.Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
+    # The file goes into the wheel's dist-info/licenses and the sdist (setuptools >= 77).
+    license="BSD-3-Clause",
+    license_files=["LICENSE"],
     # The library only: example_app, wsgi.py and gunicorn.conf.py run from a checkout (gunicorn
     # puts its working directory on sys.path), and must not land in users' site-packages.
     packages=find_packages(include=["flask_sse_run", "flask_sse_run.*"]),
@@ -35,9 +38,14 @@ setup(
         "relay": ["requests>=2.32", "urllib3>=2.3"],
         # Prometheus metrics (SSE_RUN_METRICS).
         "metrics": ["prometheus-client>=0.20"],
+        # flask_sse_run.tracing: a stream's span ends with the stream (the app adds
+        # opentelemetry-instrumentation-flask, which brings this too).
+        "tracing": ["opentelemetry-api>=1.30"],
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
+            # tests/test_packaging.py builds the sdist and the wheel as an index would.
+            "build>=1.2",
             "hypothesis>=6.100",
             "requests>=2.31",
             "openapi-spec-validator>=0.7",
@@ -81,6 +89,7 @@ setup(
     },
     classifiers=[
         "Framework :: Flask",
+        "License :: OSI Approved :: BSD License",
         "Programming Language :: Python :: 3",
         "Typing :: Typed",
     ],

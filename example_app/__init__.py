@@ -6,7 +6,8 @@ from typing import Any
 
 from flask import Flask
 
-from .falcon import init_falcon
+from flask_sse_run.llm import init_falcon
+
 from .functions import sse
 from .page import page
 

@@ -30,7 +30,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prometheus_client.mmap_dict import MmapedDict
+from .extras import missing_extra
+
+try:
+    from prometheus_client.mmap_dict import MmapedDict
+except ImportError as error:
+    raise missing_extra("metrics", error) from error
 
 __all__ = ["DEAD_MARKER", "MULTIPROC_ENV", "compact", "scrape_lock"]
 

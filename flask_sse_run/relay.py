@@ -40,6 +40,7 @@ patched): a stream waiting on its upstream costs a parked greenlet, not a thread
 
 from __future__ import annotations
 
+import http
 import http.client
 import json as jsonlib
 import os
@@ -279,7 +280,8 @@ def check_response(response: Any) -> None:
     credentials, become 502); 503 stays 503 with its ``Retry-After``; other statuses become
     502. The message names the upstream's status and quotes its error text (from a JSON
     ``{"error": ...}``, ``{"message": ...}`` or ``{"detail": ...}`` body, or plain text; at most
-    300 characters, one line). A refused response is closed.
+    300 characters, one line); an HTML body is never quoted, the status's reason stands for it.
+    A refused response is closed.
     """
     status = int(response.status_code)
     content_type = str(response.headers.get("content-type", ""))
@@ -292,7 +294,11 @@ def check_response(response: Any) -> None:
                 f"the upstream answered {content_type or 'no content type'}, not an event stream",
                 upstream_status=200,
             )
-        raise refusal(status, error_message(_head(response)), response.headers.get("retry-after"))
+        head = _head(response)
+        # An HTML page (a proxy's or a framework's error page) is markup, not a message: its
+        # status's reason says as much without quoting it.
+        message = _reason(status) if _is_html(content_type, head) else error_message(head)
+        raise refusal(status, message, response.headers.get("retry-after"))
     finally:
         _close_source(response)
 
@@ -333,6 +339,18 @@ def _head(response: Any) -> bytes:
     except Exception:  # the error body is a courtesy: its status says enough
         return b""
     return b""
+
+
+def _is_html(content_type: str, head: bytes) -> bool:
+    mime = content_type.split(";")[0].strip().lower()
+    return mime in ("text/html", "application/xhtml+xml") or head.lstrip()[:1] == b"<"
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def error_message(body: bytes) -> str:

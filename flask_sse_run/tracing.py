@@ -28,8 +28,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import context
-from opentelemetry.trace import Span, Status, StatusCode
+from .extras import missing_extra
+
+try:
+    from opentelemetry import context
+    from opentelemetry.trace import Span, Status, StatusCode
+except ImportError as error:
+    raise missing_extra("tracing", error) from error
 
 if TYPE_CHECKING:
     from .stream_record import StreamRecord

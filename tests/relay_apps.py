@@ -77,9 +77,22 @@ def refuse(status: int) -> Iterator[str]:
     raise RequestError(status, f"refused with {status} on purpose", headers={"Retry-After": "3"})
 
 
+#: A proxy's error page, as nginx sends one: markup that must never reach our clients.
+HTML_PAGE = "<html>\r\n<head><title>{status} oops</title></head>\r\n<body><h1>{status}</h1></body>\r\n</html>"
+
+
 def create_app(**config: Any) -> Flask:
     """The relay's app (``tests.relay_apps:create_app()``)."""
-    return live_app(__name__, sse, lambda: {**STATS, "pid": os.getpid()}, **config)
+    app = live_app(__name__, sse, lambda: {**STATS, "pid": os.getpid()}, **config)
+
+    @app.post("/html_error")
+    def html_error() -> tuple[str, int, dict[str, str]]:
+        """Answer ``{"status": N, "content_type": ...}`` with an HTML error page."""
+        body = request.get_json()
+        content_type = body.get("content_type", "text/html; charset=utf-8")
+        return HTML_PAGE.format(status=body["status"]), body["status"], {"Content-Type": content_type}
+
+    return app
 
 
 def engine_app(**config: Any) -> Flask:

@@ -1,6 +1,7 @@
 """The documentation's examples run, so that they cannot rot: every ```python block of README.md
-and docs/*.md has a check here (a new block without one fails), and the `curl` call of the
-README prints what the README says. The site itself is built by .ci/run (warnings as errors).
+and docs/*.md has a check here (a new block without one fails), the `curl` call of the README
+prints what the README says, and the getting-started page, where the site's links to "command 1"
+go, restates the README's commands. The site itself is built by .ci/run (warnings as errors).
 """
 
 from __future__ import annotations
@@ -193,15 +194,12 @@ def check_falcon_blueprint(code: str, tmp_path: Path) -> None:
 
 @contextlib.contextmanager
 def falcon_server(tmp_path: Path) -> Iterator[Server]:
-    """The example app under gunicorn with a tiny Falcon, named as the docs name the model."""
+    """The example app under gunicorn with a tiny Falcon from a local directory, no
+    ``FALCON_OPENAI_MODEL``: the model is listed by its path, a name the examples must ask for."""
     from tests.tiny_falcon import save_model
 
     model = save_model(tmp_path / "model", tokenizer="bpe")
-    env = {
-        "FALCON_MODEL": str(model),
-        "FALCON_OPENAI_MODEL": "tiiuae/falcon-7b-instruct",
-        "HF_HUB_OFFLINE": "1",
-    }
+    env = {"FALCON_MODEL": str(model), "HF_HUB_OFFLINE": "1"}
     with gunicorn("wsgi:app", tmp_path=tmp_path, env=env) as server:
         deadline = time.monotonic() + 120
         while requests.get(f"{server.url}/falcon/health", timeout=10).json()["status"] != "ready":
@@ -244,7 +242,7 @@ def check_openai_routes_in_your_app(code: str, tmp_path: Path) -> None:
 
 
 CHECKS: dict[str, Callable[[str, Path], None]] = {
-    "falcon.md:from example_app.falcon import falcon_bl": check_falcon_blueprint,
+    "falcon.md:from flask_sse_run.llm import falcon_blu": check_falcon_blueprint,
     "openai.md:from openai import OpenAI": check_openai_client,
     "openai.md:from langchain_openai import ChatOpenAI": check_langchain,
     "openai.md:from flask_sse_run import SSERun": check_openai_routes_in_your_app,
@@ -302,6 +300,31 @@ def test_the_example_apps_output_in_the_readme_is_the_resumable_runs(tmp_path: P
     shown_id = re.search(r"id: ([0-9a-f]{32}):1", shown.group(1))
     assert shown_id is not None
     assert out == shown.group(1).replace(shown_id.group(1), run_id.group(1))
+
+
+def test_the_readmes_commands_are_the_getting_started_pages() -> None:
+    # The docs pages link "command 1" to the getting-started page (the site does not include the
+    # README): it restates the README's set-up and install commands, word for word.
+    def bash_blocks(path: Path) -> list[str]:
+        return re.findall(r"```bash\n.*?```", path.read_text(), re.S)
+
+    readme = bash_blocks(ROOT / "README.md")
+    assert len(readme) == 3 and readme[0].startswith("```bash\n# 1. ")
+    assert bash_blocks(ROOT / "docs" / "getting-started.md")[:3] == readme
+
+
+def test_the_wheel_the_readme_installs_is_the_one_setup_py_builds() -> None:
+    version = re.search(r'version="([^"]+)"', (ROOT / "setup.py").read_text())
+    assert version is not None
+    assert f"dist/flask_sse_run-{version.group(1)}-py3-none-any.whl" in (ROOT / "README.md").read_text()
+
+
+def test_the_openai_curl_example_names_the_model_the_server_lists() -> None:
+    text = (ROOT / "docs" / "openai.md").read_text()
+    listed = re.search(r"\$ curl -s \S+/falcon/v1/models\n(.*)\n", text)
+    requested = re.search(r"\$ curl -N \S+/falcon/v1/chat/completions .*?--data '(.*?)'", text, re.S)
+    assert listed is not None and requested is not None
+    assert json.loads(requested.group(1))["model"] == json.loads(listed.group(1))["data"][0]["id"]
 
 
 def _curl(command: str, server: Server) -> str:

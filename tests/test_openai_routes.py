@@ -217,6 +217,9 @@ def test_refusals_come_in_openais_shape_with_the_right_status(client: FlaskClien
     assert error(chat(client, n=2), 400)["param"] == "n"
     wrong = client.post("/falcon/v1/completions", json={"model": "gpt-4o", "prompt": PROMPT})
     assert error(wrong, 404)["code"] == "model_not_found"
+    # The message names the real route that lists the model, where this blueprint mounts it.
+    wrong_chat = client.post("/falcon/v1/chat/completions", json={"model": "gpt-4o", "messages": []})
+    assert "GET /falcon/v1/models names the one it serves" in error(wrong_chat, 404)["message"]
     too_long = error(chat(client, "story " * 5000), 400)
     assert (too_long["code"], too_long["param"]) == ("context_length_exceeded", "messages")
     over = error(complete(client, max_tokens=5000), 400)

@@ -168,6 +168,24 @@ def test_an_upstream_refusal_is_our_json_error_before_the_stream(
     assert response.headers.get("Retry-After") == retry_after
 
 
+@pytest.mark.parametrize(
+    ("status", "content_type", "ours", "message"),
+    [
+        (500, "text/html; charset=utf-8", 502, "the upstream failed (HTTP 500): Internal Server Error"),
+        (502, "text/html", 502, "the upstream failed (HTTP 502): Bad Gateway"),
+        (504, "text/plain", 502, "the upstream failed (HTTP 504): Gateway Timeout"),  # HTML all the same
+        (400, "text/html", 400, "the upstream refused the request (HTTP 400): Bad Request"),
+    ],
+)
+def test_an_upstreams_html_error_page_is_never_quoted(
+    upstream: Server, relayer: Server, status: int, content_type: str, ours: int, message: str
+) -> None:
+    body = {"status": status, "content_type": content_type}
+    response = relay_request(relayer, f"{upstream.url}/html_error", body=body)
+    assert (response.status_code, response.json()) == (ours, {"error": message})
+    assert "<" not in response.text
+
+
 def test_an_unreachable_upstream_is_a_503(relayer: Server) -> None:
     response = relay_request(relayer, f"http://127.0.0.1:{free_port()}/produce")
     assert response.status_code == 503

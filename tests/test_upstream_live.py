@@ -24,7 +24,6 @@ pytest.importorskip("torch")
 
 from example_app import create_app
 from flask_sse_run.testing import ServerSentEvent, SSEParser, parse_events
-from tests import relay_apps
 from tests.live import ROOT, Server, free_port, gunicorn
 from tests.sse_clients import timed_events
 from tests.upstreams import Upstream, save_engine_model, transformers_serve, wait_answering, wait_idle
@@ -164,27 +163,8 @@ def test_the_app_in_front_of_an_engine_imports_no_torch(engine: Upstream) -> Non
     assert json.loads(result.stdout) == []
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "message"),
-    [
-        (
-            {"prompt": PROMPT, "stream": True, "unexpected": 1},
-            422,
-            "the upstream refused the request (HTTP 422): Unexpected fields in the request: {'unexpected'}",
-        ),
-        (
-            {"prompt": PROMPT, "stream": True, "generation_config": "not json"},
-            502,
-            "the upstream failed (HTTP 500): Internal Server Error",
-        ),
-    ],
-)
-def test_the_generic_relay_maps_the_engines_refusals(
-    engine: Upstream, body: dict[str, Any], status: int, message: str
-) -> None:
-    client = relay_apps.create_app(TESTING=True).test_client()
-    response = client.post("/relay_from", json={"url": f"{engine.url}/v1/completions", "body": body})
-    assert (response.status_code, response.get_json()) == (status, {"error": message})
+# How the relay maps an engine's refusals and failures is tested against an upstream the tests
+# control (tests/test_relay_live.py): the real engine's error wording changes between releases.
 
 
 # -- under gunicorn's gevent worker ---------------------------------------------------------

@@ -24,10 +24,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from ..extras import missing_extra
+
+try:
+    import torch
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+except ImportError as error:
+    raise missing_extra("llm", error) from error
 
 from .rows import Row
 

@@ -20,9 +20,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from ..extras import missing_extra
+
+try:
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+except ImportError as error:
+    raise missing_extra("llm", error) from error
 
 from ..streaming import close_iterator
 from ..threads import StreamClosed, ThreadChannel, run_in_thread

@@ -185,9 +185,12 @@ def _generate(kind: Kind, service: Callable[[], TextService], model: Callable[[]
         body = parse_request(kind, payload)
         served = model()
         if body.model != served:
+            # The models route beside this one, as the client reached it (prefix and mount included).
+            suffix = "/chat/completions" if kind == "chat" else "/completions"
+            models_path = req.script_root + req.path.removesuffix(suffix) + "/models"
             raise OpenAIError(
                 404,
-                "model: this server has no such model; GET /v1/models names the one it serves",
+                f"model: this server has no such model; GET {models_path} names the one it serves",
                 param="model",
                 code="model_not_found",
             )

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+from ..extras import missing_extra
+
+try:
+    import torch
+except ImportError as error:
+    raise missing_extra("llm", error) from error
 
 from .rows import Row
 

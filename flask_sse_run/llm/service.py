@@ -46,11 +46,10 @@ __all__ = ["INSTALL_HINT", "GenerationService"]
 
 Loader = Callable[[str, Callable[[str], object]], LoadedModel]
 
-#: What to run when torch or transformers are missing: the ``llm`` extra from a checkout (the
-#: package is not on any registry).
+#: What to run when torch or transformers are missing: the ``llm`` extra, as installed or from a
+#: checkout.
 INSTALL_HINT = (
-    "install the llm extra from the repository's checkout: "
-    "pip install torch==2.13.0 && pip install -e '.[llm]'"
+    "install the llm extra: pip install 'flask-sse-run[llm]' (from a checkout: pip install -e '.[llm]')"
 )
 
 

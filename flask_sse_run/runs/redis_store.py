@@ -354,7 +354,7 @@ class RedisRunStore(RunStore):
     def _subscribe_and_listen(self) -> None:
         subscriptions = 0
         while not self._closed:
-            pubsub = self._reader_client.pubsub()  # type: ignore[no-untyped-call]
+            pubsub = self._reader_client.pubsub()
             try:
                 pubsub.subscribe(self._channel)
                 while not self._closed:

@@ -1,8 +1,9 @@
 """The Falcon-7B blueprint: ``/falcon/run`` streams generated text, ``GET /falcon/health``, and
 OpenAI's ``/falcon/v1/completions``, ``/falcon/v1/chat/completions`` and ``/falcon/v1/models``.
 
-``falcon_blueprint`` is a plain :class:`flask.Blueprint`: ``app.register_blueprint(falcon_blueprint)``
-mounts everything (``init_falcon(app)`` does just that). Its first registration on an app creates
+``falcon_blueprint`` is a plain :class:`flask.Blueprint`, importable without torch
+(``from flask_sse_run.llm import falcon_blueprint``): ``app.register_blueprint(falcon_blueprint)``
+on any app mounts everything (``init_falcon(app)`` does just that). Its first registration on an app creates
 the app's generation service (``app.extensions["falcon"]``) from that app's config.
 
 Enabled by the environment variable ``FALCON_MODEL``: a hub id such as
@@ -44,14 +45,15 @@ from flask.blueprints import BlueprintSetupState
 from flask.sansio.app import App
 from pydantic import Field
 
-from flask_sse_run import SSERun
-from flask_sse_run.llm import GenerationParams, GenerationService, UpstreamService
-from flask_sse_run.llm.openai_views import TextService, add_openai_routes
-from flask_sse_run.llm.service import INSTALL_HINT
-from flask_sse_run.views import EXTENSION_KEY as SSE_RUN_KEY
+from ..extension import SSERun
+from ..views import EXTENSION_KEY as SSE_RUN_KEY
+from .openai_views import TextService, add_openai_routes
+from .params import GenerationParams
+from .service import INSTALL_HINT, GenerationService
+from .upstream import UpstreamService
 
 if TYPE_CHECKING:
-    from flask_sse_run.metrics import LLMMetrics
+    from ..metrics import LLMMetrics
 
 __all__ = [
     "EXTENSION_KEY",
@@ -167,7 +169,7 @@ def _llm_metrics(app: App) -> LLMMetrics | None:
     state = app.extensions.get(SSE_RUN_KEY)  # the blueprint's SSERun has mounted: it read them
     if state is None or not state.settings.metrics:
         return None
-    from flask_sse_run.metrics import llm_metrics
+    from ..metrics import llm_metrics
 
     return llm_metrics()
 
