@@ -12,6 +12,7 @@ import concurrent.futures
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "gevent_patched",
     "gunicorn_sync_worker",
     "new_event",
+    "pause",
     "raw_lock",
     "spawn",
     "thread_executor",
@@ -69,6 +71,16 @@ def new_event() -> Any:
 
         return Event()
     return threading.Event()
+
+
+def pause(seconds: float) -> None:
+    """Sleep ``seconds``, letting the worker's other greenlets run under gevent."""
+    if gevent_patched():
+        import gevent
+
+        gevent.sleep(seconds)
+    else:
+        time.sleep(seconds)
 
 
 def spawn(target: Callable[[], object]) -> Any:
