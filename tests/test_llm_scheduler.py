@@ -377,8 +377,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_go_on(
 
     long_items = Client(long_stream).join()
     # 400 tokens, 16 a step: the running row made a token at each of the 25 chunks before
-    # the long prompt's first token.
-    assert steps[1] - steps[0] >= 25
+    # the long prompt's first token (24 steps apart when the snapshot before admission fell
+    # after the step that took the first chunk: seen once on a loaded machine). Prefilled in
+    # one go, they would be a step or two apart.
+    assert steps[1] - steps[0] >= 24
     assert running.join()[-1]["generated_tokens"] == 300
     assert text_of(long_items[:-1]) == serial_text(words, executor, long_prompt, greedy(10))
 

@@ -218,7 +218,8 @@ def test_refusals_come_in_openais_shape_with_the_right_status(client: FlaskClien
     wrong = client.post("/falcon/v1/completions", json={"model": "gpt-4o", "prompt": PROMPT})
     assert error(wrong, 404)["code"] == "model_not_found"
     # The message names the real route that lists the model, where this blueprint mounts it.
-    wrong_chat = client.post("/falcon/v1/chat/completions", json={"model": "gpt-4o", "messages": []})
+    hi = [{"role": "user", "content": "Hi"}]
+    wrong_chat = client.post("/falcon/v1/chat/completions", json={"model": "gpt-4o", "messages": hi})
     assert "GET /falcon/v1/models names the one it serves" in error(wrong_chat, 404)["message"]
     too_long = error(chat(client, "story " * 5000), 400)
     assert (too_long["code"], too_long["param"]) == ("context_length_exceeded", "messages")
