@@ -376,7 +376,8 @@ def test_redis_a_worker_subscribes_only_to_the_runs_it_follows(redis_url: str) -
 
     def subscribers(run_id: str) -> int:
         channel = f"{prefix}run:{{{run_id}}}:changed"
-        return int(dict(admin.execute_command("PUBSUB", "SHARDNUMSUB", channel))[channel.encode()])
+        reply = admin.execute_command("PUBSUB", "SHARDNUMSUB", channel)  # [channel, count]
+        return int(reply[1])
 
     deadline = time.monotonic() + 10
     while subscribers(RUN) != 1:
