@@ -134,7 +134,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="2,000 streams only, 3 kills")
-    parser.add_argument("--no-kills", action="store_true", help="skip the dead producer (code without leases)")
+    parser.add_argument("--no-kills", action="store_true", help="skip the dead producer (code with no lease)")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -21,6 +21,7 @@ __all__ = [
     "gevent_patched",
     "gunicorn_sync_worker",
     "new_event",
+    "new_lock",
     "pause",
     "raw_lock",
     "spawn",
@@ -71,6 +72,17 @@ def new_event() -> Any:
 
         return Event()
     return threading.Event()
+
+
+def new_lock() -> Any:
+    """A lock for greenlets (gevent's, which yields while it waits) or threads; made where it is
+    used, after gevent patched (a store made before the fork must not hold an OS lock across a
+    greenlet switch)."""
+    if gevent_patched():
+        from gevent.lock import BoundedSemaphore
+
+        return BoundedSemaphore()
+    return threading.Lock()
 
 
 def pause(seconds: float) -> None:

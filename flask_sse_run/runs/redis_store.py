@@ -58,8 +58,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from ..concurrency import new_event, pause, spawn
+from ..concurrency import new_event, new_lock, pause, spawn
 from ..extras import missing_extra
+from .batching import Batcher
 from .endings import lost_event
 from .store import LOST, RUNNING, RunInfo, RunSlice, RunStore, StoreFull, StoreUnavailable
 
@@ -76,8 +77,12 @@ LEASE_MS = 2000
 #: A lease found gone is checked again this much later (ms, by Redis's clock) before the run is
 #: declared lost.
 LOST_CONFIRM_MS = 1000
-#: Seconds of silence after which a follower checks that the run's producer is still there.
-SILENCE = 1.0
+#: Seconds of silence after which the worker checks that a followed run's producer is still
+#: there; the watchdog looks this often, and checks a silent run again this often.
+SILENCE = 1.5
+WATCH_EVERY = 0.5
+#: Seconds a wait on a run whose channel is not subscribed (yet) lasts before it reads again.
+UNSUBSCRIBED_POLL = 0.5
 #: How long the listener waits for a message before it looks whether the store is closed (s).
 LISTEN_TIMEOUT = 5.0
 #: Lengths of a batch's events: 32-bit unsigned integers, as the ``o`` field keeps them.
@@ -90,12 +95,14 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
 return 1
 """
-# KEYS: the hash, the stream. ARGV: min id kept, TTL, last seq, first seq, the events' bytes,
-# their lengths, the channel, the publish command.
+# KEYS: the hash, the stream, the lease. ARGV: min id kept, TTL, last seq, first seq, the
+# events' bytes, their lengths, the channel, the publish command, the worker, the lease ms. An
+# append renews the lease: a producer that appends needs no heartbeat to stay alive.
 _APPEND = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then
   return 0
 end
+redis.call('SET', KEYS[3], ARGV[9], 'PX', ARGV[10])
 redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[1], ARGV[3] .. '-0', 's', ARGV[4], 'd', ARGV[5], 'o', ARGV[6])
 redis.call('HSET', KEYS[1], 'last_seq', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
@@ -226,8 +233,15 @@ class RedisRunStore(RunStore):
         self._detach = self._redis.register_script(_DETACH)
         self._attach = self._redis.register_script(_ATTACH)
         self._worker_id = (0, "")
+        self._beat = False
         self._sharded: bool | None = None  # SPUBLISH and SSUBSCRIBE (Redis 7+): asked once
+        scripts = (self._create, self._append, self._end, self._heartbeat, self._detach, self._attach)
+        self._batcher = Batcher(
+            self._redis, {script.sha: script.script for script in scripts}, redis.exceptions.NoScriptError
+        )
         self._local: set[str] = set()  # runs produced by this process, still running
+        # When each run produced here last appended (monotonic): its lease is fresh till then.
+        self._appended: dict[str, float] = {}
         self._waiters: dict[str, list[Any]] = {}  # run id -> events of the greenlets waiting
         # Runs this process's responses follow: how many clients, and how many announcements
         # the listener heard for each (a read's mark; see wait). Values from one increasing
@@ -235,6 +249,8 @@ class RedisRunStore(RunStore):
         self._followers: dict[str, int] = {}
         self._heard: dict[str, int] = {}
         self._announcements = itertools.count(1)
+        # When each followed run was last heard of (monotonic): the watchdog checks silent ones.
+        self._last_heard: dict[str, float] = {}
         # Subscriptions: (un)subscribe commands sent per run and not yet confirmed, and the runs
         # whose channel is subscribed on the current connection (its number: _connection).
         self._unconfirmed: dict[str, int] = {}
@@ -243,7 +259,10 @@ class RedisRunStore(RunStore):
         self._pubsub: Any = None
         # Held only around these dicts (no I/O under it): the listener may be a thread.
         self._lock = threading.Lock()
+        # Held around a (un)subscribe sent on the listener's connection; made at first use.
+        self._send_lock: Any = None
         self._listening = False
+        self._watching = False
         self._closed = False
 
     # -- keys and errors -------------------------------------------------------------------------
@@ -306,7 +325,7 @@ class RedisRunStore(RunStore):
         to a run that ended): the events, the run's ``last_seq``, the keys' expiry."""
         first, last = events[0][0], events[-1][0]
         lengths = array(_LENGTHS, [len(data) for _, data in events])
-        hash_key, events_key, _ = self._keys(run_id)
+        keys = self._keys(run_id)
         args: list[int | bytes | str] = [
             max(1, last - self.max_events + 1),  # MINID: what falls out of the bound
             self._running_ttl,
@@ -316,9 +335,15 @@ class RedisRunStore(RunStore):
             lengths.tobytes(),
             self._channel(run_id),
             self._publish(),
+            self._worker(),
+            LEASE_MS,
         ]
         with self._call():
-            taken = bool(self._append(keys=[hash_key, events_key], args=args))
+            (reply,) = self._batcher.run([("EVALSHA", self._append.sha, 3, *keys, *args)])
+        self._appended[run_id] = time.monotonic()
+        if isinstance(reply, Exception):
+            raise reply
+        taken = bool(reply)
         if not taken:
             self._local.discard(run_id)
         return taken
@@ -349,9 +374,18 @@ class RedisRunStore(RunStore):
         with self._call():
             return int(self._end(keys=self._keys(run_id), args=args))
 
-    def heartbeat(self, run_ids: Sequence[str]) -> list[RunInfo | None]:
+    def heartbeat(self, run_ids: Sequence[str]) -> dict[str, RunInfo | None]:
         """Renew the leases and keys of these running runs (produced here), in one round trip,
-        and return their states: what the janitor needs, read in the same call."""
+        and return their states: what the janitor needs, read in the same call. Every other
+        call skips the runs that appended since the last (an append renews the lease)."""
+        now = time.monotonic()
+        # A run that appended within the last beat renewed its lease then: only the window
+        # needs its state, and every other beat is enough for that.
+        self._beat = not self._beat
+        due = [r for r in run_ids if self._beat or now - self._appended.get(r, 0.0) >= LEASE_MS / 2000]
+        return dict(zip(due, self._beat_runs(due), strict=True))
+
+    def _beat_runs(self, run_ids: Sequence[str]) -> list[RunInfo | None]:
         if not run_ids:
             return []
         args: list[str | int] = [self._worker(), LEASE_MS, self._running_ttl, *_FIELDS]
@@ -364,6 +398,7 @@ class RedisRunStore(RunStore):
         for run_id, info in zip(run_ids, infos, strict=True):
             if info is None or not info.running:
                 self._local.discard(run_id)
+                self._appended.pop(run_id, None)
         return infos
 
     # -- the readers' side -----------------------------------------------------------------------
@@ -386,10 +421,16 @@ class RedisRunStore(RunStore):
         mark = self._mark(run_id)  # before the round trip: a change made during it counts
         hash_key, events_key, _ = self._keys(run_id)
         with self._call():
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.hmget(hash_key, "status", "last_seq")
-            pipe.xrange(events_key, f"{after + 1}-0", "+", count=limit)
-            (status, last_seq), entries = pipe.execute()
+            state, entries = self._batcher.run(
+                [
+                    ("HMGET", hash_key, "status", "last_seq"),
+                    ("XRANGE", events_key, f"{after + 1}-0", "+", "COUNT", limit),
+                ]
+            )
+        for reply in (state, entries):
+            if isinstance(reply, Exception):
+                raise reply
+        status, last_seq = state
         if status is None:
             return None
         events = [_chunk(fields, after) for _, fields in entries]
@@ -412,8 +453,8 @@ class RedisRunStore(RunStore):
         began: with that read's ``mark``, by what the listener has heard since (the same
         connection and count of announcements: no round trip, since every change is announced
         after it is stored); without one (not subscribed yet), by asking Redis (one ``HMGET``).
-        Every ``SILENCE`` seconds with no news it checks the producer's lease (a lost one ends
-        the run, and the wait).
+        A run that falls silent is the watchdog's (see :meth:`_watch`): a lost one is ended, and
+        its waiters woken.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -431,13 +472,15 @@ class RedisRunStore(RunStore):
                     if status is None or status != b"running" or int(last_seq or 0) > after:
                         return
                 left = deadline - time.monotonic()
-                if left <= 0 or event.wait(min(left, SILENCE)):
+                if left <= 0 or mark is not None:
+                    if left > 0:
+                        event.wait(left)
+                    return
+                # Not subscribed to the run (yet): nothing may wake it, so it asks again soon.
+                if event.wait(min(left, UNSUBSCRIBED_POLL)):
                     return
             finally:
                 self._unwait(run_id, event)
-            # Silence: is the producer still there? A lost one ends the run (read again).
-            if self._end_run(run_id, "lost", LOST, lost_event()) in (-1, 1):
-                return
 
     def _unwait(self, run_id: str, event: Any) -> None:
         with self._lock:
@@ -457,6 +500,7 @@ class RedisRunStore(RunStore):
             self._followers[run_id] = followers + 1
             if followers == 0:
                 self._heard[run_id] = next(self._announcements)
+                self._last_heard[run_id] = time.monotonic()
         if followers == 0:
             self._ensure_listener()
             self._send("subscribe", run_id)
@@ -471,6 +515,7 @@ class RedisRunStore(RunStore):
             else:
                 self._followers.pop(run_id, None)
                 self._heard.pop(run_id, None)
+                self._last_heard.pop(run_id, None)
                 self._subscribed.discard(run_id)
         if left <= 0:
             self._send("unsubscribe", run_id)
@@ -495,12 +540,20 @@ class RedisRunStore(RunStore):
         with self._lock:
             self._unconfirmed[run_id] = self._unconfirmed.get(run_id, 0) + 1
         try:
-            if command == "subscribe":
-                (pubsub.ssubscribe if self._sharded else pubsub.subscribe)(self._channel(run_id))
-            else:
-                (pubsub.sunsubscribe if self._sharded else pubsub.unsubscribe)(self._channel(run_id))
+            # One sender at a time: redis-py's pub/sub makes its connection at its first
+            # command, and two at once would each make one (the second never closed).
+            with self._sender():
+                if command == "subscribe":
+                    (pubsub.ssubscribe if self._sharded else pubsub.subscribe)(self._channel(run_id))
+                else:
+                    (pubsub.sunsubscribe if self._sharded else pubsub.unsubscribe)(self._channel(run_id))
         except self._listen_errors:
             pass  # the connection broke: the listener makes a new one, subscribed to what is followed
+
+    def _sender(self) -> Any:
+        if self._send_lock is None:
+            self._send_lock = new_lock()
+        return self._send_lock
 
     def _ensure_listener(self) -> None:
         # Started again if it ended (by an error it does not expect), so waits never rely on a
@@ -508,6 +561,9 @@ class RedisRunStore(RunStore):
         if not self._listening and not self._closed:
             self._listening = True
             spawn(self._listen)
+        if not self._watching and not self._closed:
+            self._watching = True
+            spawn(self._watch)
 
     def _listen(self) -> None:
         # Started by the first follower and kept for the store's life: one per worker.
@@ -535,7 +591,8 @@ class RedisRunStore(RunStore):
                     self._pubsub = pubsub
                 if followed:
                     channels = [self._channel(run_id) for run_id in followed]
-                    (pubsub.ssubscribe if self._sharded else pubsub.subscribe)(*channels)
+                    with self._sender():
+                        (pubsub.ssubscribe if self._sharded else pubsub.subscribe)(*channels)
                 while not self._closed:
                     message = pubsub.get_message(timeout=LISTEN_TIMEOUT)
                     if message is not None:
@@ -561,6 +618,7 @@ class RedisRunStore(RunStore):
             with self._lock:
                 if run_id in self._heard:  # followed here: a change for the marks
                     self._heard[run_id] = next(self._announcements)
+                    self._last_heard[run_id] = time.monotonic()
             self._wake([run_id])
         elif kind in ("ssubscribe", "subscribe", "sunsubscribe", "unsubscribe"):
             # Confirmed in the order sent: once none is pending, the last one sent holds.
@@ -574,6 +632,35 @@ class RedisRunStore(RunStore):
                     return
                 self._subscribed.add(run_id)
             self._wake([run_id])  # subscribed now: a change announced before went unheard
+
+    def _watch(self) -> None:
+        # One greenlet per worker: the followed runs silent for SILENCE seconds have their
+        # producer's lease checked, together (a run with news is never checked).
+        try:
+            while not self._closed and self._followers:
+                pause(WATCH_EVERY)
+                now = time.monotonic()
+                with self._lock:
+                    silent = [run_id for run_id, heard in self._last_heard.items() if now - heard >= SILENCE]
+                    for run_id in silent:  # checked again a second later, not at every look
+                        self._last_heard[run_id] = now - SILENCE + 1.0
+                if silent:
+                    try:
+                        self._check_lost(silent)
+                    except self._errors:
+                        pass  # Redis away: the followers' own calls report it
+        finally:
+            self._watching = False
+
+    def _check_lost(self, run_ids: Sequence[str]) -> None:
+        ttl_ms, publish, event = max(1, int(self.ttl * 1000)), self._publish(), lost_event()
+        commands = [
+            ("EVALSHA", self._end.sha, 3, *self._keys(run_id),
+             "lost", LOST, ttl_ms, event, run_id, self._channel(run_id), publish, LOST_CONFIRM_MS)
+            for run_id in run_ids
+        ]  # fmt: skip
+        replies = self._batcher.run(commands)
+        self._wake([run_id for run_id, reply in zip(run_ids, replies, strict=True) if reply in (-1, 1)])
 
     def _wake(self, run_ids: Sequence[str]) -> None:
         with self._lock:

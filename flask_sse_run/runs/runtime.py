@@ -103,10 +103,13 @@ class Runs:
         # not taken for lost meanwhile.
         beating = [run_id for run_id, _ in producers] + list(self.unfinished)
         try:
-            infos = self.store.heartbeat(beating) if beating else []
+            infos = self.store.heartbeat(beating) if beating else {}
         except Exception:  # a store that is away: its producers find out when they append
-            infos = []
-        for (_, producer), info in zip(producers, infos, strict=False):
+            infos = {}
+        for run_id, producer in producers:
+            if run_id not in infos:
+                continue  # nothing read this round
+            info = infos[run_id]
             if info is None or not info.running:
                 producer.cancel("elsewhere")  # ended by the store: a DELETE, a lost lease, gone
             elif info.idle_since is not None and now - info.idle_since >= self.window:

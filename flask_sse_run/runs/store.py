@@ -165,10 +165,11 @@ class RunStore(ABC):
         (as :meth:`finish`); its producer's next append is refused. ``False`` if the run is
         unknown; ``True`` for a run that exists, ended or not."""
 
-    def heartbeat(self, run_ids: Sequence[str]) -> list[RunInfo | None]:
-        """The states of these runs, produced here, which are alive: the runtime's janitor calls
-        this every ``JANITOR_INTERVAL`` (a shared store renews their leases and keys with it)."""
-        return self.get_many(run_ids)
+    def heartbeat(self, run_ids: Sequence[str]) -> dict[str, RunInfo | None]:
+        """These runs, produced here, are alive: the runtime's janitor calls this every
+        ``JANITOR_INTERVAL`` (a shared store renews their leases and keys with it). Returns the
+        states it read, by run id: all of them, or those whose state it had to read."""
+        return dict(zip(run_ids, self.get_many(run_ids), strict=True))
 
     def expire(self) -> None:  # noqa: B027 - optional: stores whose entries expire by themselves
         """Forget ended runs older than the TTL (called every second or so by the runtime)."""
