@@ -12,7 +12,7 @@ the nodes of a Redis Cluster.
   a position inside a batch is exact; ``XADD ... MINID ~`` keeps about the last
   ``SSE_RUN_RESUME_MAX_EVENTS`` events;
 * ``<prefix>run:{<run_id>}:lease``: the producing worker's lease, ``LEASE_MS`` long, renewed by
-  its janitor every ``JANITOR_INTERVAL``;
+  each append and, for a run that has not appended since, by its janitor's heartbeat;
 * ``<prefix>run:{<run_id>}:changed``: the run's channel (sharded pub/sub, ``SPUBLISH``, on Redis
   7 and later); every append and the end publish on it.
 
@@ -22,9 +22,10 @@ append or heartbeat (so a worker killed mid-run does not leave them forever), th
 that change a run's hash do nothing once it is gone.
 
 Round trips: an append is one script call per batch of events (one ``XADD``, the hash's
-``last_seq``, the expiries, the announcement), whatever the batch holds; a read is one pipelined
-round trip, and hands on each batch whole (a chunk), cut only where the position falls inside
-it. Each worker has one pub/sub connection, owned by a listener greenlet (or thread): a run's
+``last_seq``, the expiries, the lease, the announcement), whatever the batch holds; a read is
+two commands, and hands on each batch whole (a chunk), cut only where the position falls inside
+it. Under gevent the appends and reads that a worker's runs make in one turn of its hub go to
+Redis together, one pipelined round trip (:mod:`.batching`). Each worker has one pub/sub connection, owned by a listener greenlet (or thread): a run's
 channel is subscribed while a response of this worker follows it, and unsubscribed when the
 last one leaves, so a worker hears only the runs it follows, however many replicas share the
 Redis. A waiting response is woken by its run's announcement and reads again.
@@ -34,9 +35,10 @@ How a run ends (every way leaves its reason as the run's last event, see :mod:`.
 * its producer finishes it (one script: the closing event, the status, the TTL);
 * ``DELETE`` anywhere ends it at once (the same script, with the cancel event); the producing
   worker's next append or heartbeat is refused, which stops its generator;
-* its producer is lost: a follower that heard nothing for ``SILENCE`` seconds checks the lease;
-  gone twice, ``LOST_CONFIRM_MS`` apart by Redis's clock (a Redis that was paused comes back with
-  every lease expired, and the producers renew theirs at once), the run ends as ``lost``.
+* its producer is lost: the worker's watchdog checks the lease of every followed run it heard
+  nothing of for ``SILENCE`` seconds (in one round trip); gone twice, ``LOST_CONFIRM_MS`` apart
+  by Redis's clock (a Redis that was paused comes back with every lease expired, and the
+  producers renew theirs at once), the run ends as ``lost``.
 
 Every call has a timeout; one that fails raises :class:`~.store.StoreUnavailable`. The producer
 and the followers wait for a Redis that comes back within ``SSE_RUN_STORE_OUTAGE`` (see
