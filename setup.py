@@ -31,8 +31,9 @@ setup(
         # torch first: `pip install torch==2.13.0` before this extra takes the local CPU wheel.
         # accelerate: device_map="auto" (a model spread over the GPUs).
         "llm": ["torch>=2.1", "transformers>=5", "tokenizers>=0.20", "accelerate>=1.0"],
-        # The Redis run store (SSE_RUN_REDIS_URL): runs shared by workers and replicas.
-        "redis": ["redis>=5"],
+        # The Redis run store (SSE_RUN_REDIS_URL): runs shared by workers and replicas. hiredis:
+        # redis-py's C parser (docs/benchmarks.md: the worker's CPU per event through Redis).
+        "redis": ["redis>=5", "hiredis>=3.2"],
         # flask_sse_run.relay's open_stream and the LLM upstream service (FALCON_UPSTREAM); no
         # torch. urllib3 2.3 has read1: what has arrived, not a full buffer (latency per event).
         "relay": ["requests>=2.32", "urllib3>=2.3"],
@@ -55,6 +56,7 @@ setup(
             "cryptography>=42",
             # The Redis run store's tests (against a real redis-server that .ci/run installs).
             "redis>=5",
+            "hiredis>=3.2",
             # The metrics' tests (gunicorn's multiprocess mode), and the tracing tests: a stream's
             # span with the real SDK and its in-memory exporter.
             "prometheus-client>=0.20",

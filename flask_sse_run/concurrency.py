@@ -12,6 +12,7 @@ import concurrent.futures
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,8 @@ __all__ = [
     "gevent_patched",
     "gunicorn_sync_worker",
     "new_event",
+    "new_lock",
+    "pause",
     "raw_lock",
     "spawn",
     "thread_executor",
@@ -69,6 +72,27 @@ def new_event() -> Any:
 
         return Event()
     return threading.Event()
+
+
+def new_lock() -> Any:
+    """A lock for greenlets (gevent's, which yields while it waits) or threads; made where it is
+    used, after gevent patched (a store made before the fork must not hold an OS lock across a
+    greenlet switch)."""
+    if gevent_patched():
+        from gevent.lock import BoundedSemaphore
+
+        return BoundedSemaphore()
+    return threading.Lock()
+
+
+def pause(seconds: float) -> None:
+    """Sleep ``seconds``, letting the worker's other greenlets run under gevent."""
+    if gevent_patched():
+        import gevent
+
+        gevent.sleep(seconds)
+    else:
+        time.sleep(seconds)
 
 
 def spawn(target: Callable[[], object]) -> Any:

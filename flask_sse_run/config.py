@@ -62,6 +62,9 @@ class Settings(BaseModel):
     redis_url: str | None = None
     #: Prefix of every Redis key the run store writes (several apps can share one Redis).
     redis_prefix: str = Field("sse-run:", min_length=1)
+    #: Seconds a run store that does not answer is waited for: a producer keeps its events and a
+    #: follower its place (with keep-alive pings) meanwhile; longer, runs end with an error.
+    store_outage: float = Field(10.0, gt=0, le=3600)
     #: Record Prometheus metrics of streams (needs the ``metrics`` extra: prometheus_client).
     metrics: bool = False
     #: Where ``GET`` serves the metrics while ``metrics`` is on; ``None``: nowhere (mount

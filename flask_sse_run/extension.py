@@ -13,23 +13,23 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, TypeVar, overload
 
 from flask import Blueprint, Flask
 from flask.blueprints import BlueprintSetupState
 
 from .auth import Authenticator
-from .binding import Binder, check_query_parameters, inspect_function, validate_name
+from .binding import check_query_parameters, inspect_function, validate_name
 from .concurrency import gunicorn_sync_worker
 from .config import Settings
 from .errors import ConfigurationError, RegistrationError
-from .routing import Mount, add_rules, blueprint_endpoints
+from .observers import observers_for
+from .registry import EXTENSION_KEY, Mount, RegisteredFunction, State
+from .routing import add_rules, blueprint_endpoints
 from .runs.memory import MemoryRunStore
 from .runs.runtime import Runs
 from .runs.store import RunStore
-from .stream_record import Observers
-from .views import EXTENSION_KEY
 
 __all__ = ["SYNC_WORKER_WARNING", "RegisteredFunction", "SSERun", "State"]
 
@@ -41,45 +41,6 @@ SYNC_WORKER_WARNING = (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class RegisteredFunction:
-    """A served function and its inspected parameters."""
-
-    func: Callable[..., Any]
-    binder: Binder
-    #: Served without a bearer token even when auth is on.
-    public: bool = False
-    #: A generator function: calling it runs none of its code, so there is nothing to watch.
-    generator: bool = False
-    #: The HTTP methods it is served with (``GET`` binds the query string).
-    methods: tuple[str, ...] = ("POST",)
-    #: Its streams are resumable runs; ``None``: as ``SSE_RUN_RESUMABLE`` says.
-    resumable: bool | None = None
-
-    @property
-    def allow(self) -> str:
-        """The ``Allow`` header of its URL."""
-        return ", ".join(sorted({*self.methods, "OPTIONS"}))
-
-
-@dataclass(frozen=True)
-class State:
-    """What the extension keeps per app, in ``app.extensions["sse_run"]``."""
-
-    #: The first instance registered; it read the settings.
-    extension: SSERun
-    settings: Settings
-    #: The app's resumable runs and their store.
-    runs: Runs
-    #: ``None`` when auth is off.
-    auth: Authenticator | None = None
-    #: Every place an instance serves the app (on it, or through a blueprint's registration),
-    #: each under its own prefix, in the order they were added.
-    mounts: list[Mount] = field(default_factory=list)
-    #: Who is told of each stream (metrics, the trace, the log); ``None``: no one.
-    observers: Observers | None = None
 
 
 class SSERun:
@@ -195,7 +156,7 @@ class SSERun:
                 settings=settings,
                 auth=Authenticator.from_settings(settings),
                 runs=_runs(settings),
-                observers=Observers.from_settings(settings),
+                observers=observers_for(settings),
             )
             app.extensions[EXTENSION_KEY] = state
             if settings.metrics:
@@ -285,10 +246,8 @@ def _runs(settings: Settings) -> Runs:
             ttl=settings.resume_ttl,
         )
     else:
-        try:
-            from .runs.redis_store import RedisRunStore
-        except ImportError:  # pragma: no cover - the redis extra is not installed
-            raise ConfigurationError("SSE_RUN_REDIS_URL needs redis-py: pip install redis") from None
+        from .runs.redis_store import RedisRunStore
+
         try:
             store = RedisRunStore(
                 settings.redis_url,
@@ -298,6 +257,8 @@ def _runs(settings: Settings) -> Runs:
                 ttl=settings.resume_ttl,
                 window=settings.resume_window,
             )
+        except ImportError as exc:  # the redis extra is not installed
+            raise ConfigurationError(str(exc)) from None
         except ValueError:  # the URL is not echoed: it may hold a password
             raise ConfigurationError("SSE_RUN_REDIS_URL: not a redis://, rediss:// or unix:// URL") from None
-    return Runs(store, window=settings.resume_window)
+    return Runs(store, window=settings.resume_window, outage=settings.store_outage)

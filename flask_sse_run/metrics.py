@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from flask import Flask, Response, request
 
@@ -46,9 +45,7 @@ except ImportError as error:
     raise missing_extra("metrics", error) from error
 
 from .metrics_files import MULTIPROC_ENV, compact, scrape_lock
-
-if TYPE_CHECKING:
-    from .stream_record import StreamRecord
+from .stream_record import Observer, StreamRecord
 
 __all__ = [
     "LLMMetrics",
@@ -76,8 +73,9 @@ TIME_PER_OUTPUT_TOKEN_BUCKETS = (
 QUEUE_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 
 
-class StreamMetrics:
-    """The stream metrics of this process (see the module docstring); one per process."""
+class StreamMetrics(Observer):
+    """The stream metrics of this process (see the module docstring); one per process, an
+    observer of every stream."""
 
     def __init__(self) -> None:
         self.active = Gauge("sse_run_streams_active", "Streams open now.", multiprocess_mode="livesum")
@@ -98,7 +96,7 @@ class StreamMetrics:
         )
         self.refused = Counter("sse_run_refused_total", "Error answers of the extension.", ["status"])
 
-    def started(self) -> None:
+    def started(self, record: StreamRecord) -> None:
         """A stream's body started."""
         self.active.inc()
 

@@ -44,13 +44,14 @@ from pydantic.json_schema import models_json_schema
 from .docstrings import parameter_docs
 from .errors import RequestError
 from .negotiation import request_id
+from .registry import EXTENSION_KEY
 from .responses import error_response, options_response
 from .runs.tail import MISSED_EVENT
-from .views import EXTENSION_KEY, MAX_JSON_ITEMS
+from .views import MAX_JSON_ITEMS
 
 if TYPE_CHECKING:
     from .config import Settings
-    from .extension import RegisteredFunction, State
+    from .registry import RegisteredFunction, State
 
 __all__ = ["OPENAPI_PATH", "RUNS_PATH", "build_document", "openapi_view"]
 

@@ -20,22 +20,16 @@ takes its arguments from the body or query only.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Flask, Response, request
 
 from .openapi import OPENAPI_PATH, openapi_view
+from .registry import APP_ENDPOINTS, Mount
 from .runs.responses import run_view
 from .views import call_function, unknown_path
 
-if TYPE_CHECKING:
-    from .extension import SSERun
-
 __all__ = ["APP_ENDPOINTS", "Mount", "add_rules", "blueprint_endpoints"]
-
-#: The endpoint names' start for an instance mounted on the app itself (``sse_run.call``).
-APP_ENDPOINTS = "sse_run."
 
 
 def blueprint_endpoints(blueprint: str) -> str:
@@ -43,27 +37,6 @@ def blueprint_endpoints(blueprint: str) -> str:
     name): ``api.sse_run_call``. No dot after the blueprint's name: ``request.blueprint`` is
     the blueprint's own name, as for its other views."""
     return f"{blueprint}.sse_run_"
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One place an instance is served on an app."""
-
-    extension: SSERun
-    #: The rules' prefix as Werkzeug reads it: a blueprint's ``url_prefix`` (``<variables>``
-    #: included), then the instance's own ``url_prefix``; ``""`` at the root.
-    url_prefix: str
-    #: The start of its endpoint names: :data:`APP_ENDPOINTS` or :func:`blueprint_endpoints`.
-    endpoints: str = APP_ENDPOINTS
-    #: The blueprint registration's subdomain (``None``: any host the app serves).
-    subdomain: str | None = None
-
-    def endpoint(self, kind: str) -> str:
-        """The endpoint of its ``call``, ``openapi``, ``runs`` or ``unknown`` rule."""
-        # The instance's own prefix keeps two instances on one blueprint apart; a dot in it would
-        # change what Flask takes for the blueprint's name.
-        own = self.extension.url_prefix
-        return f"{self.endpoints}{kind}{own if self.endpoints == APP_ENDPOINTS else own.replace('.', '_')}"
 
 
 def add_rules(app: Flask, mount: Mount, defaults: Mapping[str, Any] | None = None) -> None:

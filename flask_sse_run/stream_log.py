@@ -20,12 +20,11 @@ gunicorn's own log goes, at gunicorn's ``--log-level``.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .stream_record import StreamRecord
+from .stream_record import Observer, StreamRecord
 
-__all__ = ["LOGGER_NAME", "log_stream", "log_with_gunicorn"]
+__all__ = ["LOGGER_NAME", "LogObserver", "log_stream", "log_with_gunicorn"]
 
 LOGGER_NAME = "flask_sse_run.streams"
 logger = logging.getLogger(LOGGER_NAME)
@@ -45,6 +44,14 @@ def log_stream(record: StreamRecord, end: str, duration: float) -> None:
             duration,
             end,
         )
+
+
+class LogObserver(Observer):
+    """Logs each stream's line at its end (``SSE_RUN_STREAM_LOG``)."""
+
+    def ended(self, record: StreamRecord, end: str, duration: float) -> None:
+        """Write the stream's line."""
+        log_stream(record, end, duration)
 
 
 def log_with_gunicorn(worker: Any) -> None:

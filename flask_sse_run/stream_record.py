@@ -17,6 +17,7 @@ event). At the end it names why the stream ended, one of :data:`ENDS`:
 ``disconnect`` the client left, or a write failed
 ``shutdown``   the worker shut down (the shutdown event was sent)
 ``cancelled``  the followed run was cancelled (``DELETE``, or no client within the window)
+``lost``       the worker producing the followed run was lost (a shared store's lease lapsed)
 =============  ===============================================================================
 
 A failing observer (a full disk under the log, a metrics directory gone) is logged and never
@@ -27,21 +28,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from importlib.util import find_spec
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import ConfigurationError
-
-if TYPE_CHECKING:
-    from .config import Settings
-    from .metrics import StreamMetrics
-    from .tracing import TakenSpan
-
-__all__ = ["ENDS", "Observers", "StreamRecord", "end_reason"]
+__all__ = ["ENDS", "Observer", "Observers", "StreamRecord", "end_reason"]
 
 #: Every reason a stream can end for.
-ENDS = ("complete", "error", "disconnect", "shutdown", "cancelled")
+ENDS = ("complete", "error", "disconnect", "shutdown", "cancelled", "lost")
 
 logger = logging.getLogger(__name__)
 
@@ -57,48 +50,31 @@ def end_reason(ended_by: str | None, error: BaseException | None, outcome: str |
     return "shutdown" if ended_by == "shutdown" else "disconnect"
 
 
+class Observer:
+    """Told of each stream: the metrics, the trace, the log (:mod:`.observers` makes them). Each
+    method does nothing unless overridden; observers depend on the record, never the reverse."""
+
+    def called(self, record: StreamRecord, environ: dict[str, Any]) -> None:
+        """The server called the stream's response (still inside the request)."""
+
+    def started(self, record: StreamRecord) -> None:
+        """The stream's body started."""
+
+    def ended(self, record: StreamRecord, end: str, duration: float) -> None:
+        """The stream ended (``end``: one of :data:`ENDS`), ``duration`` seconds after its record
+        was made."""
+
+
 @dataclass(frozen=True, slots=True)
 class Observers:
-    """Who is told of each stream of an app: metrics, the trace, the log (``None``: no one)."""
+    """Who is told of each stream of an app (``None`` in its state: no one)."""
 
-    metrics: StreamMetrics | None = None
-    #: Whether opentelemetry-instrumentation-flask is installed (its span is ended by the stream).
-    tracing: bool = False
-    #: Whether each stream's end is logged (``flask_sse_run.streams``, INFO).
-    log: bool = False
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Observers | None:
-        """The observers ``settings`` ask for; ``None`` when there are none.
-
-        Raises :class:`ConfigurationError` when ``SSE_RUN_METRICS`` is on without
-        prometheus_client installed.
-        """
-        metrics = None
-        if settings.metrics:
-            try:
-                from .metrics import stream_metrics
-            except ImportError:
-                raise ConfigurationError(
-                    "SSE_RUN_METRICS needs prometheus_client: pip install 'flask-sse-run[metrics]'"
-                ) from None
-            metrics = stream_metrics()
-        tracing = _installed("opentelemetry.instrumentation.flask")
-        if metrics is None and not tracing and not settings.stream_log:
-            return None
-        return cls(metrics=metrics, tracing=tracing, log=settings.stream_log)
+    members: tuple[Observer, ...]
 
     def stream(self, prefix: str, function: str, request_id: str, run_id: str | None = None) -> StreamRecord:
         """A record for a new stream of ``{prefix}/{function}``; its clock starts now."""
         name = f"{prefix.strip('/')}/{function}" if prefix else function
         return StreamRecord(self, name, request_id, run_id)
-
-
-def _installed(module: str) -> bool:
-    try:
-        return find_spec(module) is not None
-    except ImportError:  # a parent package is missing
-        return False
 
 
 class StreamRecord:
@@ -131,24 +107,28 @@ class StreamRecord:
         self.bytes = 0
         #: How the run this response follows ended (its stored status), once the tail saw it.
         self.outcome: str | None = None
-        self.span: TakenSpan | None = None
+        #: The request's trace span, while the tracing observer holds it.
+        self.span: Any = None
         self.state = "new"  # then "running", then "ended"
 
-    def take_span(self, environ: dict[str, Any]) -> None:
-        """Take the request's span from the Flask instrumentation (see :mod:`.tracing`)."""
-        if self.observers.tracing:
-            from .tracing import take_span
-
-            self.span = take_span(environ)
+    def called(self, environ: dict[str, Any]) -> None:
+        """The server called the response: observers that act inside the request do now."""
+        for observer in self.observers.members:
+            try:
+                observer.called(self, environ)
+            except Exception:
+                logger.exception("stream %s: %s failed", self.request_id, type(observer).__name__)
 
     def begin(self) -> None:
         """The body starts: the stream counts as active until :meth:`finish`."""
         if self.state != "new":
             return
         self.state = "running"
-        metrics = self.observers.metrics
-        if metrics is not None:
-            metrics.started()
+        for observer in self.observers.members:
+            try:
+                observer.started(self)
+            except Exception:
+                logger.exception("stream %s: %s failed", self.request_id, type(observer).__name__)
 
     def wrote(self, items: int, data: bytes, nbytes: int) -> None:
         """One write of ``items`` encoded items (``data``, before gzip) in ``nbytes`` bytes.
@@ -171,21 +151,8 @@ class StreamRecord:
         self.state = "ended"
         end = end_reason(ended_by, error, self.outcome)
         duration = perf_counter() - self.started
-        observers = self.observers
-        try:
-            if observers.metrics is not None:
-                observers.metrics.ended(self, end, duration)
-        except Exception:
-            logger.exception("stream %s: its metrics could not be recorded", self.request_id)
-        try:
-            if self.span is not None:
-                from .tracing import end_span
-
-                span, self.span = self.span, None
-                end_span(span, self, end)
-        except Exception:
-            logger.exception("stream %s: its span could not be ended", self.request_id)
-        if observers.log:
-            from .stream_log import log_stream
-
-            log_stream(self, end, duration)
+        for observer in self.observers.members:
+            try:
+                observer.ended(self, end, duration)
+            except Exception:
+                logger.exception("stream %s: %s failed at its end", self.request_id, type(observer).__name__)

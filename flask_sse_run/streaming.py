@@ -247,7 +247,7 @@ class StreamResponse(Response):
     def __call__(self, environ: Any, start_response: Any) -> Any:
         app_iter, status, headers = self.get_wsgi_response(environ)
         if self.record is not None:  # still inside the request: before Flask's teardown
-            self.record.take_span(environ)
+            self.record.called(environ)
         write = start_response(status, headers)
         attach = getattr(self.response, "attach_writer", None)
         if attach is not None and callable(write):

@@ -26,7 +26,7 @@ middleware (``OpenTelemetryMiddleware``) need none of this: it ends spans when t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .extras import missing_extra
 
@@ -36,10 +36,9 @@ try:
 except ImportError as error:
     raise missing_extra("tracing", error) from error
 
-if TYPE_CHECKING:
-    from .stream_record import StreamRecord
+from .stream_record import Observer, StreamRecord
 
-__all__ = ["ACTIVATION_KEY", "SPAN_KEY", "TOKEN_KEY", "TakenSpan", "end_span", "take_span"]
+__all__ = ["ACTIVATION_KEY", "SPAN_KEY", "TOKEN_KEY", "SpanObserver", "TakenSpan", "end_span", "take_span"]
 
 #: Where opentelemetry-instrumentation-flask keeps the request's span, the context manager that
 #: made it current (and ends it on exit), and the context token it detaches in teardown.
@@ -85,3 +84,18 @@ def end_span(taken: TakenSpan, record: StreamRecord, end: str) -> None:
     finally:
         if taken.token is not None:
             context.detach(taken.token)
+
+
+class SpanObserver(Observer):
+    """Moves each stream's request span out of the instrumentation's reach, and ends it with
+    the stream."""
+
+    def called(self, record: StreamRecord, environ: dict[str, Any]) -> None:
+        """Take the request's span (the instrumentation's teardown then finds nothing to end)."""
+        record.span = take_span(environ)
+
+    def ended(self, record: StreamRecord, end: str, duration: float) -> None:
+        """End the span, with the stream's attributes."""
+        taken, record.span = record.span, None
+        if isinstance(taken, TakenSpan):
+            end_span(taken, record, end)

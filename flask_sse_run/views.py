@@ -25,16 +25,16 @@ from .errors import RequestError, UnreadableBody
 from .events import json_value
 from .negotiation import STREAM, request_id, wants_stream
 from .payload import read_json_object
+from .registry import EXTENSION_KEY
 from .responses import error_response, json_response, options_response, stream_response
 from .runs.responses import respond_async, resume_on_function_url, start_run
 from .streaming import StreamOptions, close_stream_source
 
 if TYPE_CHECKING:
-    from .extension import RegisteredFunction, State
+    from .registry import RegisteredFunction, State
 
 __all__ = ["EXTENSION_KEY", "MAX_JSON_ITEMS", "call_function", "unknown_path"]
 
-EXTENSION_KEY = "sse_run"
 #: The most items a generator may yield for a client that accepts only JSON (406 beyond): the
 #: whole list is held in memory, and the client gets nothing until the last item.
 MAX_JSON_ITEMS = 100_000

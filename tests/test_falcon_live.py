@@ -185,7 +185,9 @@ def test_delete_of_the_run_stops_its_row_at_the_next_step(server: Server) -> Non
         time.sleep(0.02)
     # The row leaves the batch at the next step: at most the token of the step running then.
     assert last["tokens_after_cancel"] <= 1
-    assert len(received) <= last["generated_tokens"] < 1000
+    # The pieces it had made, then why it stopped (the run ended in its store at the DELETE).
+    assert received[-1].event == "error" and json.loads(received[-1].data)["type"] == "RunCancelled"
+    assert len(received) - 1 <= last["generated_tokens"] < 1000
     assert stopped_after < 2
     assert re.search(r"cancelled after \d+ tokens \([01] computed after the client left\)", server.log())
 

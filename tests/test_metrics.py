@@ -177,7 +177,7 @@ import json, os, sys
 from flask_sse_run.metrics import llm_metrics, stream_metrics
 from flask_sse_run.stream_record import Observers
 metrics = stream_metrics()
-record = Observers(metrics=metrics).stream("", sys.argv[1], "r")
+record = Observers((metrics,)).stream("", sys.argv[1], "r")
 record.begin()
 record.wrote(int(sys.argv[2]), b"", 100)
 if sys.argv[3] == "end":

@@ -180,13 +180,44 @@ def test_clients_attach_and_the_last_one_leaving_marks_the_run_idle(make: Make) 
     assert info.idle_since is not None and info.idle_since >= before - 1
 
 
-def test_a_cancel_request_is_recorded_for_the_producer_wherever_it_runs(make: Make) -> None:
+def test_a_cancel_ends_the_run_at_once_with_its_event_last_and_refuses_the_producer(make: Make) -> None:
     store = make()
-    assert store.request_cancel(RUN) is True
-    info = store.get(RUN)
-    assert info is not None and info.cancel_requested
-    assert store.request_cancel("c" * 32) is False
+    store.append(RUN, events(1, 2))
+    assert store.cancel(RUN, b"event: error\ndata: cancelled\n\n") is True
+    found = store.read(RUN, 2, 100)
+    assert found is not None and found.ended and found.status == "cancelled" and found.last_seq == 3
+    assert (
+        b"".join(data for _, data in found.events)
+        == f"id: {RUN}:3\n".encode() + b"event: error\ndata: cancelled\n\n"
+    )
+    assert store.append(RUN, events(3, 3)) is False  # its producer learns that it must stop
+    assert store.finish(RUN, "complete", b"data: late\n\n") is False  # and its end changes nothing
+    assert store.cancel(RUN, b"event: error\ndata: again\n\n") is True  # it exists: 204, once more
+    assert store.read(RUN, 0, 100).last_seq == 3  # type: ignore[union-attr]
+    assert store.cancel("c" * 32, b"data: x\n\n") is False
     assert store.get("c" * 32) is None  # asking made nothing
+
+
+def test_a_run_finished_with_an_event_keeps_it_as_its_last_with_the_next_seq(make: Make) -> None:
+    store = make()
+    store.append(RUN, events(1, 1))
+    assert store.finish(RUN, "shutdown", b"event: shutdown\ndata: \n\n") is True
+    found = store.read(RUN, 1, 100)
+    assert found is not None and found.status == "shutdown" and found.last_seq == 2
+    assert b"".join(data for _, data in found.events) == f"id: {RUN}:2\nevent: shutdown\ndata: \n\n".encode()
+    assert store.append(RUN, events(2, 2)) is False
+
+
+def test_a_heartbeat_reads_the_states_of_the_runs_produced_here(make: Make) -> None:
+    store = make()
+    store.attach(RUN)
+    info = store.heartbeat([RUN])[RUN]  # a run that never appended: read at every beat
+    assert info is not None and info.running and info.clients == 1 and info.idle_since is None
+    store.cancel(RUN, b"data: x\n\n")
+    info = store.heartbeat([RUN])[RUN]
+    assert info is not None and info.status == "cancelled"
+    assert store.heartbeat(["d" * 32]) == {"d" * 32: None}
+    store.detach(RUN)
 
 
 def test_an_ended_run_is_forgotten_after_the_ttl_and_a_running_one_is_not(make: Make) -> None:
@@ -247,23 +278,127 @@ def test_redis_bounds_the_runs_this_process_produces(redis_url: str) -> None:
     store.close()
 
 
-def test_redis_keys_are_under_the_prefix(redis_url: str) -> None:
+def test_redis_keys_are_under_the_prefix_share_the_runs_slot_and_all_expire(redis_url: str) -> None:
     import redis
 
-    from flask_sse_run.runs.redis_store import RedisRunStore
+    from flask_sse_run.runs.redis_store import LEASE_MS, RedisRunStore
 
     prefix = f"app-{uuid.uuid4().hex}:"
     store = RedisRunStore(redis_url, prefix=prefix, max_events=10, max_runs=5, ttl=5, window=5)
     store.create(RUN, "run", "", None)
     store.append(RUN, [(1, b"x")])
     client = redis.Redis.from_url(redis_url)
-    assert sorted(client.keys(f"{prefix}*")) == [
-        f"{prefix}run:{RUN}".encode(),
-        f"{prefix}run:{RUN}:events".encode(),
-    ]
-    assert 0 < client.ttl(f"{prefix}run:{RUN}") <= 120  # a running run's keys expire too
+    base = f"{prefix}run:{{{RUN}}}"  # the hash tag: one slot of a cluster for the run's keys
+    keys = [base.encode(), f"{base}:events".encode(), f"{base}:lease".encode()]
+    assert sorted(client.keys(f"{prefix}*")) == keys
+    assert 0 < client.ttl(base) <= 120 and 0 < client.ttl(f"{base}:events") <= 120  # running: they expire
+    assert 0 < client.pttl(f"{base}:lease") <= LEASE_MS
+    store.finish(RUN, "complete")
+    assert sorted(client.keys(f"{prefix}*")) == keys[:2]  # no producer: no lease
+    assert all(0 < client.ttl(key) <= 5 for key in client.keys(f"{prefix}*"))
     client.close()
     store.close()
+
+
+def test_redis_a_follower_leaving_a_run_whose_keys_expired_makes_no_key(redis_url: str) -> None:
+    # A detach recreated the vanished hash with HINCRBY, with no expiry: it stayed forever.
+    import redis
+
+    from flask_sse_run.runs.redis_store import RedisRunStore
+
+    prefix = f"t-{uuid.uuid4().hex}:"
+    store = RedisRunStore(redis_url, prefix=prefix, max_events=10, max_runs=5, ttl=5, window=5)
+    store.create(RUN, "run", "", None)
+    store.attach(RUN)
+    client = redis.Redis.from_url(redis_url)
+    client.delete(*client.keys(f"{prefix}*"))  # as their expiry does
+    store.detach(RUN)
+    store.attach(RUN)
+    store.detach(RUN)
+    assert client.keys(f"{prefix}*") == []
+    assert store.cancel(RUN, b"data: x\n\n") is False and client.keys(f"{prefix}*") == []
+    client.close()
+    store.close()
+
+
+def test_redis_a_run_whose_producer_stops_beating_is_lost_for_its_followers(redis_url: str) -> None:
+    from flask_sse_run.runs.redis_store import LEASE_MS, RedisRunStore
+
+    prefix = f"t-{uuid.uuid4().hex}:"
+    producer = RedisRunStore(redis_url, prefix=prefix, max_events=10, max_runs=5, ttl=5, window=5)
+    follower = RedisRunStore(redis_url, prefix=prefix, max_events=10, max_runs=5, ttl=5, window=5)
+    producer.create(RUN, "run", "", None)
+    producer.append(RUN, events(1, 1))
+    follower.attach(RUN)
+    # While its producer beats, silence is not loss: 3 lease lengths pass, it is still running.
+    beating = threading.Event()
+
+    def beat() -> None:
+        while not beating.wait(0.5):
+            producer.heartbeat([RUN])
+
+    beater = threading.Thread(target=beat)
+    beater.start()
+    until = time.monotonic() + 3 * LEASE_MS / 1000
+    while time.monotonic() < until:
+        follower.wait(RUN, 1, timeout=until - time.monotonic())
+    found = follower.read(RUN, 1, 10)
+    assert found is not None and found.status == "running" and not found.events
+    # The producer's worker is gone: its followers learn it within 5 s, with the reason last.
+    beating.set()
+    beater.join(5)
+    stopped = time.monotonic()
+    while (found := follower.read(RUN, 1, 10)) is not None and not found.ended:
+        assert time.monotonic() - stopped < 10, "never declared lost"
+        follower.wait(RUN, 1, timeout=30, mark=found.mark)
+    assert time.monotonic() - stopped < 5 + 1  # the lease, a second of silence, the confirmation
+    assert found is not None and found.status == "lost" and found.last_seq == 2
+    assert b'"type":"ProducerLost"' in b"".join(data for _, data in found.events)
+    assert producer.append(RUN, events(2, 2)) is False  # a producer that comes back is refused
+    follower.detach(RUN)
+    producer.close()
+    follower.close()
+
+
+def test_redis_a_worker_subscribes_only_to_the_runs_it_follows(redis_url: str) -> None:
+    import redis
+
+    from flask_sse_run.runs.redis_store import RedisRunStore
+
+    prefix = f"t-{uuid.uuid4().hex}:"
+    a = RedisRunStore(redis_url, prefix=prefix, max_events=10, max_runs=5, ttl=5, window=5)
+    b = RedisRunStore(redis_url, prefix=prefix, max_events=10, max_runs=5, ttl=5, window=5)
+    other = "b" * 32
+    a.create(RUN, "run", "", None)
+    b.create(other, "run", "", None)
+    a.attach(RUN)
+    admin = redis.Redis.from_url(redis_url)
+
+    def subscribers(run_id: str) -> int:
+        channel = f"{prefix}run:{{{run_id}}}:changed"
+        reply = admin.execute_command("PUBSUB", "SHARDNUMSUB", channel)  # [channel, count]
+        return int(reply[1])
+
+    deadline = time.monotonic() + 10
+    while subscribers(RUN) != 1:
+        assert time.monotonic() < deadline, "never subscribed"
+        time.sleep(0.02)
+    for seq in range(1, 51):  # another run's traffic, produced by another worker
+        b.append(other, events(seq, seq))
+    assert subscribers(other) == 0
+    heard = dict(a._heard)  # type: ignore[attr-defined]
+    assert set(heard) == {RUN}
+    a.append(RUN, events(1, 1))
+    while a._heard[RUN] == heard[RUN]:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "its own run's announcement never came"
+        time.sleep(0.02)
+    a.detach(RUN)
+    while subscribers(RUN) != 0:
+        assert time.monotonic() < deadline, "never unsubscribed"
+        time.sleep(0.02)
+    admin.close()
+    a.close()
+    b.close()
 
 
 def test_redis_that_cannot_be_reached_is_unavailable_not_a_hang(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ behaviour under gunicorn is in test_runs_live.py)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -111,8 +112,11 @@ def test_delete_cancels_and_then_the_run_reads_to_its_end() -> None:
     seen["gate"].set()
     wait_for(lambda: seen["cancelled"] == [True])
     events = parse_events(client.get(location).data)
-    assert [e.data for e in events] == ["0"]  # what it made before the cancel
-    assert client.get(location, headers={"Last-Event-ID": events[0].id}).status_code == 204
+    # What it made before the cancel, then why it stopped: never taken for a finished run.
+    assert [e.data for e in events[:-1]] == ["0"]
+    assert events[-1].event == "error" and json.loads(events[-1].data)["type"] == "RunCancelled"
+    assert events[-1].id == events[0].id.replace(":1", ":2")
+    assert client.get(location, headers={"Last-Event-ID": events[-1].id}).status_code == 204
     assert client.delete("/runs/" + "0" * 32).status_code == 404
 
 

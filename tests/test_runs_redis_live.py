@@ -3,8 +3,10 @@ redis-server, as two replicas behind a load balancer would be."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ import requests
 
 from tests.live import Server, gunicorn
 from tests.redis_server import RedisServer
-from tests.test_runs_live import data, open_stream
+from tests.test_runs_live import Client, data, open_stream
 
 WINDOW = 2.0
 
@@ -175,7 +177,8 @@ def test_keys_live_under_the_configured_prefix(
     run_id = client.response.headers["X-Run-ID"]
     client.rest()
     keys = redis.Redis.from_url(redis_server.url).keys(f"*{run_id}*")
-    assert sorted(keys) == [f"replicas:run:{run_id}".encode(), f"replicas:run:{run_id}:events".encode()]
+    base = f"replicas:run:{{{run_id}}}"  # ended: no lease left
+    assert sorted(keys) == [base.encode(), f"{base}:events".encode()]
 
 
 def test_a_redis_that_goes_away_and_comes_back(tmp_path: Path) -> None:
@@ -257,3 +260,144 @@ def test_a_replica_shutting_down_ends_its_runs_with_the_shutdown_event_for_every
         last = replay[-1].id
         done = requests.get(f"{b.url}/runs/{run_id}", headers={"Last-Event-ID": last}, timeout=10)
         assert done.status_code == 204
+
+
+# --- trust: stalls, outages, lost producers, cancels from anywhere --------------------------------
+
+
+def _reconnect_in_background(server: Server, path: str, last_id: str) -> tuple[threading.Thread, list[Any]]:
+    """A reconnect made now, read to its end in a thread: ``[status, events]`` once done."""
+    result: list[Any] = []
+
+    def reconnect() -> None:
+        response = requests.get(
+            f"{server.url}{path}",
+            headers={"Accept": "text/event-stream", "Last-Event-ID": last_id},
+            stream=True,
+            timeout=30,
+        )
+        result.extend([response.status_code, Client(response).rest()])
+
+    thread = threading.Thread(target=reconnect)
+    thread.start()
+    return thread, result
+
+
+def test_a_redis_stall_shorter_than_the_bound_loses_nothing_for_any_follower(
+    replicas: tuple[Server, Server], redis_server: RedisServer
+) -> None:
+    # A 6 s stall cut runs short, silently: the producer's append timed out and its generator
+    # was gone, the followers got pings for two minutes, then a clean end and 204.
+    a, b = replicas
+    counters = Counters(redis_server.url)
+    client = open_stream(a, path="/shared_ticks", json={"n": 40, "interval": 0.1, "label": counters.label})
+    run_id = client.response.headers["X-Run-ID"]
+    follower = open_stream(b, "GET", f"/runs/{run_id}")
+    first = client.take(5)
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.execute_command("CLIENT", "PAUSE", 4000, "ALL")
+    # A client that reconnects during the stall gets 200 and waits (EventSource gives up for
+    # good on anything else), then every event after its position.
+    time.sleep(0.5)
+    thread, reconnect = _reconnect_in_background(b, f"/runs/{run_id}", first[-1].id)
+    rest = client.rest()
+    thread.join(60)
+    admin.close()
+    everything = [str(i) for i in range(40)]
+    assert data(first + rest) == everything  # once each, in order, and no error
+    assert data(follower.rest()) == everything
+    assert reconnect[0] == 200 and data(reconnect[1]) == everything[5:]
+    counters.wait("finally", 1, timeout=10)
+    assert counters["cancelled"] == 0  # the generator ran to its end
+    done = requests.get(f"{a.url}/runs/{run_id}", params={"last_event_id": 40}, timeout=10)
+    assert done.status_code == 204
+
+
+def test_a_redis_away_longer_than_the_bound_ends_the_run_with_an_error_everyone_is_told(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    outage = {**config(redis_server.url), "SSE_RUN_STORE_OUTAGE": 2}
+    with gunicorn(tmp_path=tmp_path, config=outage) as srv:
+        client = open_stream(srv, path="/resumable_ticks", json={"n": 10_000, "interval": 0.1})
+        run_id = client.response.headers["X-Run-ID"]
+        first = client.take(3)
+        assert redis_server.process is not None
+        os.kill(redis_server.process.pid, signal.SIGSTOP)
+        try:
+            rest = client.rest()  # pings while it waits, then the reason, then the end
+            assert rest and rest[-1].event == "error", rest
+            assert json.loads(rest[-1].data)["type"] == "StoreUnavailable"
+        finally:
+            os.kill(redis_server.process.pid, signal.SIGCONT)
+        # Redis back: the run's end is stored as the error it was. A reconnect is told, not 204.
+        last = [event for event in first + rest if event.id][-1].id
+        deadline = time.monotonic() + 20
+        while True:
+            replay = requests.get(
+                f"{srv.url}/runs/{run_id}", headers={"Last-Event-ID": last}, stream=True, timeout=30
+            )
+            assert replay.status_code == 200, replay.status_code
+            told = Client(replay).rest()
+            if told and told[-1].id:
+                break
+            assert time.monotonic() < deadline, told  # the end not stored yet: try again
+            time.sleep(0.5)
+        assert told[-1].event == "error" and json.loads(told[-1].data)["type"] == "StoreUnavailable"
+        assert (
+            requests.get(
+                f"{srv.url}/runs/{run_id}", headers={"Last-Event-ID": told[-1].id}, timeout=10
+            ).status_code
+            == 204
+        )
+        assert requests.get(f"{srv.url}/runs/{run_id}", timeout=10).status_code == 200
+        assert srv.log().count("Booting worker") == 1
+
+
+def test_a_killed_producer_is_reported_to_followers_on_every_replica_and_later_reconnects(
+    replicas: tuple[Server, Server], redis_server: RedisServer
+) -> None:
+    a, b = replicas
+    counters = Counters(redis_server.url)
+    client = open_stream(
+        a, path="/shared_ticks", json={"n": 10_000, "interval": 0.1, "label": counters.label}
+    )
+    run_id = client.response.headers["X-Run-ID"]
+    follower = open_stream(b, "GET", f"/runs/{run_id}")
+    first = follower.take(3)
+    client.drop()
+    os.kill(counters.pid(), signal.SIGKILL)  # the worker producing it: no goodbye
+    killed = time.monotonic()
+    rest = follower.rest()
+    learned = time.monotonic() - killed
+    assert rest[-1].event == "error" and json.loads(rest[-1].data)["type"] == "ProducerLost", rest[-1]
+    assert learned < 15, learned  # within 5 s on a quiet machine (the lease, a silence, a check)
+    seqs = [int(event.id.split(":")[1]) for event in first + rest if event.id]
+    assert seqs == list(range(1, len(seqs) + 1))  # every event once, in order, the reason last
+    # A later reconnect, on either replica, is told the same.
+    again = open_stream(a, "GET", f"/runs/{run_id}", headers={"Last-Event-ID": first[-1].id}).rest()
+    assert again[-1].data == rest[-1].data and again[-1].id == rest[-1].id
+    # DELETE of a lost run: it exists (204), and stays ended as lost.
+    assert requests.delete(f"{b.url}/runs/{run_id}", timeout=10).status_code == 204
+    info = redis.Redis.from_url(redis_server.url).hget(f"replicas:run:{{{run_id}}}", "status")
+    assert info == b"lost"
+
+
+def test_delete_on_one_replica_ends_every_follower_on_every_replica_with_the_reason(
+    replicas: tuple[Server, Server], redis_server: RedisServer
+) -> None:
+    a, b = replicas
+    counters = Counters(redis_server.url)
+    client = open_stream(
+        a, path="/shared_ticks", json={"n": 10_000, "interval": 0.1, "label": counters.label}
+    )
+    run_id = client.response.headers["X-Run-ID"]
+    followers = [open_stream(server, "GET", f"/runs/{run_id}") for server in (a, b)]
+    for follower in [client, *followers]:
+        follower.take(2)
+    deleted = time.monotonic()
+    assert requests.delete(f"{b.url}/runs/{run_id}", timeout=10).status_code == 204
+    for follower in [client, *followers]:
+        last = follower.rest()[-1]
+        assert last.event == "error" and json.loads(last.data)["type"] == "RunCancelled", last
+    assert time.monotonic() - deleted < 10  # within a second on a quiet machine: no polling
+    counters.wait("cancelled", 1, timeout=10)  # and the generator on replica A stopped

@@ -46,7 +46,7 @@ from flask.sansio.app import App
 from pydantic import Field
 
 from ..extension import SSERun
-from ..views import EXTENSION_KEY as SSE_RUN_KEY
+from ..registry import EXTENSION_KEY as SSE_RUN_KEY
 from .openai_views import TextService, add_openai_routes
 from .params import GenerationParams
 from .service import INSTALL_HINT, GenerationService

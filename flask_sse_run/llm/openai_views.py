@@ -33,9 +33,10 @@ from ..disconnect import Interrupted, interrupt_on_disconnect
 from ..errors import RequestError, UnreadableBody
 from ..negotiation import request_id
 from ..payload import read_json_object
+from ..registry import EXTENSION_KEY
 from ..responses import error_response, json_response, options_response, stream_response
 from ..streaming import StreamOptions, close_stream_source
-from ..views import EXTENSION_KEY, _in_thread_pool
+from ..views import _in_thread_pool
 from .openai_api import (
     CHAT_STOP,
     ChatRequest,
@@ -54,7 +55,7 @@ from .openai_api import (
 from .params import GenerationParams
 
 if TYPE_CHECKING:
-    from ..extension import State
+    from ..registry import State
 
 __all__ = ["CHAT_FALLBACK_MAX_TOKENS", "TextService", "add_openai_routes"]
 

@@ -22,6 +22,7 @@ from operator import itemgetter
 from typing import Any
 
 from ..concurrency import new_event, raw_lock
+from .ids import event_id
 from .store import RUNNING, RunInfo, RunSlice, RunStore, StoreFull
 
 __all__ = ["MemoryRunStore"]
@@ -32,7 +33,6 @@ _DATA = itemgetter(1)
 
 class _Run:
     __slots__ = (
-        "cancel_requested",
         "changed",
         "clients",
         "ended_at",
@@ -56,7 +56,6 @@ class _Run:
         self.last_seq = 0
         self.clients = 0
         self.idle_since: float | None = time.time()
-        self.cancel_requested = False
         self.ended_at = 0.0
         self.changed: Any = None  # made by the first waiter: most runs are never waited on
 
@@ -91,35 +90,46 @@ class MemoryRunStore(RunStore):
                     raise StoreFull(self.max_runs, retry_after=max(1, round(self.ttl / 2)))
             self._runs[run_id] = _Run(function, prefix, owner)
 
-    def append(self, run_id: str, events: Sequence[tuple[int, bytes]]) -> None:
+    def append(self, run_id: str, events: Sequence[tuple[int, bytes]]) -> bool:
         """Add events; the oldest are dropped beyond ``max_events`` or ``max_bytes``."""
         with self._lock:
             run = self._runs.get(run_id)
             if run is None or run.status != RUNNING:
-                return
-            held = run.events
-            held.extend(events)
-            nbytes = run.nbytes + sum(map(len, map(_DATA, events)))
-            run.last_seq = events[-1][0]
-            # A firehose's every append drops as many as it adds: count first, then pop in a
-            # plain loop (a condition re-evaluated per event cost more than the append itself).
-            popleft = held.popleft
-            for _ in range(len(held) - self.max_events):
-                nbytes -= len(popleft()[1])
-            while nbytes > self.max_bytes and len(held) > 1:
-                nbytes -= len(popleft()[1])
-            run.nbytes = nbytes
+                return False
+            self._add(run, events)
             run.wake()
+            return True
 
-    def finish(self, run_id: str, status: str) -> None:
-        """Mark the run ended; waiting readers wake."""
+    def _add(self, run: _Run, events: Sequence[tuple[int, bytes]]) -> None:
+        held = run.events
+        held.extend(events)
+        nbytes = run.nbytes + sum(map(len, map(_DATA, events)))
+        run.last_seq = events[-1][0]
+        # A firehose's every append drops as many as it adds: count first, then pop in a plain
+        # loop (a condition re-evaluated per event cost more than the append itself).
+        popleft = held.popleft
+        for _ in range(len(held) - self.max_events):
+            nbytes -= len(popleft()[1])
+        while nbytes > self.max_bytes and len(held) > 1:
+            nbytes -= len(popleft()[1])
+        run.nbytes = nbytes
+
+    def finish(self, run_id: str, status: str, event: bytes = b"") -> bool:
+        """End the run with ``event`` last; waiting readers wake."""
         with self._lock:
             run = self._runs.get(run_id)
             if run is None or run.status != RUNNING:
-                return
-            run.status = status
-            run.ended_at = time.time()
-            run.wake()
+                return False
+            self._end(run_id, run, status, event)
+            return True
+
+    def _end(self, run_id: str, run: _Run, status: str, event: bytes) -> None:
+        if event:
+            seq = run.last_seq + 1
+            self._add(run, [(seq, b"id: " + event_id(run_id, seq).encode() + b"\n" + event)])
+        run.status = status
+        run.ended_at = time.time()
+        run.wake()
 
     def get(self, run_id: str) -> RunInfo | None:
         """The run's state, or ``None``."""
@@ -135,7 +145,6 @@ class MemoryRunStore(RunStore):
             last_seq=run.last_seq,
             clients=run.clients,
             idle_since=run.idle_since,
-            cancel_requested=run.cancel_requested,
         )
 
     def read(self, run_id: str, after: int, limit: int) -> RunSlice | None:
@@ -189,13 +198,14 @@ class MemoryRunStore(RunStore):
                 if run.clients == 0:
                     run.idle_since = time.time()
 
-    def request_cancel(self, run_id: str) -> bool:
-        """Flag the run for cancelling (the runtime stops its producer)."""
+    def cancel(self, run_id: str, event: bytes) -> bool:
+        """End the run as cancelled, ``event`` last (the runtime stops its producer)."""
         with self._lock:
             run = self._runs.get(run_id)
             if run is None or self._expired(run, time.time()):
                 return False
-            run.cancel_requested = True
+            if run.status == RUNNING:
+                self._end(run_id, run, "cancelled", event)
             return True
 
     def expire(self) -> None:

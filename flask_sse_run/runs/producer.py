@@ -15,6 +15,12 @@ and :class:`~flask_sse_run.Interrupted` is thrown in where it waits, exactly as 
 whose client left. The events that end a stream (error, end or shutdown event) end the run's
 buffer too, so a client that reconnects later reads them.
 
+A store that does not answer (:class:`~.store.StoreUnavailable`) holds the generator where it
+is: the producer keeps its events and tries again, and the run goes on when the store answers,
+unless it stayed away longer than ``outage`` seconds; the run then ends as an ``error`` with a
+``StoreUnavailable`` event, which the runtime stores once the store is back. A store that
+refuses an append (the run was cancelled or lost elsewhere) stops the run with no more writes.
+
 Without gevent (sync or thread workers, the test client) the generator runs in a daemon thread
 and each event is appended as it is made; a cancel is seen at its next ``yield``.
 """
@@ -29,18 +35,22 @@ from typing import Any
 
 from .. import shutdown
 from ..cancellation import TOKEN_VAR, CancelToken
-from ..concurrency import gevent_patched, new_event, spawn
+from ..concurrency import gevent_patched, new_event, pause, spawn
 from ..disconnect import Interrupted
 from ..events import encode_with_id
 from ..gevent_stream import FAIR_SLICE
 from ..streaming import StreamOptions, close_stream_source, closing_events
-from .ids import event_id
-from .store import RunStore
+from .endings import cancelled_event, store_unavailable_event
+from .store import RunStore, StoreUnavailable
 
 __all__ = ["BATCH_EVENTS", "Producer"]
 
 #: Most events appended to the store at once.
 BATCH_EVENTS = 256
+#: Seconds between tries of a store that does not answer: the first, and the most.
+RETRY_FIRST, RETRY_MOST = 0.1, 1.0
+#: An unfinished end: ``(status, event)`` the store has yet to take.
+Unfinished = tuple[str, bytes]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +58,9 @@ logger = logging.getLogger(__name__)
 class Producer:
     """Runs one run's generator detached from any connection; see the module docstring.
 
-    ``on_end(run_id)`` is called once, when the run has ended and its status is stored.
+    ``on_end(run_id, unfinished)`` is called once, when the run has ended: ``unfinished`` is
+    ``None`` once its end is stored, else the ``(status, event)`` the store could not take yet.
+    ``outage``: seconds a store that does not answer is waited for before the run ends.
     """
 
     def __init__(
@@ -57,7 +69,8 @@ class Producer:
         source: Iterator[Any],
         store: RunStore,
         options: StreamOptions,
-        on_end: Callable[[str], None],
+        on_end: Callable[[str, Unfinished | None], None],
+        outage: float = 10.0,
     ) -> None:
         self.run_id = run_id
         self.token = CancelToken()
@@ -65,9 +78,12 @@ class Producer:
         self._store = store
         self._options = options
         self._on_end = on_end
+        self._outage = outage
         self._batch: list[tuple[int, bytes]] = []
-        self._ended_by: str | None = None  # "cancelled", "shutdown" or "store" (append failed)
+        # "cancelled", "shutdown", "store" (away too long) or "elsewhere" (ended by the store)
+        self._ended_by: str | None = None
         self._in_generator = False
+        self._ending = False  # its end is being stored: a cancel now changes nothing
         self._flushing = False
         self._scheduled = False
         self._flushed: Any = None
@@ -81,7 +97,7 @@ class Producer:
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop the run: its token is cancelled, the generator interrupted where it waits."""
-        if self._ended_by is not None:
+        if self._ended_by is not None or self._ending:
             return
         self._ended_by = reason
         if gevent_patched() and self._in_generator:
@@ -226,30 +242,46 @@ class Producer:
             return
         events = self._batch[:]
         self._batch.clear()  # in place: the loop holds this list
-        try:
-            self._store.append(self.run_id, events)
-        except Exception as exc:  # the store went away: the run cannot go on
-            if self._ended_by is None:
+        down_since = None
+        delay = RETRY_FIRST
+        while True:
+            try:
+                taken = self._store.append(self.run_id, events)
+                break
+            except StoreUnavailable as exc:
+                # Held, and tried again: a store back within the bound loses nothing.
+                now = perf_counter()
+                if down_since is None:
+                    down_since = now
+                    self._options.logger.warning(
+                        "run %s: the store did not take its events (%s); trying again", self.run_id, exc
+                    )
+                if now - down_since >= self._outage or self._ended_by is not None:
+                    self._stop("store")
+                    return
+                pause(min(delay, self._outage - (now - down_since)))
+                delay = min(delay * 2, RETRY_MOST)
+            except Exception as exc:  # a store that fails otherwise: the run cannot go on
                 self._options.logger.error("run %s: the store did not take its events (%s)", self.run_id, exc)
-                self._ended_by = "store"
-                self.token.cancel("store")
+                self._stop("store")
+                return
+        if not taken:  # cancelled or lost elsewhere: nothing more is written
+            self._stop("elsewhere")
+
+    def _stop(self, reason: str) -> None:
+        if self._ended_by is None:
+            self.cancel(reason)
 
     def _end(self, seq: int, error: BaseException | None) -> None:
         ended_by = self._ended_by
-        status = "error" if error is not None or ended_by == "store" else ended_by or "complete"
+        self._ending = ended_by is None  # ended by itself: what it says stands
+        unfinished: Unfinished | None = None
         try:
-            if ended_by != "store":
-                tail = closing_events(self._options, error, shutdown=ended_by == "shutdown")
-                if tail:
-                    seq += 1
-                    self._batch.append((seq, b"id: " + event_id(self.run_id, seq).encode() + b"\n" + tail))
-                self._flush()
-            try:
-                self._store.finish(self.run_id, status)
-            except Exception as exc:
-                self._options.logger.error(
-                    "run %s: the run store did not take its end (%s)", self.run_id, exc
-                )
+            if ended_by != "elsewhere":
+                if ended_by != "store":
+                    self._flush()
+                    ended_by = self._ended_by  # the flush may have found it ended
+                unfinished = self._finish(ended_by, error)
         finally:
             close_stream_source(
                 self._source,
@@ -259,4 +291,22 @@ class Producer:
                 options=self._options,
             )
             self._greenlet = None
-            self._on_end(self.run_id)
+            self._on_end(self.run_id, unfinished)
+
+    def _finish(self, ended_by: str | None, error: BaseException | None) -> Unfinished | None:
+        """Store the run's end; what the store could not take yet, for the runtime to retry."""
+        if ended_by == "elsewhere":
+            return None
+        if ended_by == "store":
+            status, event = "error", store_unavailable_event(self._outage)
+        elif ended_by == "cancelled":
+            status, event = "cancelled", cancelled_event("no client came back within the reconnect window")
+        else:
+            status = "error" if error is not None else ended_by or "complete"
+            event = closing_events(self._options, error, shutdown=ended_by == "shutdown")
+        try:
+            self._store.finish(self.run_id, status, event)
+        except Exception as exc:
+            self._options.logger.error("run %s: the run store did not take its end (%s)", self.run_id, exc)
+            return status, event
+        return None

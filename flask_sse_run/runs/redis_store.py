@@ -1,43 +1,58 @@
 """The Redis run store: runs shared by every worker and replica of an app (``SSE_RUN_REDIS_URL``).
 
-Keys, under ``SSE_RUN_REDIS_PREFIX`` (default ``sse-run:``), so that several apps share one Redis:
+Keys, under ``SSE_RUN_REDIS_PREFIX`` (default ``sse-run:``), so that several apps share one Redis.
+A run's keys share the hash tag ``{<run_id>}``: its scripts touch one slot, so runs spread over
+the nodes of a Redis Cluster.
 
-* ``<prefix>run:<run_id>``: a hash, the run's state (``function``, ``prefix``, ``owner``,
-  ``status``, ``last_seq``, ``clients``, ``idle_since``, ``cancel``);
-* ``<prefix>run:<run_id>:events``: a stream, one entry per batch of events the producer
+* ``<prefix>run:{<run_id>}``: a hash, the run's state (``function``, ``prefix``, ``owner``,
+  ``status``, ``last_seq``, ``clients``, ``idle_since``);
+* ``<prefix>run:{<run_id>}:events``: a stream, one entry per batch of events the producer
   appends, with the entry id ``<last seq of the batch>-0`` and the fields ``s`` (its first seq),
   ``d`` (the encoded events, one after the other) and ``o`` (their lengths, 32-bit integers), so
   a position inside a batch is exact; ``XADD ... MINID ~`` keeps about the last
   ``SSE_RUN_RESUME_MAX_EVENTS`` events;
-* ``<prefix>changed``: a channel; every append and every end publishes the run's id on it.
+* ``<prefix>run:{<run_id>}:lease``: the producing worker's lease, ``LEASE_MS`` long, renewed by
+  each append and, for a run that has not appended since, by its janitor's heartbeat;
+* ``<prefix>run:{<run_id>}:changed``: the run's channel (sharded pub/sub, ``SPUBLISH``, on Redis
+  7 and later); every append and the end publish on it.
 
-Both keys expire: while the run is produced, ``RUNNING_TTL`` seconds after the producer last
-touched them (so a worker killed mid-run does not leave them forever), then
-``SSE_RUN_RESUME_TTL`` seconds after the end.
+Every key expires: while the run is produced, ``RUNNING_TTL`` seconds after the producer's last
+append or heartbeat (so a worker killed mid-run does not leave them forever), then
+``SSE_RUN_RESUME_TTL`` seconds after the end. No call ever makes a key without one: the scripts
+that change a run's hash do nothing once it is gone.
 
 Round trips: an append is one script call per batch of events (one ``XADD``, the hash's
-``last_seq``, the expiries, the announcement), whatever the batch holds; a read is one pipelined
-round trip, and hands on each batch whole (a chunk), cut only where the position falls inside
-it. Every worker has one subscriber to the channel, a greenlet (or thread) shared by every run
-its responses wait for; a waiting response is woken by its run's announcement and reads again.
-(``XREAD BLOCK`` on every waited-for stream would also be one connection, but costs Redis and the
-worker work in proportion to the number of streams at every call, and must be restarted each
-time a response starts waiting on another run: with a thousand streams, a thousand times a
-second. An announcement costs the same whatever the number of streams.) A cancel (``DELETE``
-anywhere) sets the hash's ``cancel`` field, which the producing worker's janitor reads twice a
-second; so does the window, from ``clients`` and ``idle_since``.
+``last_seq``, the expiries, the lease, the announcement), whatever the batch holds; a read is
+two commands, and hands on each batch whole (a chunk), cut only where the position falls inside
+it. Under gevent the appends and reads that a worker's runs make in one turn of its hub go to
+Redis together, one pipelined round trip (:mod:`.batching`). Each worker has one pub/sub connection, owned by a listener greenlet (or thread): a run's
+channel is subscribed while a response of this worker follows it, and unsubscribed when the
+last one leaves, so a worker hears only the runs it follows, however many replicas share the
+Redis. A waiting response is woken by its run's announcement and reads again.
 
-Every call has a timeout; one that fails raises :class:`~.store.StoreUnavailable` (503). Redis
-coming back needs no restart: redis-py reconnects, and the subscriber subscribes again (waking
-every waiter to read again, so an announcement made while it was away is not missed). Deliberate
-limits: the byte bound of the in-process store is not applied (the bound counts events), and a
-worker killed while its clients were attached leaves their count up, so that run's window waits
-for its natural end.
+How a run ends (every way leaves its reason as the run's last event, see :mod:`.endings`):
+
+* its producer finishes it (one script: the closing event, the status, the TTL);
+* ``DELETE`` anywhere ends it at once (the same script, with the cancel event); the producing
+  worker's next append or heartbeat is refused, which stops its generator;
+* its producer is lost: the worker's watchdog checks the lease of every followed run it heard
+  nothing of for ``SILENCE`` seconds (in one round trip); gone twice, ``LOST_CONFIRM_MS`` apart
+  by Redis's clock (a Redis that was paused comes back with every lease expired, and the
+  producers renew theirs at once), the run ends as ``lost``.
+
+Every call has a timeout; one that fails raises :class:`~.store.StoreUnavailable`. The producer
+and the followers wait for a Redis that comes back within ``SSE_RUN_STORE_OUTAGE`` (see
+:mod:`.producer` and :mod:`.tail`); redis-py reconnects, and the listener subscribes again to
+every run followed here (waking their waiters to read again, so an announcement made while it
+was away is not missed). Deliberate limit: the byte bound of the in-process store is not
+applied (the bound counts events).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import socket
 import threading
 import time
 from array import array
@@ -45,34 +60,119 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from ..concurrency import new_event, spawn
-from .store import RUNNING, RunInfo, RunSlice, RunStore, StoreFull, StoreUnavailable
+from ..concurrency import new_event, new_lock, pause, spawn
+from ..extras import missing_extra
+from .batching import Batcher
+from .endings import lost_event
+from .store import LOST, RUNNING, RunInfo, RunSlice, RunStore, StoreFull, StoreUnavailable
 
-__all__ = ["POOL_SIZE", "RUNNING_TTL", "TIMEOUT", "RedisRunStore"]
+__all__ = ["LEASE_MS", "POOL_SIZE", "RUNNING_TTL", "SILENCE", "TIMEOUT", "RedisRunStore"]
 
 #: Seconds every Redis call may take (connect, read or write) before the store is unavailable.
 TIMEOUT = 2.0
-#: Connections each worker's calls share (not the subscriber's own); a call waits for a free one.
+#: Connections each worker's calls share (not the listener's own); a call waits for a free one.
 POOL_SIZE = 50
-#: Seconds a running run's keys live past the producer's last touch (it touches them at every
-#: append and every few seconds while idle).
+#: Seconds a running run's keys live past the producer's last append or heartbeat.
 RUNNING_TTL = 120
-#: How long the subscriber waits for a message before it looks whether anyone still waits (s).
+#: How long a producer's lease lasts (ms); its janitor renews it every half second.
+LEASE_MS = 2000
+#: A lease found gone is checked again this much later (ms, by Redis's clock) before the run is
+#: declared lost.
+LOST_CONFIRM_MS = 1000
+#: Seconds of silence after which the worker checks that a followed run's producer is still
+#: there; the watchdog looks this often, and checks a silent run again this often.
+SILENCE = 1.5
+WATCH_EVERY = 0.5
+#: Seconds a wait on a run whose channel is not subscribed (yet) lasts before it reads again.
+UNSUBSCRIBED_POLL = 0.5
+#: How long the listener waits for a message before it looks whether the store is closed (s).
 LISTEN_TIMEOUT = 5.0
-# KEYS: the hash, the stream, the channel. ARGV: min id kept, TTL, last seq, first seq, the
-# events' bytes, their lengths, the run id.
+#: Lengths of a batch's events: 32-bit unsigned integers, as the ``o`` field keeps them.
+_LENGTHS = "I"
+
+# KEYS: the hash, the lease. ARGV: running TTL, lease ms, worker, then the hash's fields.
+_CREATE = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+return 1
+"""
+# KEYS: the hash, the stream, the lease. ARGV: min id kept, TTL, last seq, first seq, the
+# events' bytes, their lengths, the channel, the publish command, the worker, the lease ms. An
+# append renews the lease: a producer that appends needs no heartbeat to stay alive.
 _APPEND = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then
   return 0
 end
+redis.call('SET', KEYS[3], ARGV[9], 'PX', ARGV[10])
 redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[1], ARGV[3] .. '-0', 's', ARGV[4], 'd', ARGV[5], 'o', ARGV[6])
 redis.call('HSET', KEYS[1], 'last_seq', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('PUBLISH', KEYS[3], ARGV[7])
+redis.call(ARGV[8], ARGV[7], '')
 return 1
 """
+# Ends a running run. KEYS: the hash, the stream, the lease. ARGV: mode ('end', or 'lost': only
+# if the lease is gone, twice, LOST_CONFIRM_MS apart), status, TTL ms, the last event (without
+# its id line; '' for none), the run id, the channel, the publish command, the confirm ms.
+# Returns -1 (no such run), 0 (not running, or alive), 1 (ended now), 2 (lease gone: suspect).
+_END = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  return -1
+end
+if status ~= 'running' then
+  return 0
+end
+if ARGV[1] == 'lost' then
+  if redis.call('EXISTS', KEYS[3]) == 1 then
+    return 0
+  end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local suspect = tonumber(redis.call('HGET', KEYS[1], 'suspect'))
+  if not suspect then
+    redis.call('HSET', KEYS[1], 'suspect', now)
+    return 2
+  end
+  if now - suspect < tonumber(ARGV[8]) then
+    return 2
+  end
+end
+if ARGV[4] ~= '' then
+  local seq = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0') + 1
+  local data = 'id: ' .. ARGV[5] .. ':' .. seq .. '\\n' .. ARGV[4]
+  redis.call('XADD', KEYS[2], seq .. '-0', 's', seq, 'd', data, 'o', struct.pack('<I4', #data))
+  redis.call('HSET', KEYS[1], 'last_seq', seq)
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+redis.call('HDEL', KEYS[1], 'suspect')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('DEL', KEYS[3])
+redis.call(ARGV[7], ARGV[6], '')
+return 1
+"""
+# The producer's heartbeat. KEYS: the hash, the stream, the lease. ARGV: worker, lease ms,
+# running TTL, then the fields to return. Returns the run's state (empty: gone); a running one's
+# lease and keys are renewed.
+_HEARTBEAT = """
+local f = redis.call('HMGET', KEYS[1], unpack(ARGV, 4))
+if not f[1] then
+  return {}
+end
+if f[1] == 'running' then
+  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'suspect')
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
+return f
+"""
 _DETACH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return -1
+end
 local left = redis.call('HINCRBY', KEYS[1], 'clients', -1)
 if left <= 0 then
   redis.call('HSET', KEYS[1], 'clients', 0, 'idle_since', ARGV[1])
@@ -86,15 +186,20 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 return 1
 """
+_FIELDS = ("status", "function", "prefix", "owner", "last_seq", "clients", "idle_since")
 
 
 class RedisRunStore(RunStore):
-    """Runs in Redis; see the module docstring. ``url`` is a ``redis://`` or ``unix://`` URL."""
+    """Runs in Redis; see the module docstring. ``url`` is a ``redis://``, ``rediss://`` or
+    ``unix://`` URL."""
 
     def __init__(
         self, url: str, *, prefix: str, max_events: int, max_runs: int, ttl: float, window: float
     ) -> None:
-        import redis
+        try:
+            import redis
+        except ImportError as error:
+            raise missing_extra("redis", error) from error
 
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         # ValueError and AttributeError too: redis-py's reading a socket that close() closed
@@ -114,41 +219,71 @@ class RedisRunStore(RunStore):
             retry_on_timeout=False,
         )
         self._redis = redis.Redis(connection_pool=pool)
-        # The subscriber waits up to LISTEN_TIMEOUT for a message: room for that.
+        # The listener waits up to LISTEN_TIMEOUT for a message: room for that.
         self._reader_client = redis.Redis.from_url(
             url, socket_timeout=TIMEOUT + LISTEN_TIMEOUT, socket_connect_timeout=TIMEOUT
         )
-        self._channel = f"{prefix}changed"
         self.prefix = prefix
         self.max_events = max_events
         self.max_runs = max_runs
         self.ttl = ttl
         self._running_ttl = max(RUNNING_TTL, int(window * 2) + 10)
+        self._create = self._redis.register_script(_CREATE)
+        self._append = self._redis.register_script(_APPEND)
+        self._end = self._redis.register_script(_END)
+        self._heartbeat = self._redis.register_script(_HEARTBEAT)
         self._detach = self._redis.register_script(_DETACH)
         self._attach = self._redis.register_script(_ATTACH)
-        self._append = self._redis.register_script(_APPEND)
+        self._worker_id = (0, "")
+        self._beat = False
+        self._sharded: bool | None = None  # SPUBLISH and SSUBSCRIBE (Redis 7+): asked once
+        scripts = (self._create, self._append, self._end, self._heartbeat, self._detach, self._attach)
+        self._batcher = Batcher(
+            self._redis, {script.sha: script.script for script in scripts}, redis.exceptions.NoScriptError
+        )
         self._local: set[str] = set()  # runs produced by this process, still running
+        # When each run produced here last appended (monotonic): its lease is fresh till then.
+        self._appended: dict[str, float] = {}
         self._waiters: dict[str, list[Any]] = {}  # run id -> events of the greenlets waiting
         # Runs this process's responses follow: how many clients, and how many announcements
-        # the subscriber heard for each (a read's mark; see wait).
+        # the listener heard for each (a read's mark; see wait). Values from one increasing
+        # count, so that an entry made again never equals an old mark.
         self._followers: dict[str, int] = {}
-        # Values from one increasing count, so that an entry made again never equals an old mark.
         self._heard: dict[str, int] = {}
         self._announcements = itertools.count(1)
-        self._subscription = 0  # counts subscriptions; 0 while not subscribed
-        # Held only around these dicts (no I/O under it): the subscriber may be a thread.
+        # When each followed run was last heard of (monotonic): the watchdog checks silent ones.
+        self._last_heard: dict[str, float] = {}
+        # Subscriptions: (un)subscribe commands sent per run and not yet confirmed, and the runs
+        # whose channel is subscribed on the current connection (its number: _connection).
+        self._unconfirmed: dict[str, int] = {}
+        self._subscribed: set[str] = set()
+        self._connection = 0
+        self._pubsub: Any = None
+        # Held only around these dicts (no I/O under it): the listener may be a thread.
         self._lock = threading.Lock()
+        # Held around a (un)subscribe sent on the listener's connection; made at first use.
+        self._send_lock: Any = None
         self._listening = False
-        self._reader: Any = None
+        self._watching = False
         self._closed = False
 
     # -- keys and errors -------------------------------------------------------------------------
 
     def _key(self, run_id: str) -> str:
-        return f"{self.prefix}run:{run_id}"
+        return f"{self.prefix}run:{{{run_id}}}"
 
-    def _events_key(self, run_id: str) -> str:
-        return f"{self.prefix}run:{run_id}:events"
+    def _keys(self, run_id: str) -> list[str]:
+        """The hash, the stream and the lease of a run."""
+        key = self._key(run_id)
+        return [key, f"{key}:events", f"{key}:lease"]
+
+    def _channel(self, run_id: str) -> str:
+        return f"{self._key(run_id)}:changed"
+
+    def _run_of(self, channel: bytes) -> str:
+        # "<prefix>run:{<run_id>}:changed"
+        start = len(self.prefix) + 5
+        return channel.decode()[start : start + 32]
 
     @contextmanager
     def _call(self) -> Iterator[None]:
@@ -157,33 +292,42 @@ class RedisRunStore(RunStore):
         except self._errors as exc:
             raise StoreUnavailable() from exc
 
+    def _publish(self) -> str:
+        """``SPUBLISH`` where the server has sharded pub/sub (Redis 7+), else ``PUBLISH``."""
+        if self._sharded is None:
+            with self._call():
+                version = str(self._redis.info("server").get("redis_version", "0"))
+            self._sharded = int(version.split(".")[0]) >= 7
+        return "SPUBLISH" if self._sharded else "PUBLISH"
+
+    def _worker(self) -> str:
+        # Who holds a lease: this host and process (made again after a fork).
+        if self._worker_id[0] != os.getpid():
+            self._worker_id = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}")
+        return self._worker_id[1]
+
     # -- the producer's side ---------------------------------------------------------------------
 
     def create(self, run_id: str, function: str, prefix: str, owner: str | None) -> None:
-        """Record a new run; :class:`StoreFull` when this process produces ``max_runs``."""
+        """Record a new run and its lease; :class:`StoreFull` when this process produces
+        ``max_runs``."""
         if len(self._local) >= self.max_runs:
             raise StoreFull(self.max_runs, retry_after=5)
-        fields: dict[Any, Any] = {
-            "function": function,
-            "prefix": prefix,
-            "owner": owner or "",
-            "status": RUNNING,
-            "last_seq": 0,
-            "clients": 0,
-            "idle_since": repr(time.time()),
-        }
+        fields: list[str | int] = [
+            "function", function, "prefix", prefix, "owner", owner or "", "status", RUNNING,
+            "last_seq", 0, "clients", 0, "idle_since", repr(time.time()),
+        ]  # fmt: skip
+        hash_key, _, lease = self._keys(run_id)
         with self._call():
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.hset(self._key(run_id), mapping=fields)
-            pipe.expire(self._key(run_id), self._running_ttl)
-            pipe.execute()
+            self._create(keys=[hash_key, lease], args=[self._running_ttl, LEASE_MS, self._worker(), *fields])
         self._local.add(run_id)
 
-    def append(self, run_id: str, events: Sequence[tuple[int, bytes]]) -> None:
+    def append(self, run_id: str, events: Sequence[tuple[int, bytes]]) -> bool:
         """One round trip, one stream entry for the whole batch (a script, so nothing is added
         to a run that ended): the events, the run's ``last_seq``, the keys' expiry."""
         first, last = events[0][0], events[-1][0]
-        lengths = array("I", [len(data) for _, data in events])
+        lengths = array(_LENGTHS, [len(data) for _, data in events])
+        keys = self._keys(run_id)
         args: list[int | bytes | str] = [
             max(1, last - self.max_events + 1),  # MINID: what falls out of the bound
             self._running_ttl,
@@ -191,34 +335,73 @@ class RedisRunStore(RunStore):
             first,
             b"".join([data for _, data in events]),
             lengths.tobytes(),
-            run_id,
+            self._channel(run_id),
+            self._publish(),
+            self._worker(),
+            LEASE_MS,
         ]
         with self._call():
-            self._append(keys=[self._key(run_id), self._events_key(run_id), self._channel], args=args)
+            (reply,) = self._batcher.run([("EVALSHA", self._append.sha, 3, *keys, *args)])
+        self._appended[run_id] = time.monotonic()
+        if isinstance(reply, Exception):
+            raise reply
+        taken = bool(reply)
+        if not taken:
+            self._local.discard(run_id)
+        return taken
 
-    def finish(self, run_id: str, status: str) -> None:
-        """Mark the run ended, tell its readers, and start the TTL."""
+    def finish(self, run_id: str, status: str, event: bytes = b"") -> bool:
+        """End the run with ``event`` last, tell its readers, and start the TTL."""
+        ended = self._end_run(run_id, "end", status, event) == 1
         self._local.discard(run_id)
-        key, events_key = self._key(run_id), self._events_key(run_id)
-        with self._call():
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.hset(key, "status", status)
-            ttl_ms = max(1, int(self.ttl * 1000))
-            pipe.pexpire(key, ttl_ms)
-            pipe.pexpire(events_key, ttl_ms)
-            pipe.publish(self._channel, run_id)
-            pipe.execute()
+        return ended
 
-    def touch(self, run_ids: Sequence[str]) -> None:
-        """Keep running runs' keys alive (the janitor calls this while they are idle)."""
+    def cancel(self, run_id: str, event: bytes) -> bool:
+        """End the run as cancelled, ``event`` last, for every follower at once; its producer
+        (wherever it is) is refused its next append or heartbeat."""
+        return self._end_run(run_id, "end", "cancelled", event) != -1
+
+    def _end_run(self, run_id: str, mode: str, status: str, event: bytes) -> int:
+        ttl_ms = max(1, int(self.ttl * 1000))
+        args: list[str | int | bytes] = [
+            mode,
+            status,
+            ttl_ms,
+            event,
+            run_id,
+            self._channel(run_id),
+            self._publish(),
+            LOST_CONFIRM_MS,
+        ]
+        with self._call():
+            return int(self._end(keys=self._keys(run_id), args=args))
+
+    def heartbeat(self, run_ids: Sequence[str]) -> dict[str, RunInfo | None]:
+        """Renew the leases and keys of these running runs (produced here), in one round trip,
+        and return their states: what the janitor needs, read in the same call. Every other
+        call skips the runs that appended since the last (an append renews the lease)."""
+        now = time.monotonic()
+        # A run that appended within the last beat renewed its lease then: only the window
+        # needs its state, and every other beat is enough for that.
+        self._beat = not self._beat
+        due = [r for r in run_ids if self._beat or now - self._appended.get(r, 0.0) >= LEASE_MS / 2000]
+        return dict(zip(due, self._beat_runs(due), strict=True))
+
+    def _beat_runs(self, run_ids: Sequence[str]) -> list[RunInfo | None]:
         if not run_ids:
-            return
+            return []
+        args: list[str | int] = [self._worker(), LEASE_MS, self._running_ttl, *_FIELDS]
         with self._call():
             pipe = self._redis.pipeline(transaction=False)
             for run_id in run_ids:
-                pipe.expire(self._key(run_id), self._running_ttl)
-                pipe.expire(self._events_key(run_id), self._running_ttl)
-            pipe.execute()
+                self._heartbeat(keys=self._keys(run_id), args=args, client=pipe)
+            replies: list[list[bytes | None]] = pipe.execute()
+        infos = [_info(run_id, reply) for run_id, reply in zip(run_ids, replies, strict=True)]
+        for run_id, info in zip(run_ids, infos, strict=True):
+            if info is None or not info.running:
+                self._local.discard(run_id)
+                self._appended.pop(run_id, None)
+        return infos
 
     # -- the readers' side -----------------------------------------------------------------------
 
@@ -227,22 +410,29 @@ class RedisRunStore(RunStore):
         return self.get_many([run_id])[0]
 
     def get_many(self, run_ids: Sequence[str]) -> list[RunInfo | None]:
-        """The states of several runs in one round trip (the janitor's twice a second)."""
+        """The states of several runs in one round trip."""
         with self._call():
             pipe = self._redis.pipeline(transaction=False)
             for run_id in run_ids:
-                pipe.hgetall(self._key(run_id))
-            found: list[dict[bytes, bytes]] = pipe.execute()
+                pipe.hmget(self._key(run_id), *_FIELDS)
+            found: list[list[bytes | None]] = pipe.execute()
         return [_info(run_id, fields) for run_id, fields in zip(run_ids, found, strict=True)]
 
     def read(self, run_id: str, after: int, limit: int) -> RunSlice | None:
         """One round trip: the state and up to ``limit`` batches holding events after ``after``."""
         mark = self._mark(run_id)  # before the round trip: a change made during it counts
+        hash_key, events_key, _ = self._keys(run_id)
         with self._call():
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.hmget(self._key(run_id), "status", "last_seq")
-            pipe.xrange(self._events_key(run_id), f"{after + 1}-0", "+", count=limit)
-            (status, last_seq), entries = pipe.execute()
+            state, entries = self._batcher.run(
+                [
+                    ("HMGET", hash_key, "status", "last_seq"),
+                    ("XRANGE", events_key, f"{after + 1}-0", "+", "COUNT", limit),
+                ]
+            )
+        for reply in (state, entries):
+            if isinstance(reply, Exception):
+                raise reply
+        status, last_seq = state
         if status is None:
             return None
         events = [_chunk(fields, after) for _, fields in entries]
@@ -252,21 +442,21 @@ class RedisRunStore(RunStore):
         return RunSlice(events, missed, status.decode(), int(last_seq or 0), mark)
 
     def _mark(self, run_id: str) -> tuple[int, int] | None:
-        # What the subscriber has heard of the run, if it listens and counts for this run.
+        # What the listener has heard of the run, if its channel is subscribed now.
         with self._lock:
-            heard = self._heard.get(run_id)
-        if heard is None or not self._subscription:
-            return None
-        return (self._subscription, heard)
+            if run_id not in self._subscribed:
+                return None
+            return (self._connection, self._heard[run_id])
 
     def wait(self, run_id: str, after: int, timeout: float, mark: object = None) -> None:
-        """Wait for the run to change, through the worker's one subscriber.
+        """Wait for the run to change, through this worker's subscription to its channel.
 
         Each round registers, then makes sure no change slipped in since the caller's read
-        began: with that read's ``mark``, by what the subscriber has heard since (the same
-        subscription and count of announcements: no round trip, since every change is announced
-        after it is stored); without one, by asking Redis (one ``HMGET``). A wake-up that changed
-        nothing (the subscriber waking everyone after it reconnected) waits on.
+        began: with that read's ``mark``, by what the listener has heard since (the same
+        connection and count of announcements: no round trip, since every change is announced
+        after it is stored); without one (not subscribed yet), by asking Redis (one ``HMGET``).
+        A run that falls silent is the watchdog's (see :meth:`_watch`): a lost one is ended, and
+        its waiters woken.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -274,7 +464,7 @@ class RedisRunStore(RunStore):
             with self._lock:
                 self._waiters.setdefault(run_id, []).append(event)
             try:
-                self._ensure_reader()
+                self._ensure_listener()
                 if mark is not None:
                     if mark != self._mark(run_id):
                         return  # heard of a change since the read began: read again
@@ -284,28 +474,42 @@ class RedisRunStore(RunStore):
                     if status is None or status != b"running" or int(last_seq or 0) > after:
                         return
                 left = deadline - time.monotonic()
-                if left <= 0 or not event.wait(left):
+                if left <= 0 or mark is not None:
+                    if left > 0:
+                        event.wait(left)
+                    return
+                # Not subscribed to the run (yet): nothing may wake it, so it asks again soon.
+                if event.wait(min(left, UNSUBSCRIBED_POLL)):
                     return
             finally:
-                with self._lock:
-                    waiting = self._waiters.get(run_id)
-                    if waiting is not None:
-                        if event in waiting:
-                            waiting.remove(event)
-                        if not waiting:
-                            del self._waiters[run_id]
+                self._unwait(run_id, event)
+
+    def _unwait(self, run_id: str, event: Any) -> None:
+        with self._lock:
+            waiting = self._waiters.get(run_id)
+            if waiting is not None:
+                if event in waiting:
+                    waiting.remove(event)
+                if not waiting:
+                    del self._waiters[run_id]
 
     def attach(self, run_id: str) -> None:
-        """A client follows the run (in any worker)."""
+        """A client follows the run (in any worker); the first here subscribes to its channel."""
         with self._call():
             self._attach(keys=[self._key(run_id)])
         with self._lock:
-            self._followers[run_id] = self._followers.get(run_id, 0) + 1
-            if run_id not in self._heard:
+            followers = self._followers.get(run_id, 0)
+            self._followers[run_id] = followers + 1
+            if followers == 0:
                 self._heard[run_id] = next(self._announcements)
+                self._last_heard[run_id] = time.monotonic()
+        if followers == 0:
+            self._ensure_listener()
+            self._send("subscribe", run_id)
 
     def detach(self, run_id: str) -> None:
-        """A client left; the last one leaving marks the run idle (its window starts)."""
+        """A client left; the last one here unsubscribes, the last anywhere marks the run idle
+        (its window starts). A run that is gone stays gone."""
         with self._lock:
             left = self._followers.get(run_id, 1) - 1
             if left > 0:
@@ -313,73 +517,152 @@ class RedisRunStore(RunStore):
             else:
                 self._followers.pop(run_id, None)
                 self._heard.pop(run_id, None)
+                self._last_heard.pop(run_id, None)
+                self._subscribed.discard(run_id)
+        if left <= 0:
+            self._send("unsubscribe", run_id)
         with self._call():
             self._detach(keys=[self._key(run_id)], args=[repr(time.time())])
 
-    def request_cancel(self, run_id: str) -> bool:
-        """Flag the run for cancelling; its producer's worker sees the flag within a second."""
-        with self._call():
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.exists(self._key(run_id))
-            pipe.hsetnx(self._key(run_id), "cancel", "1")
-            exists, _ = pipe.execute()
-            if not exists:  # HSETNX made a stray hash: remove it
-                self._redis.delete(self._key(run_id))
-        return bool(exists)
-
     def close(self) -> None:
-        """Close the connections (the subscriber stops at its next wake-up)."""
+        """Close the connections (the listener stops at its next wake-up)."""
         self._closed = True
         self._redis.close()
         self._redis.connection_pool.disconnect()  # a pool passed in is not closed with its client
         self._reader_client.close()
 
-    # -- the shared subscriber ------------------------------------------------------------------
+    # -- the listener ---------------------------------------------------------------------------
 
-    def _ensure_reader(self) -> None:
+    def _send(self, command: str, run_id: str) -> None:
+        # From the greenlet that attaches or detaches, on the listener's connection (a write
+        # beside its read). Without a connection, the listener subscribes when it makes one.
+        pubsub = self._pubsub
+        if pubsub is None:
+            return
+        with self._lock:
+            self._unconfirmed[run_id] = self._unconfirmed.get(run_id, 0) + 1
+        try:
+            # One sender at a time: redis-py's pub/sub makes its connection at its first
+            # command, and two at once would each make one (the second never closed).
+            with self._sender():
+                if command == "subscribe":
+                    (pubsub.ssubscribe if self._sharded else pubsub.subscribe)(self._channel(run_id))
+                else:
+                    (pubsub.sunsubscribe if self._sharded else pubsub.unsubscribe)(self._channel(run_id))
+        except self._listen_errors:
+            pass  # the connection broke: the listener makes a new one, subscribed to what is followed
+
+    def _sender(self) -> Any:
+        if self._send_lock is None:
+            self._send_lock = new_lock()
+        return self._send_lock
+
+    def _ensure_listener(self) -> None:
         # Started again if it ended (by an error it does not expect), so waits never rely on a
-        # subscriber that is gone.
+        # listener that is gone.
         if not self._listening and not self._closed:
             self._listening = True
-            self._reader = spawn(self._listen)
+            spawn(self._listen)
+        if not self._watching and not self._closed:
+            self._watching = True
+            spawn(self._watch)
 
     def _listen(self) -> None:
-        # Started by the first wait and kept for the store's life: one per worker, idle cheaply.
+        # Started by the first follower and kept for the store's life: one per worker.
         try:
+            self._publish()  # which kind of channels: known before the first subscription
             self._subscribe_and_listen()
+        except StoreUnavailable:
+            pass  # the next follower starts it again
         finally:
-            self._subscription = 0  # marks stop counting: waits ask Redis until it is back
+            with self._lock:
+                self._pubsub = None
+                self._subscribed.clear()
             self._listening = False
+            self._wake(list(self._waiters))  # marks are void: every waiter reads again
 
     def _subscribe_and_listen(self) -> None:
-        subscriptions = 0
         while not self._closed:
             pubsub = self._reader_client.pubsub()
             try:
-                pubsub.subscribe(self._channel)
+                with self._lock:
+                    self._connection += 1
+                    self._subscribed.clear()
+                    followed = list(self._followers)
+                    self._unconfirmed = dict.fromkeys(followed, 1)
+                    self._pubsub = pubsub
+                if followed:
+                    channels = [self._channel(run_id) for run_id in followed]
+                    with self._sender():
+                        (pubsub.ssubscribe if self._sharded else pubsub.subscribe)(*channels)
                 while not self._closed:
                     message = pubsub.get_message(timeout=LISTEN_TIMEOUT)
-                    if message is None:
-                        continue
-                    if message["type"] == "subscribe":
-                        # Subscribed now: a change announced before went unheard by these.
-                        self._subscription = subscriptions = subscriptions + 1
-                        self._wake(list(self._waiters))
-                    elif message["type"] == "message":
-                        run_id = message["data"].decode()
-                        with self._lock:
-                            if run_id in self._heard:  # followed here: a change for the marks
-                                self._heard[run_id] = next(self._announcements)
-                        self._wake([run_id])
+                    if message is not None:
+                        self._heard_message(message)
             except self._listen_errors:
-                self._subscription = 0  # nothing is heard until subscribed again
+                with self._lock:
+                    self._pubsub = None
+                    self._subscribed.clear()  # nothing is heard until subscribed again
                 if self._closed:
                     return
-                # Redis gone: every waiter reads again (and reports it); then resubscribe.
+                # Redis gone: every waiter reads again (and reports it); then subscribe again.
                 self._wake(list(self._waiters))
-                _sleep(0.5)
+                pause(0.5)
             finally:
                 pubsub.close()
+
+    def _heard_message(self, message: dict[str, Any]) -> None:
+        kind, channel = message["type"], message["channel"]
+        if not isinstance(channel, bytes):
+            return
+        run_id = self._run_of(channel)
+        if kind in ("smessage", "message"):
+            with self._lock:
+                if run_id in self._heard:  # followed here: a change for the marks
+                    self._heard[run_id] = next(self._announcements)
+                    self._last_heard[run_id] = time.monotonic()
+            self._wake([run_id])
+        elif kind in ("ssubscribe", "subscribe", "sunsubscribe", "unsubscribe"):
+            # Confirmed in the order sent: once none is pending, the last one sent holds.
+            with self._lock:
+                left = self._unconfirmed.get(run_id, 1) - 1
+                if left > 0:
+                    self._unconfirmed[run_id] = left
+                    return
+                self._unconfirmed.pop(run_id, None)
+                if kind not in ("ssubscribe", "subscribe") or run_id not in self._followers:
+                    return
+                self._subscribed.add(run_id)
+            self._wake([run_id])  # subscribed now: a change announced before went unheard
+
+    def _watch(self) -> None:
+        # One greenlet per worker: the followed runs silent for SILENCE seconds have their
+        # producer's lease checked, together (a run with news is never checked).
+        try:
+            while not self._closed and self._followers:
+                pause(WATCH_EVERY)
+                now = time.monotonic()
+                with self._lock:
+                    silent = [run_id for run_id, heard in self._last_heard.items() if now - heard >= SILENCE]
+                    for run_id in silent:  # checked again a second later, not at every look
+                        self._last_heard[run_id] = now - SILENCE + 1.0
+                if silent:
+                    try:
+                        self._check_lost(silent)
+                    except self._errors:
+                        pass  # Redis away: the followers' own calls report it
+        finally:
+            self._watching = False
+
+    def _check_lost(self, run_ids: Sequence[str]) -> None:
+        ttl_ms, publish, event = max(1, int(self.ttl * 1000)), self._publish(), lost_event()
+        commands = [
+            ("EVALSHA", self._end.sha, 3, *self._keys(run_id),
+             "lost", LOST, ttl_ms, event, run_id, self._channel(run_id), publish, LOST_CONFIRM_MS)
+            for run_id in run_ids
+        ]  # fmt: skip
+        replies = self._batcher.run(commands)
+        self._wake([run_id for run_id, reply in zip(run_ids, replies, strict=True) if reply in (-1, 1)])
 
     def _wake(self, run_ids: Sequence[str]) -> None:
         with self._lock:
@@ -388,10 +671,11 @@ class RedisRunStore(RunStore):
             event.set()
 
 
-def _info(run_id: str, fields: dict[bytes, bytes]) -> RunInfo | None:
-    if not fields:
+def _info(run_id: str, values: Sequence[bytes | None]) -> RunInfo | None:
+    """The run's state from the values of ``_FIELDS`` (none, or no status: gone)."""
+    if not values or values[0] is None:
         return None
-    text = {key.decode(): value.decode() for key, value in fields.items()}
+    text = {key: value.decode() for key, value in zip(_FIELDS, values, strict=True) if value is not None}
     return RunInfo(
         run_id=run_id,
         function=text.get("function", ""),
@@ -401,27 +685,15 @@ def _info(run_id: str, fields: dict[bytes, bytes]) -> RunInfo | None:
         last_seq=int(text.get("last_seq", 0)),
         clients=int(text.get("clients", 0)),
         idle_since=float(text["idle_since"]) if text.get("idle_since") else None,
-        cancel_requested=text.get("cancel") == "1",
     )
 
 
 def _chunk(fields: dict[bytes, bytes], after: int) -> tuple[int, bytes]:
     """``(last seq, bytes)`` of the events of one stream entry (a batch) above ``after``."""
-    lengths = array("I")
+    lengths = array(_LENGTHS)
     lengths.frombytes(fields[b"o"])
     first, data = int(fields[b"s"]), fields[b"d"]
     last = first + len(lengths) - 1
     if first > after:
         return last, data
     return last, data[sum(lengths[: after - first + 1]) :]  # the position falls inside it
-
-
-def _sleep(seconds: float) -> None:
-    from ..concurrency import gevent_patched
-
-    if gevent_patched():
-        import gevent
-
-        gevent.sleep(seconds)
-    else:
-        time.sleep(seconds)

@@ -18,7 +18,7 @@ one (``204`` on the function URL, ``404`` on ``/runs``), so its existence is not
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from flask import Request, Response, current_app, g, request
@@ -28,14 +28,15 @@ from ..cancellation import CancelToken
 from ..concurrency import gevent_patched
 from ..errors import RequestError
 from ..negotiation import STREAM, request_id, wants_stream
+from ..registry import EXTENSION_KEY
 from ..responses import error_response, json_response, no_content, options_response, stream_response
 from ..streaming import StreamOptions
 from .ids import is_run_id, parse_event_id, parse_position
-from .store import RunInfo
+from .store import RunInfo, StoreUnavailable
 from .tail import tail
 
 if TYPE_CHECKING:
-    from ..extension import RegisteredFunction, State
+    from ..registry import RegisteredFunction, State
 
 __all__ = ["RUNS_ALLOW", "respond_async", "resume_on_function_url", "run_view", "start_run"]
 
@@ -62,12 +63,13 @@ def _owner() -> str | None:
     return None if sub is None else str(sub)
 
 
-def _reachable(info: RunInfo | None, name: str | None, prefix: str) -> bool:
+def _reachable(info: RunInfo | None, name: str | None, prefix: str, owner: str | None = None) -> bool:
     """Whether this request may see the run: it exists, belongs to the function (when one is
-    named) of this instance, and to this request's JWT subject, if the run has one."""
+    named) of this instance, and to this request's JWT subject (``owner``, when the check comes
+    after the request), if the run has one."""
     if info is None or info.prefix != prefix or (name is not None and info.function != name):
         return False
-    return info.owner is None or info.owner == _owner()
+    return info.owner is None or info.owner == (owner if owner is not None else _owner())
 
 
 def start_run(
@@ -105,9 +107,9 @@ def start_run(
         # the store and no watcher armed for a stream that ends at once.
         gevent.sleep(0)
     record = None if state.observers is None else state.observers.stream(prefix, name, rid, run_id)
+    followed = tail(state.runs.store, run_id, 0, record, outage=settings.store_outage)
     return stream_response(
-        tail(state.runs.store, run_id, 0, record), req, settings, rid, CancelToken(), run_id=run_id,
-        record=record,
+        followed, req, settings, rid, CancelToken(), run_id=run_id, record=record
     )  # fmt: skip
 
 
@@ -118,7 +120,15 @@ def resume_on_function_url(state: State, name: str, prefix: str, req: Request, r
     if parsed is None:
         raise RequestError(400, "Last-Event-ID is not an event id of this server (<run_id>:<seq>)")
     run_id, after = parsed
-    info = state.runs.store.get(run_id)
+    try:
+        info = state.runs.store.get(run_id)
+    except StoreUnavailable:
+        # A reconnect while the store is away: 200 and wait for it (a browser's EventSource
+        # gives up for good on any other status), checking the run once it answers.
+        owner = _owner()
+        return _follow_later(
+            state, run_id, after, req, rid, lambda found: _reachable(found, name, prefix, owner)
+        )
     if not _reachable(info, name, prefix):
         return no_content(rid)
     return _follow(state, info, after, req, rid)  # type: ignore[arg-type]  # reachable: not None
@@ -129,18 +139,31 @@ def _follow(state: State, info: RunInfo, after: int, req: Request, rid: str) -> 
         raise RequestError(406, f"a run is followed as {STREAM}")
     if not info.running and info.last_seq <= after:
         return no_content(rid, {"X-Run-ID": info.run_id})  # read to its end: stop reconnecting
-    store, observers = state.runs.store, state.observers
+    store, observers, settings = state.runs.store, state.observers, state.settings
     record = None if observers is None else observers.stream(info.prefix, info.function, rid, info.run_id)
+    followed = tail(store, info.run_id, after, record, outage=settings.store_outage)
     return stream_response(
-        tail(store, info.run_id, after, record), req, state.settings, rid, CancelToken(),
-        run_id=info.run_id, record=record,
+        followed, req, settings, rid, CancelToken(), run_id=info.run_id, record=record
     )  # fmt: skip
+
+
+def _follow_later(
+    state: State,
+    run_id: str,
+    after: int,
+    req: Request,
+    rid: str,
+    admit: Callable[[RunInfo | None], bool],
+) -> Response:
+    if not wants_stream(req.environ.get("HTTP_ACCEPT"), req):
+        raise StoreUnavailable()
+    settings = state.settings
+    followed = tail(state.runs.store, run_id, after, outage=settings.store_outage, admit=admit)
+    return stream_response(followed, req, settings, rid, CancelToken(), run_id=run_id)
 
 
 def run_view(run_id: str, functions: Mapping[str, RegisteredFunction], prefix: str = "") -> Response:
     """``GET`` (follow) or ``DELETE`` (cancel) ``{prefix}/runs/<run_id>``; ``OPTIONS`` 204."""
-    from ..views import EXTENSION_KEY
-
     state: State = current_app.extensions[EXTENSION_KEY]
     req: Request = request._get_current_object()  # type: ignore[attr-defined]
     rid = request_id(req.environ.get("HTTP_X_REQUEST_ID"))
@@ -149,7 +172,12 @@ def run_view(run_id: str, functions: Mapping[str, RegisteredFunction], prefix: s
             return options_response(RUNS_ALLOW, rid)
         if req.method not in ("GET", "DELETE"):
             raise RequestError(405, "this endpoint accepts GET or DELETE only", headers={"Allow": RUNS_ALLOW})
-        info = state.runs.store.get(run_id) if is_run_id(run_id) else None
+        try:
+            info = state.runs.store.get(run_id) if is_run_id(run_id) else None
+        except StoreUnavailable:
+            if req.method != "GET":
+                raise
+            return _follow_unseen(state, run_id, functions, prefix, req, rid)
         registered = functions.get(info.function) if info is not None and info.prefix == prefix else None
         if registered is None or not registered.public:
             # Before anything about the run is told: without a valid token every run is a 401.
@@ -160,13 +188,36 @@ def run_view(run_id: str, functions: Mapping[str, RegisteredFunction], prefix: s
         if req.method == "DELETE":
             state.runs.cancel(run_id)
             return no_content(rid, {"X-Run-ID": run_id})
-        after = 0
-        position = req.environ.get("HTTP_LAST_EVENT_ID") or req.args.get("last_event_id")
-        if position is not None:
-            parsed = parse_position(position, run_id)
-            if parsed is None:
-                raise RequestError(400, "last_event_id must be a seq number or an event id of this run")
-            after = parsed
-        return _follow(state, info, after, req, rid)
+        return _follow(state, info, _position(req, run_id), req, rid)
     except RequestError as exc:
         return error_response(exc, rid)
+
+
+def _position(req: Request, run_id: str) -> int:
+    position = req.environ.get("HTTP_LAST_EVENT_ID") or req.args.get("last_event_id")
+    if position is None:
+        return 0
+    parsed = parse_position(position, run_id)
+    if parsed is None:
+        raise RequestError(400, "last_event_id must be a seq number or an event id of this run")
+    return parsed
+
+
+def _follow_unseen(
+    state: State,
+    run_id: str,
+    functions: Mapping[str, RegisteredFunction],
+    prefix: str,
+    req: Request,
+    rid: str,
+) -> Response:
+    """``GET /runs/<run_id>`` while the store is away: which function the run belongs to is not
+    known yet, so a token is needed whenever auth is on (a public function's run included)."""
+    authenticate(state.auth, req.environ.get("HTTP_AUTHORIZATION"), rid)
+    after, owner = _position(req, run_id), _owner()
+
+    def admit(found: RunInfo | None) -> bool:
+        registered = functions.get(found.function) if found is not None else None
+        return registered is not None and _reachable(found, None, prefix, owner)
+
+    return _follow_later(state, run_id, after, req, rid, admit)

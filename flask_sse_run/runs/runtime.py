@@ -4,9 +4,13 @@
 process. A janitor (one greenlet, or thread, per app, alive while there is anything to look
 after) checks every ``JANITOR_INTERVAL`` seconds:
 
-* a run produced here whose last client left ``window`` seconds ago (or that was started with
-  none, ``Prefer: respond-async``) is cancelled, as a stream whose client left is;
-* a cancel asked for through the store (``DELETE`` in another worker) reaches its producer;
+* the runs produced here beat their heart (:meth:`~.store.RunStore.heartbeat`: a shared store
+  renews their leases with it), and what it answers is acted on: a run whose last client left
+  ``window`` seconds ago (or that was started with none, ``Prefer: respond-async``) is
+  cancelled, as a stream whose client left is; one that the store says has ended (a ``DELETE``
+  in another worker, a lost lease) stops its producer, with no more writes;
+* ends that the store could not take (it was away) are stored once it answers, until the run's
+  keys would have expired anyway;
 * the store forgets ended runs past their TTL.
 """
 
@@ -18,27 +22,30 @@ from typing import Any
 
 from ..concurrency import gevent_patched, spawn
 from ..streaming import StreamOptions
+from .endings import cancelled_event
 from .ids import new_run_id
-from .producer import Producer
+from .producer import Producer, Unfinished
 from .store import RunStore
 
 __all__ = ["JANITOR_INTERVAL", "Runs"]
 
 #: How often windows, cancels and expiry are checked (seconds).
 JANITOR_INTERVAL = 0.5
-#: How often the store is told that runs produced here are alive (seconds).
-TOUCH_INTERVAL = 10.0
+#: How long an end the store could not take is tried again (seconds): then its keys are gone.
+UNFINISHED_FOR = 300.0
 
 
 class Runs:
     """Start, find and cancel the runs of one app; see the module docstring."""
 
-    def __init__(self, store: RunStore, *, window: float) -> None:
+    def __init__(self, store: RunStore, *, window: float, outage: float = 10.0) -> None:
         self.store = store
         self.window = window
+        self.outage = outage
         self.producers: dict[str, Producer] = {}
+        # Ends the store did not take: run id -> (status, event, when to give up).
+        self.unfinished: dict[str, tuple[str, bytes, float]] = {}
         self._janitor: Any = None
-        self._touched = time.monotonic()
 
     def start(
         self, function: str, prefix: str, owner: str | None, source: Iterator[Any], options: StreamOptions
@@ -50,7 +57,7 @@ class Runs:
         """
         run_id = new_run_id()
         self.store.create(run_id, function, prefix, owner)
-        producer = Producer(run_id, source, self.store, options, self._ended)
+        producer = Producer(run_id, source, self.store, options, self._ended, self.outage)
         self.producers[run_id] = producer
         producer.start()
         self._ensure_janitor()
@@ -59,17 +66,21 @@ class Runs:
     def cancel(self, run_id: str) -> bool:
         """Cancel a run wherever it is produced; ``False`` if unknown.
 
-        A producer in this process stops at once; one in another worker when its janitor next
-        looks at the store.
+        The store ends it at once, with the event that says so, for every follower; a producer
+        in this process stops at once, one in another worker at its next append or heartbeat.
         """
-        found = self.store.request_cancel(run_id)
+        found = self.store.cancel(run_id, cancelled_event("DELETE"))
         producer = self.producers.get(run_id)
         if producer is not None:
-            producer.cancel("cancelled")
+            producer.cancel("elsewhere")
         return found
 
-    def _ended(self, run_id: str) -> None:
+    def _ended(self, run_id: str, unfinished: Unfinished | None) -> None:
         self.producers.pop(run_id, None)
+        if unfinished is not None:
+            status, event = unfinished
+            self.unfinished[run_id] = (status, event, time.monotonic() + UNFINISHED_FOR)
+            self._ensure_janitor()
 
     def _ensure_janitor(self) -> None:
         if self._janitor is None:
@@ -78,7 +89,7 @@ class Runs:
     def _look_after(self) -> None:
         sleep = _sleep()
         try:
-            while self.producers or self.store.pending():
+            while self.producers or self.unfinished or self.store.pending():
                 sleep(JANITOR_INTERVAL)
                 self.check()
         finally:
@@ -88,24 +99,35 @@ class Runs:
         """One round of the janitor (tests call it to avoid waiting)."""
         now = time.time()
         producers = list(self.producers.items())
+        # An unfinished end's run beats too: its lease holds until the end is stored, so it is
+        # not taken for lost meanwhile.
+        beating = [run_id for run_id, _ in producers] + list(self.unfinished)
         try:
-            infos = self.store.get_many([run_id for run_id, _ in producers]) if producers else []
-        except Exception:  # a store that went away: its producers find out when they append
-            infos = []
-        for (_, producer), info in zip(producers, infos, strict=False):
+            infos = self.store.heartbeat(beating) if beating else {}
+        except Exception:  # a store that is away: its producers find out when they append
+            infos = {}
+        for run_id, producer in producers:
+            if run_id not in infos:
+                continue  # nothing read this round
+            info = infos[run_id]
             if info is None or not info.running:
-                continue
-            if info.cancel_requested:
-                producer.cancel("cancelled")
+                producer.cancel("elsewhere")  # ended by the store: a DELETE, a lost lease, gone
             elif info.idle_since is not None and now - info.idle_since >= self.window:
                 producer.cancel("cancelled")
+        self._finish_unfinished()
         try:
             self.store.expire()
-            if time.monotonic() - self._touched >= TOUCH_INTERVAL:
-                self._touched = time.monotonic()
-                self.store.touch(list(self.producers))
         except Exception:
             pass  # tried again next round
+
+    def _finish_unfinished(self) -> None:
+        for run_id, (status, event, give_up) in list(self.unfinished.items()):
+            try:
+                self.store.finish(run_id, status, event)
+            except Exception:
+                if time.monotonic() < give_up:
+                    continue  # still away: next round
+            del self.unfinished[run_id]
 
 
 def _sleep() -> Any:

@@ -14,6 +14,10 @@ Contract, for every implementation:
   passed; it blocks only the calling greenlet (or thread).
 * A run that ended stays readable for the store's TTL, then is forgotten (``get`` is ``None``).
 * Calls that cannot reach the store raise :class:`StoreUnavailable` (a 503), never hang.
+* A run ends once: by its producer (:meth:`RunStore.finish`), or from anywhere by a cancel
+  (:meth:`RunStore.cancel`) or, in a store shared by processes, when its producer is lost. The
+  event that says how it ended is its last event, with the next seq, so a reader, live or
+  reconnecting later, learns how it ended and never takes a run cut short for a finished one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..errors import RequestError
 
 __all__ = [
     "ENDED",
+    "LOST",
     "RUNNING",
     "RunInfo",
     "RunSlice",
@@ -35,9 +40,12 @@ __all__ = [
 ]
 
 RUNNING = "running"
-#: How a run can end: its generator finished, raised, was cancelled (DELETE, or no client came
-#: back within the window), or the worker producing it shut down.
-ENDED = frozenset({"complete", "error", "cancelled", "shutdown"})
+#: The status of a run whose producer stopped renewing its lease (a worker killed or cut off).
+LOST = "lost"
+#: How a run can end: its generator finished, raised (or its store was away too long), was
+#: cancelled (DELETE, or no client came back within the window), the worker producing it shut
+#: down, or that worker was lost.
+ENDED = frozenset({"complete", "error", "cancelled", "shutdown", LOST})
 
 
 class StoreUnavailable(RequestError):
@@ -76,8 +84,6 @@ class RunInfo:
     #: When (``time.time()``) its last client left, or it was started with none; ``None``
     #: while a client is attached.
     idle_since: float | None = None
-    #: A cancel was asked for (``DELETE``), maybe from another worker.
-    cancel_requested: bool = False
 
     @property
     def running(self) -> bool:
@@ -116,12 +122,15 @@ class RunStore(ABC):
         :class:`StoreUnavailable`."""
 
     @abstractmethod
-    def append(self, run_id: str, events: Sequence[tuple[int, bytes]]) -> None:
-        """Add ``(seq, encoded event)`` pairs to a running run."""
+    def append(self, run_id: str, events: Sequence[tuple[int, bytes]]) -> bool:
+        """Add ``(seq, encoded event)`` pairs to a running run; ``False`` (nothing added) when
+        the run is no longer running: it was cancelled or lost elsewhere, or is gone."""
 
     @abstractmethod
-    def finish(self, run_id: str, status: str) -> None:
-        """Mark the run ended with ``status`` (one of ``ENDED``); waiting readers wake."""
+    def finish(self, run_id: str, status: str, event: bytes = b"") -> bool:
+        """End a running run with ``status`` (one of ``ENDED``); ``event`` (encoded, without its
+        ``id:`` line), if any, is stored as its last event with the next seq. Waiting readers
+        wake. ``False`` when the run was not running (it ended elsewhere, or is gone)."""
 
     @abstractmethod
     def get(self, run_id: str) -> RunInfo | None:
@@ -151,14 +160,19 @@ class RunStore(ABC):
         """A client stopped tailing the run (the last one leaving starts its window)."""
 
     @abstractmethod
-    def request_cancel(self, run_id: str) -> bool:
-        """Ask the run's producer, wherever it runs, to stop; ``False`` if the run is unknown."""
+    def cancel(self, run_id: str, event: bytes) -> bool:
+        """End the run as ``cancelled`` wherever it is produced, with ``event`` as its last event
+        (as :meth:`finish`); its producer's next append is refused. ``False`` if the run is
+        unknown; ``True`` for a run that exists, ended or not."""
+
+    def heartbeat(self, run_ids: Sequence[str]) -> dict[str, RunInfo | None]:
+        """These runs, produced here, are alive: the runtime's janitor calls this every
+        ``JANITOR_INTERVAL`` (a shared store renews their leases and keys with it). Returns the
+        states it read, by run id: all of them, or those whose state it had to read."""
+        return dict(zip(run_ids, self.get_many(run_ids), strict=True))
 
     def expire(self) -> None:  # noqa: B027 - optional: stores whose entries expire by themselves
         """Forget ended runs older than the TTL (called every second or so by the runtime)."""
-
-    def touch(self, run_ids: Sequence[str]) -> None:  # noqa: B027 - optional
-        """Keep the entries of these running runs (produced here) from expiring."""
 
     def pending(self) -> bool:
         """Whether :meth:`expire` still has runs to look after (the janitor stops otherwise)."""
