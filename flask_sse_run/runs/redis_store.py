@@ -25,7 +25,9 @@ Round trips: an append is one script call per batch of events (one ``XADD``, the
 ``last_seq``, the expiries, the lease, the announcement), whatever the batch holds; a read is
 two commands, and hands on each batch whole (a chunk), cut only where the position falls inside
 it. Under gevent the appends and reads that a worker's runs make in one turn of its hub go to
-Redis together, one pipelined round trip (:mod:`.batching`). Each worker has one pub/sub connection, owned by a listener greenlet (or thread): a run's
+Redis together, one pipelined round trip (:mod:`.batching`).
+
+Each worker has one pub/sub connection, owned by a listener greenlet (or thread): a run's
 channel is subscribed while a response of this worker follows it, and unsubscribed when the
 last one leaves, so a worker hears only the runs it follows, however many replicas share the
 Redis. A waiting response is woken by its run's announcement and reads again.
