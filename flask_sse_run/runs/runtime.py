@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ..concurrency import pause, spawn
+from ..concurrency import gevent_patched, spawn
 from ..streaming import StreamOptions
 from .endings import cancelled_event
 from .ids import new_run_id
@@ -87,9 +87,10 @@ class Runs:
             self._janitor = spawn(self._look_after)
 
     def _look_after(self) -> None:
+        sleep = _sleep()
         try:
             while self.producers or self.unfinished or self.store.pending():
-                pause(JANITOR_INTERVAL)
+                sleep(JANITOR_INTERVAL)
                 self.check()
         finally:
             self._janitor = None
@@ -127,3 +128,11 @@ class Runs:
                 if time.monotonic() < give_up:
                     continue  # still away: next round
             del self.unfinished[run_id]
+
+
+def _sleep() -> Any:
+    if gevent_patched():
+        import gevent
+
+        return gevent.sleep
+    return time.sleep
