@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import gevent
 import pytest
@@ -10,6 +11,12 @@ import pytest
 from flask_sse_run.body_timeout import SWEEP_INTERVAL, with_deadline
 from flask_sse_run.deadlines import deadlines
 from flask_sse_run.errors import RequestError
+
+# What body_timeout sees of gevent.monkey in a worker. Only its own name is replaced: patching
+# gevent.monkey.is_module_patched itself would reach every thread still running in this process
+# (concurrency.gevent_patched remembers a True for good, and later tests would run as if under
+# gevent).
+SOCKETS_PATCHED = SimpleNamespace(is_module_patched=lambda name: True)
 
 
 class Stalled:
@@ -26,7 +33,7 @@ class Stalled:
 @pytest.fixture
 def patched(monkeypatch: pytest.MonkeyPatch) -> None:
     # The tests run unpatched; the deadline applies only where sockets are gevent's.
-    monkeypatch.setattr("flask_sse_run.body_timeout.monkey.is_module_patched", lambda name: True)
+    monkeypatch.setattr("flask_sse_run.body_timeout.monkey", SOCKETS_PATCHED)
 
 
 @pytest.mark.usefixtures("patched")
@@ -83,5 +90,5 @@ def test_a_read_after_the_deadline_is_refused_without_reading() -> None:
 def test_the_deadline_is_off_at_zero_and_without_gevent_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = object()
     assert with_deadline(stream, 30) is stream  # type: ignore[arg-type]  # tests run unpatched
-    monkeypatch.setattr("flask_sse_run.body_timeout.monkey.is_module_patched", lambda name: True)
+    monkeypatch.setattr("flask_sse_run.body_timeout.monkey", SOCKETS_PATCHED)
     assert with_deadline(stream, 0) is stream  # type: ignore[arg-type]
