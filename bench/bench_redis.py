@@ -13,7 +13,10 @@ Every server is ``gunicorn -k gevent -w 1`` serving ``bench.apps:extension_app()
   with ``--quick``): failed streams and gap p99;
 * one stream's events/s through Redis (a never-blocking generator read by curl);
 * how long a follower on another replica takes to learn that the worker producing its run was
-  SIGKILLed (the ``ProducerLost`` event), over several kills.
+  SIGKILLed (the ``ProducerLost`` event), over several kills;
+* on a 3-node Redis Cluster (``redis-cli --cluster create``, ``SSE_RUN_REDIS_CLUSTER``): one
+  stream's events/s, and the worker's CPU per event of the 100 streams beside a standalone
+  Redis's (``--cluster-only``: this part alone).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import requests
 
 from bench.bench_runtime import concurrent_streams, one_stream_rate, serve, stats
 from tests.live import Server
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisCluster, RedisServer
 from tests.sse_clients import run_streams
 from tests.test_runs_live import Client
 
@@ -135,17 +138,50 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="2,000 streams only, 3 kills")
     parser.add_argument("--no-kills", action="store_true", help="skip the dead producer (code with no lease)")
+    parser.add_argument("--cluster-only", action="store_true", help="only the Redis Cluster's figures")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if not args.cluster_only:
+        standalone(args.quick, kills=not args.no_kills)
+    cluster_figures()
+
+
+def cpu_per_event_in_turns(first: dict[str, Any], second: dict[str, Any]) -> tuple[float, float]:
+    """Median CPU per event (us) of two servers, measured three times in turns (the machine's
+    speed drifts)."""
+    measured: tuple[list[float], list[float]] = ([], [])
+    with _server(first) as one, _server(second) as other:
+        for _ in range(3):
+            measured[0].append(cpu_per_event(one))
+            measured[1].append(cpu_per_event(other))
+    return statistics.median(measured[0]), statistics.median(measured[1])
+
+
+def resumable_stream_rate(config: dict[str, Any]) -> float:
+    """Events/s of one never-blocking resumable stream (median of 3, after a warm-up)."""
+    with _server(config) as server:
+        one_stream_rate(server, 20_000, "/firehose_resumable")
+        return statistics.median(one_stream_rate(server, 100_000, "/firehose_resumable") for _ in range(3))
+
+
+def cluster_figures() -> None:
+    """One stream's events/s through a 3-node cluster, and CPU per event beside standalone."""
+    with tempfile.TemporaryDirectory() as tmp, RedisCluster(Path(tmp)) as cluster:
+        with RedisServer(Path(tmp)) as single:
+            cluster_config = {"SSE_RUN_REDIS_URL": cluster.url, "SSE_RUN_REDIS_CLUSTER": True}
+            alone_us, spread_us = cpu_per_event_in_turns({"SSE_RUN_REDIS_URL": single.url}, cluster_config)
+        print("\nRedis Cluster of 3 primaries: worker CPU per event, 100 resumable streams at 10 events/s")
+        print(f"  standalone Redis: {alone_us:.1f} us   cluster: {spread_us:.1f} us (median of 3, in turns)")
+        rate = resumable_stream_rate(cluster_config)
+        print(f"  one stream through the cluster (never-blocking generator, curl): {rate:,.0f} events/s")
+
+
+def standalone(quick: bool, kills: bool) -> None:
+    """Every figure on one standalone redis-server."""
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as store:
         redis_config = {"SSE_RUN_REDIS_URL": store.url}
-        per_event: dict[str, list[float]] = {"memory": [], "redis": []}
-        with _server({}) as memory, _server(redis_config) as shared:
-            for _ in range(3):  # in turns: the machine's speed drifts
-                per_event["memory"].append(cpu_per_event(memory))
-                per_event["redis"].append(cpu_per_event(shared))
-        memory_us, redis_us = (statistics.median(per_event[k]) for k in ("memory", "redis"))
+        memory_us, redis_us = cpu_per_event_in_turns({}, redis_config)
         print("Worker CPU per event, 100 resumable streams at 10 events/s for 10 s (median of 3, in turns)")
         ratio = redis_us / memory_us
         print(f"  in-process store: {memory_us:.1f} us   Redis store: {redis_us:.1f} us   ratio {ratio:.2f}x")
@@ -155,23 +191,19 @@ def main() -> None:
         print(f"  {idle * 100:.1f}% of a CPU")
 
         print("\nRedis-backed streams in one worker, one event a second for 10 s")
-        for clients in [2000] if args.quick else [1000, 2000, 5000]:
+        for clients in [2000] if quick else [1000, 2000, 5000]:
             with _server(redis_config) as server:
                 run_streams(server.port, "/one_resumable", {}, 20, timeout=10)
                 row = concurrent_streams(server, clients, events=10, path="/ticks_resumable")
             gaps = f"gap p99 {row['gap_p99']:.2f} s, max {row['gap_max']:.2f} s"
             print(f"  {clients:>5} streams: failed {row['failed']}, {gaps}")
 
-        with _server(redis_config) as server:
-            one_stream_rate(server, 20_000, "/firehose_resumable")
-            rate = statistics.median(
-                one_stream_rate(server, 100_000, "/firehose_resumable") for _ in range(3)
-            )
+        rate = resumable_stream_rate(redis_config)
         print(f"\nOne stream through Redis (never-blocking generator, curl): {rate:,.0f} events/s")
 
-        if args.no_kills:
+        if not kills:
             return
-        learned = learn_of_a_dead_producer(store.url, 3 if args.quick else 5)
+        learned = learn_of_a_dead_producer(store.url, 3 if quick else 5)
         if learned:
             print(
                 "\nA follower on another replica learns of a SIGKILLed producer in "

@@ -62,6 +62,9 @@ class Settings(BaseModel):
     redis_url: str | None = None
     #: Prefix of every Redis key the run store writes (several apps can share one Redis).
     redis_prefix: str = Field("sse-run:", min_length=1)
+    #: ``SSE_RUN_REDIS_URL`` names a node of a Redis Cluster (any one; the others are learnt
+    #: from it): runs spread over its nodes, and each worker subscribes on the nodes it follows.
+    redis_cluster: bool = False
     #: Seconds a run store that does not answer is waited for: a producer keeps its events and a
     #: follower its place (with keep-alive pings) meanwhile; longer, runs end with an error.
     store_outage: float = Field(10.0, gt=0, le=3600)

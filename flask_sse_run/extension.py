@@ -248,6 +248,10 @@ def _runs(settings: Settings) -> Runs:
     else:
         from .runs.redis_store import RedisRunStore
 
+        if settings.redis_cluster and settings.redis_url.startswith("unix:"):
+            raise ConfigurationError(
+                "SSE_RUN_REDIS_CLUSTER: a cluster is reached by redis:// or rediss://, not unix://"
+            )
         try:
             store = RedisRunStore(
                 settings.redis_url,
@@ -256,6 +260,7 @@ def _runs(settings: Settings) -> Runs:
                 max_runs=settings.max_runs,
                 ttl=settings.resume_ttl,
                 window=settings.resume_window,
+                cluster=settings.redis_cluster,
             )
         except ImportError as exc:  # the redis extra is not installed
             raise ConfigurationError(str(exc)) from None

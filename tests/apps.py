@@ -224,7 +224,8 @@ def shared_ticks(n: int, interval: float = 0.1, label: str = "") -> Iterator[int
     under ``tests:<label>:``: what tests read across workers and replicas."""
     import redis
 
-    counters = redis.Redis.from_url(current_app.config["SSE_RUN_REDIS_URL"])
+    made = redis.RedisCluster if current_app.config.get("SSE_RUN_REDIS_CLUSTER") else redis.Redis
+    counters = made.from_url(current_app.config["SSE_RUN_REDIS_URL"])
     counters.incr(f"tests:{label}:started")
     counters.set(f"tests:{label}:pid", os.getpid())
     try:

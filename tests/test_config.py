@@ -71,3 +71,24 @@ def test_a_redis_url_makes_the_run_store_redis_without_connecting_at_start_up() 
     SSERun(app)  # nothing listens there: starting up must not need Redis
     store = app.extensions["sse_run"].runs.store
     assert isinstance(store, RedisRunStore) and store.prefix == "app1:"
+
+
+def test_a_redis_cluster_url_makes_a_cluster_store_without_connecting_at_start_up() -> None:
+    from flask_sse_run.runs.redis_store import RedisRunStore
+    from flask_sse_run.runs.store import StoreUnavailable
+    from tests.live import free_port
+
+    app = Flask(__name__)
+    app.config.update(SSE_RUN_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", SSE_RUN_REDIS_CLUSTER=True)
+    SSERun(app)  # no node answers there: starting up must not need the cluster
+    store = app.extensions["sse_run"].runs.store
+    assert isinstance(store, RedisRunStore)
+    with pytest.raises(StoreUnavailable):  # the cluster is away: its calls are 503s
+        store.get("a" * 32)
+
+
+def test_a_redis_cluster_over_a_unix_socket_is_refused_at_start_up() -> None:
+    app = Flask(__name__)
+    app.config.update(SSE_RUN_REDIS_URL="unix:///run/redis.sock", SSE_RUN_REDIS_CLUSTER=True)
+    with pytest.raises(ConfigurationError, match="SSE_RUN_REDIS_CLUSTER"):
+        SSERun(app)

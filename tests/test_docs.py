@@ -241,7 +241,35 @@ def check_openai_routes_in_your_app(code: str, tmp_path: Path) -> None:
     assert answer.status_code == 200 and answer.get_json()["usage"]["completion_tokens"] == 3
 
 
+def check_redis_cluster(code: str, tmp_path: Path) -> None:
+    import redis
+
+    from tests.redis_server import RedisCluster
+
+    with RedisCluster(tmp_path) as cluster:
+        preamble = "from flask import Flask\napp = Flask(__name__)\n"
+        app = run_block(code, preamble, replace={"redis://10.0.0.5:6379/0": cluster.nodes[1].url})["app"]
+        from flask_sse_run import SSERun
+
+        sse = SSERun(app)
+
+        @sse.function(resumable=True)
+        def count(n: int) -> Iterator[int]:
+            yield from range(n)
+
+        events = stream_events(app.test_client(), "/count", json={"n": 3})
+        assert [event.data for event in events] == ["0", "1", "2"]
+        run_id = events[0].id.split(":")[0]
+        key = f"sse-run:run:{{{run_id}}}"
+        holders = [
+            node.port for node in cluster.nodes if redis.Redis.from_url(node.url).keys(key) == [key.encode()]
+        ]
+        assert len(holders) == 1  # the run lives on one node of the cluster
+        app.extensions["sse_run"].runs.store.close()
+
+
 CHECKS: dict[str, Callable[[str, Path], None]] = {
+    "resumable-runs.md:app.config.update(": check_redis_cluster,
     "falcon.md:from flask_sse_run.llm import falcon_blu": check_falcon_blueprint,
     "openai.md:from openai import OpenAI": check_openai_client,
     "openai.md:from langchain_openai import ChatOpenAI": check_langchain,

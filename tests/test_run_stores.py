@@ -14,7 +14,7 @@ import pytest
 
 from flask_sse_run.runs.memory import MemoryRunStore
 from flask_sse_run.runs.store import RunStore, StoreFull, StoreUnavailable
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisCluster, RedisServer
 
 RUN = "a" * 32
 Make = Callable[..., RunStore]
@@ -26,7 +26,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    with RedisCluster(tmp_path_factory.mktemp("cluster")) as made:
+        yield made
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def make(request: pytest.FixtureRequest) -> Iterator[Make]:
     made: list[RunStore] = []
 
@@ -39,8 +45,13 @@ def make(request: pytest.FixtureRequest) -> Iterator[Make]:
             from flask_sse_run.runs.redis_store import RedisRunStore
 
             settings.pop("max_bytes", None)
-            url = request.getfixturevalue("redis_url")
-            store = RedisRunStore(url, prefix=f"test-{uuid.uuid4().hex}:", window=30, **settings)
+            on_cluster = request.param == "redis-cluster"
+            url = (
+                request.getfixturevalue("cluster").url if on_cluster else request.getfixturevalue("redis_url")
+            )
+            store = RedisRunStore(
+                url, prefix=f"test-{uuid.uuid4().hex}:", window=30, cluster=on_cluster, **settings
+            )
         made.append(store)
         store.create(RUN, "run", "/p", "alice")
         return store
@@ -321,12 +332,24 @@ def test_redis_a_follower_leaving_a_run_whose_keys_expired_makes_no_key(redis_ur
     store.close()
 
 
-def test_redis_a_run_whose_producer_stops_beating_is_lost_for_its_followers(redis_url: str) -> None:
+@pytest.fixture(params=["standalone", "cluster"])
+def any_redis(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """A Redis URL, and whether it is a cluster's."""
+    if request.param == "cluster":
+        return request.getfixturevalue("cluster").url, True
+    return request.getfixturevalue("redis_url"), False
+
+
+def test_redis_a_run_whose_producer_stops_beating_is_lost_for_its_followers(
+    any_redis: tuple[str, bool],
+) -> None:
     from flask_sse_run.runs.redis_store import LEASE_MS, RedisRunStore
 
+    url, on_cluster = any_redis
     prefix = f"t-{uuid.uuid4().hex}:"
-    producer = RedisRunStore(redis_url, prefix=prefix, max_events=10, max_runs=5, ttl=5, window=5)
-    follower = RedisRunStore(redis_url, prefix=prefix, max_events=10, max_runs=5, ttl=5, window=5)
+    settings: dict[str, Any] = {"max_events": 10, "max_runs": 5, "ttl": 5, "window": 5, "cluster": on_cluster}
+    producer = RedisRunStore(url, prefix=prefix, **settings)
+    follower = RedisRunStore(url, prefix=prefix, **settings)
     producer.create(RUN, "run", "", None)
     producer.append(RUN, events(1, 1))
     follower.attach(RUN)
@@ -401,12 +424,20 @@ def test_redis_a_worker_subscribes_only_to_the_runs_it_follows(redis_url: str) -
     b.close()
 
 
-def test_redis_that_cannot_be_reached_is_unavailable_not_a_hang(tmp_path: Path) -> None:
+@pytest.mark.parametrize("on_cluster", [False, True], ids=["standalone", "cluster"])
+def test_redis_that_cannot_be_reached_is_unavailable_not_a_hang(tmp_path: Path, on_cluster: bool) -> None:
     from flask_sse_run.runs.redis_store import TIMEOUT, RedisRunStore
     from tests.live import free_port
 
+    # Made without a Redis (an app starts while Redis is away): its calls are 503s.
     store = RedisRunStore(
-        f"redis://127.0.0.1:{free_port()}/0", prefix="x:", max_events=10, max_runs=5, ttl=5, window=5
+        f"redis://127.0.0.1:{free_port()}/0",
+        prefix="x:",
+        max_events=10,
+        max_runs=5,
+        ttl=5,
+        window=5,
+        cluster=on_cluster,
     )
     started = time.monotonic()
     for call in (
@@ -512,3 +543,163 @@ def test_redis_a_follower_waits_on_announcements_without_asking_redis_again(redi
     assert RUN not in store._heard  # type: ignore[attr-defined]  # nothing kept for runs nobody follows
     admin.close()
     store.close()
+
+
+def _cluster_store(cluster: RedisCluster, prefix: str) -> Any:
+    from flask_sse_run.runs.redis_store import RedisRunStore
+
+    return RedisRunStore(
+        cluster.url, prefix=prefix, max_events=10, max_runs=100, ttl=5, window=5, cluster=True
+    )
+
+
+def _node_clients(cluster: RedisCluster) -> dict[int, Any]:
+    import redis
+
+    return {node.port: redis.Redis.from_url(node.url) for node in cluster.nodes}
+
+
+def test_redis_cluster_spreads_runs_over_its_nodes_each_with_its_keys_on_one(cluster: RedisCluster) -> None:
+    prefix = f"t-{uuid.uuid4().hex}:"
+    store = _cluster_store(cluster, prefix)
+    runs = [uuid.uuid4().hex for _ in range(30)]
+    for run_id in runs:
+        store.create(run_id, "run", "", None)
+        store.append(run_id, events(1, 2))
+    nodes = _node_clients(cluster)
+    holders = {port: {key.decode() for key in client.keys(f"{prefix}*")} for port, client in nodes.items()}
+    for run_id in runs:
+        base = f"{prefix}run:{{{run_id}}}"
+        keys = {base, f"{base}:events", f"{base}:lease"}
+        assert [port for port, held in holders.items() if keys <= held] != []  # all three on one node
+        assert sum(bool(keys & held) for held in holders.values()) == 1  # and on no other
+    assert sum(bool(held) for held in holders.values()) >= 2  # 30 runs on one of 3 nodes: 3^-29
+    for client in nodes.values():
+        client.close()
+    store.close()
+
+
+def _shard_subscribers(client: Any, channel: str) -> int:
+    return int(client.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1])
+
+
+def test_redis_cluster_a_worker_subscribes_on_the_node_of_each_run_it_follows(cluster: RedisCluster) -> None:
+    import redis
+
+    prefix = f"t-{uuid.uuid4().hex}:"
+    producer, follower = _cluster_store(cluster, prefix), _cluster_store(cluster, prefix)
+    runs = [uuid.uuid4().hex for _ in range(12)]
+    admin = redis.RedisCluster.from_url(cluster.url)
+    nodes = _node_clients(cluster)
+
+    def owner(run_id: str) -> Any:
+        return nodes[admin.get_node_from_key(f"{prefix}run:{{{run_id}}}:changed").port]
+
+    assert len({owner(run_id) for run_id in runs}) >= 2
+    for run_id in runs:
+        producer.create(run_id, "run", "", None)
+        follower.attach(run_id)
+    deadline = time.monotonic() + 20
+    for run_id in runs:
+        channel = f"{prefix}run:{{{run_id}}}:changed"
+        while _shard_subscribers(owner(run_id), channel) != 1:
+            assert time.monotonic() < deadline, "never subscribed on its node"
+            time.sleep(0.02)
+    # Each followed run's announcements wake its waiter, whichever node carries it.
+    for seq, run_id in enumerate(runs, start=1):
+        found = follower.read(run_id, 0, 10)
+        assert found is not None and found.mark is not None  # subscribed: a mark, no polling
+        producer.append(run_id, events(seq, seq))
+        follower.wait(run_id, 0, timeout=10, mark=found.mark)
+        assert follower.read(run_id, 0, 10).last_seq == seq  # type: ignore[union-attr]
+    for run_id in runs:
+        follower.detach(run_id)
+    for run_id in runs:
+        while _shard_subscribers(owner(run_id), f"{prefix}run:{{{run_id}}}:changed") != 0:
+            assert time.monotonic() < deadline, "never unsubscribed"
+            time.sleep(0.02)
+    admin.close()
+    for client in nodes.values():
+        client.close()
+    producer.close()
+    follower.close()
+
+
+def test_redis_cluster_a_followed_run_whose_slot_moves_is_followed_on_its_new_node(
+    cluster: RedisCluster,
+) -> None:
+    import redis
+
+    prefix = f"t-{uuid.uuid4().hex}:"
+    producer, follower = _cluster_store(cluster, prefix), _cluster_store(cluster, prefix)
+    run_id = uuid.uuid4().hex
+    channel = f"{prefix}run:{{{run_id}}}:changed"
+    producer.create(run_id, "run", "", None)
+    producer.append(run_id, events(1, 1))
+    follower.attach(run_id)
+    admin = redis.RedisCluster.from_url(cluster.url)
+    slot = admin.keyslot(channel)
+    source = admin.get_node_from_key(channel)
+    target = next(node for node in admin.get_primaries() if node.name != source.name)
+    nodes = _node_clients(cluster)
+    deadline = time.monotonic() + 20
+    while _shard_subscribers(nodes[source.port], channel) != 1:
+        assert time.monotonic() < deadline, "never subscribed"
+        time.sleep(0.02)
+    # Move the slot the way redis-cli --cluster reshard does, keys and all.
+    ids = {port: client.cluster("myid") for port, client in nodes.items()}
+    ids = {port: (value.decode() if isinstance(value, bytes) else value) for port, value in ids.items()}
+    nodes[target.port].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.port])
+    nodes[source.port].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target.port])
+    keys = nodes[source.port].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+    nodes[source.port].execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+    for client in nodes.values():
+        client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target.port])
+    # The follower is subscribed on the new owner, and its announcements wake the waiter.
+    while _shard_subscribers(nodes[target.port], channel) != 1:
+        assert time.monotonic() < deadline, "never subscribed on the slot's new node"
+        time.sleep(0.02)
+    while (found := follower.read(run_id, 1, 10)) is None or found.mark is None:
+        assert time.monotonic() < deadline, "never a mark again"
+        time.sleep(0.02)
+    heard = follower._heard[run_id]
+    assert producer.append(run_id, events(2, 2)) is True
+    follower.wait(run_id, 1, timeout=10, mark=found.mark)
+    assert follower._heard[run_id] != heard  # woken by the announcement, heard on the new node
+    assert follower.read(run_id, 1, 10).last_seq == 2  # type: ignore[union-attr]
+    follower.detach(run_id)
+    admin.close()
+    for client in nodes.values():
+        client.close()
+    producer.close()
+    follower.close()
+
+
+@pytest.mark.parametrize("on_cluster", [False, True], ids=["standalone", "cluster"])
+def test_redis_over_tls_rediss_urls_work(tmp_path: Path, on_cluster: bool) -> None:
+    from flask_sse_run.runs.redis_store import RedisRunStore
+    from tests.redis_server import RedisCluster as Cluster
+
+    with Cluster(tmp_path, tls=True) if on_cluster else RedisServer(tmp_path, tls=True) as server:
+        assert server.url.startswith("rediss://")
+        settings: dict[str, Any] = {
+            "max_events": 10,
+            "max_runs": 5,
+            "ttl": 5,
+            "window": 5,
+            "cluster": on_cluster,
+        }
+        producer, follower = (RedisRunStore(server.url, prefix="tls:", **settings) for _ in range(2))
+        producer.create(RUN, "run", "", None)
+        follower.attach(RUN)
+        deadline = time.monotonic() + 20
+        while (found := follower.read(RUN, 0, 10)) is None or found.mark is None:  # subscribed
+            assert time.monotonic() < deadline, "never subscribed"
+            time.sleep(0.02)
+        producer.append(RUN, events(1, 2))
+        follower.wait(RUN, 0, timeout=10, mark=found.mark)
+        assert read_bytes(follower, 0) == (joined(1, 2), 2)
+        producer.finish(RUN, "complete")
+        follower.detach(RUN)
+        producer.close()
+        follower.close()

@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,30 +40,39 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
 
 
-@pytest.fixture(scope="module")
-def replicas(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+@contextmanager
+def two_replicas(
+    urls: tuple[str, str], tmp_path_factory: pytest.TempPathFactory, **settings: Any
 ) -> Iterator[tuple[Server, Server]]:
+    """Two gunicorn servers of two gevent workers each, on the Redis each URL names."""
     with ExitStack() as stack:
         a, b = (
             stack.enter_context(
                 gunicorn(
-                    tmp_path=tmp_path_factory.mktemp(name),
-                    config=config(redis_server.url),
+                    tmp_path=tmp_path_factory.mktemp("replica"),
+                    config={**config(url), **settings},
                     env={"GUNICORN_WORKERS": "2"},
                 )
             )
-            for name in ("a", "b")
+            for url in urls
         )
         yield a, b
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Server, Server]]:
+    with two_replicas((redis_server.url, redis_server.url), tmp_path_factory) as both:
+        yield both
 
 
 class Counters:
     """What the ``shared_ticks`` runs of one test counted in Redis."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, cluster: bool = False) -> None:
         self.label = uuid.uuid4().hex
-        self._redis = redis.Redis.from_url(url)
+        self._redis = (redis.RedisCluster if cluster else redis.Redis).from_url(url)
 
     def __getitem__(self, name: str) -> int:
         return int(self._redis.get(f"tests:{self.label}:{name}") or 0)
@@ -81,19 +90,26 @@ class Counters:
 def test_a_run_started_on_one_replica_resumes_on_the_other_exactly_once(
     replicas: tuple[Server, Server], redis_server: RedisServer
 ) -> None:
-    a, b = replicas
-    counters = Counters(redis_server.url)
-    client = open_stream(a, path="/shared_ticks", json={"n": 8, "interval": 0.2, "label": counters.label})
+    resume_on_the_other(*replicas, Counters(redis_server.url), events=8)
+
+
+def resume_on_the_other(a: Server, b: Server, counters: Counters, events: int) -> str:
+    """Start a run on ``a``, drop it after two events, resume it on ``b``: every event once, in
+    order, and the generator ran once, to its end. Returns the run's id."""
+    client = open_stream(
+        a, path="/shared_ticks", json={"n": events, "interval": 0.2, "label": counters.label}
+    )
     run_id = client.response.headers["X-Run-ID"]
     first = client.take(2)
     client.drop()
     again = open_stream(b, path="/shared_ticks", headers={"Last-Event-ID": first[-1].id}, json={})
     assert again.response.headers["X-Run-ID"] == run_id
     rest = again.rest()
-    assert data(first + rest) == [str(i) for i in range(8)]  # every event once, in order
-    assert [event.id for event in first + rest] == [f"{run_id}:{seq}" for seq in range(1, 9)]
+    assert data(first + rest) == [str(i) for i in range(events)]  # every event once, in order
+    assert [event.id for event in first + rest] == [f"{run_id}:{seq}" for seq in range(1, events + 1)]
     counters.wait("finally", 1, timeout=10)
     assert counters["started"] == 1 and counters["cancelled"] == 0  # it ran once, to its end
+    return run_id
 
 
 def test_runs_url_on_either_replica_follows_a_run_and_two_clients_tail_it(
@@ -356,37 +372,12 @@ def test_a_redis_away_longer_than_the_bound_ends_the_run_with_an_error_everyone_
 def test_a_killed_producer_is_reported_to_followers_on_every_replica_and_later_reconnects(
     replicas: tuple[Server, Server], redis_server: RedisServer
 ) -> None:
-    a, b = replicas
-    counters = Counters(redis_server.url)
-    client = open_stream(
-        a, path="/shared_ticks", json={"n": 10_000, "interval": 0.1, "label": counters.label}
-    )
-    run_id = client.response.headers["X-Run-ID"]
-    follower = open_stream(b, "GET", f"/runs/{run_id}")
-    first = follower.take(3)
-    client.drop()
-    os.kill(counters.pid(), signal.SIGKILL)  # the worker producing it: no goodbye
-    killed = time.monotonic()
-    rest = follower.rest()
-    learned = time.monotonic() - killed
-    assert rest[-1].event == "error" and json.loads(rest[-1].data)["type"] == "ProducerLost", rest[-1]
-    assert learned < 15, learned  # within 5 s on a quiet machine (the lease, a silence, a check)
-    seqs = [int(event.id.split(":")[1]) for event in first + rest if event.id]
-    assert seqs == list(range(1, len(seqs) + 1))  # every event once, in order, the reason last
-    # A later reconnect, on either replica, is told the same.
-    again = open_stream(a, "GET", f"/runs/{run_id}", headers={"Last-Event-ID": first[-1].id}).rest()
-    assert again[-1].data == rest[-1].data and again[-1].id == rest[-1].id
-    # DELETE of a lost run: it exists (204), and stays ended as lost.
-    assert requests.delete(f"{b.url}/runs/{run_id}", timeout=10).status_code == 204
-    info = redis.Redis.from_url(redis_server.url).hget(f"replicas:run:{{{run_id}}}", "status")
-    assert info == b"lost"
+    delete_on_the_other(*replicas, Counters(redis_server.url))
 
 
-def test_delete_on_one_replica_ends_every_follower_on_every_replica_with_the_reason(
-    replicas: tuple[Server, Server], redis_server: RedisServer
-) -> None:
-    a, b = replicas
-    counters = Counters(redis_server.url)
+def delete_on_the_other(a: Server, b: Server, counters: Counters) -> None:
+    """A run started on ``a``, followed on both, deleted on ``b``: every follower's last event
+    says ``RunCancelled``, and the generator on ``a`` stopped."""
     client = open_stream(
         a, path="/shared_ticks", json={"n": 10_000, "interval": 0.1, "label": counters.label}
     )

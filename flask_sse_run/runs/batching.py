@@ -10,7 +10,7 @@ block); each caller gets its own replies, or the error that ended the round trip
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..concurrency import gevent_patched, new_event
@@ -31,11 +31,13 @@ class _Call:
 
 
 class Batcher:
-    """Send each hub turn's calls to ``client`` in one pipeline. ``scripts`` maps a script's
+    """Send each hub turn's calls to ``client()`` in one pipeline. ``scripts`` maps a script's
     SHA1 to its source, loaded again where Redis answers ``no_script`` (redis-py's
     ``NoScriptError``: a restarted server)."""
 
-    def __init__(self, client: Any, scripts: dict[str, Any], no_script: type[BaseException]) -> None:
+    def __init__(
+        self, client: Callable[[], Any], scripts: dict[str, Any], no_script: type[BaseException]
+    ) -> None:
         self._client = client
         self._scripts = scripts
         self._no_script = no_script
@@ -89,13 +91,13 @@ class Batcher:
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, self._no_script)]
         if missing:  # a Redis that lost its scripts: load them, and send those again
             for sha in {commands[i][1] for i in missing}:
-                self._client.script_load(self._scripts[sha])
+                self._client().script_load(self._scripts[sha])
             for i, reply in zip(missing, self._execute([commands[i] for i in missing]), strict=True):
                 replies[i] = reply
         return replies
 
     def _execute(self, commands: list[Command]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._client().pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         return list(pipe.execute(raise_on_error=False))

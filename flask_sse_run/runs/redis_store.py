@@ -27,10 +27,19 @@ two commands, and hands on each batch whole (a chunk), cut only where the positi
 it. Under gevent the appends and reads that a worker's runs make in one turn of its hub go to
 Redis together, one pipelined round trip (:mod:`.batching`).
 
-Each worker has one pub/sub connection, owned by a listener greenlet (or thread): a run's
-channel is subscribed while a response of this worker follows it, and unsubscribed when the
-last one leaves, so a worker hears only the runs it follows, however many replicas share the
-Redis. A waiting response is woken by its run's announcement and reads again.
+Each worker has one pub/sub connection (:mod:`.redis_listener`), owned by a listener greenlet
+(or thread): a run's channel is subscribed while a response of this worker follows it, and
+unsubscribed when the last one leaves, so a worker hears only the runs it follows, however many
+replicas share the Redis. A waiting response is woken by its run's announcement and reads again.
+
+A Redis Cluster (``cluster=True``, ``SSE_RUN_REDIS_CLUSTER``): the URL names any node, redis-py's
+cluster client learns the others and routes each call by its key's slot (a pipeline splits per
+node). Runs spread over the primaries by their ids; a run's keys and channel share its slot,
+so every script stays on one node. A worker has one listener per primary that owns a followed
+run's slot (sharded pub/sub: a node delivers only its own slots' messages). A slot that moves
+(a resharding) ends its sharded subscriptions: that listener connects again, the store learns
+the slots again, and the moved runs are subscribed on their new node. Without sharded pub/sub
+(Redis 6), ``PUBLISH`` reaches every node, and one listener on any node hears all.
 
 How a run ends (every way leaves its reason as the run's last event, see :mod:`.endings`):
 
@@ -52,13 +61,14 @@ applied (the bound counts events).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import socket
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -66,6 +76,7 @@ from ..concurrency import new_event, new_lock, pause, spawn
 from ..extras import missing_extra
 from .batching import Batcher
 from .endings import lost_event
+from .redis_listener import LISTEN_TIMEOUT, Listener
 from .store import LOST, RUNNING, RunInfo, RunSlice, RunStore, StoreFull, StoreUnavailable
 
 __all__ = ["LEASE_MS", "POOL_SIZE", "RUNNING_TTL", "SILENCE", "TIMEOUT", "RedisRunStore"]
@@ -87,8 +98,6 @@ SILENCE = 1.5
 WATCH_EVERY = 0.5
 #: Seconds a wait on a run whose channel is not subscribed (yet) lasts before it reads again.
 UNSUBSCRIBED_POLL = 0.5
-#: How long the listener waits for a message before it looks whether the store is closed (s).
-LISTEN_TIMEOUT = 5.0
 #: Lengths of a batch's events: 32-bit unsigned integers, as the ``o`` field keeps them.
 _LENGTHS = "I"
 
@@ -196,14 +205,26 @@ class RedisRunStore(RunStore):
     ``unix://`` URL."""
 
     def __init__(
-        self, url: str, *, prefix: str, max_events: int, max_runs: int, ttl: float, window: float
+        self,
+        url: str,
+        *,
+        prefix: str,
+        max_events: int,
+        max_runs: int,
+        ttl: float,
+        window: float,
+        cluster: bool = False,
     ) -> None:
         try:
             import redis
         except ImportError as error:
             raise missing_extra("redis", error) from error
 
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._errors: tuple[type[BaseException], ...] = (
+            redis.RedisError,
+            redis.exceptions.RedisClusterException,  # not a RedisError: no node answers, say
+            OSError,
+        )
         # ValueError and AttributeError too: redis-py's reading a socket that close() closed
         # (its buffer gone) from another thread.
         self._listen_errors: tuple[type[BaseException], ...] = (*self._errors, ValueError, AttributeError)
@@ -212,36 +233,50 @@ class RedisRunStore(RunStore):
         # A pool that makes a call wait (up to TIMEOUT) for a free connection: redis-py's
         # default pool raises "Too many connections" past 100, and a thousand runs starting at
         # once got 503s. A ``max_connections`` in the URL's query overrides the size.
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=POOL_SIZE,
-            timeout=TIMEOUT,
-            socket_timeout=TIMEOUT,
-            socket_connect_timeout=TIMEOUT,
-            retry_on_timeout=False,
-        )
-        self._redis = redis.Redis(connection_pool=pool)
-        # The listener waits up to LISTEN_TIMEOUT for a message: room for that.
-        self._reader_client = redis.Redis.from_url(
-            url, socket_timeout=TIMEOUT + LISTEN_TIMEOUT, socket_connect_timeout=TIMEOUT
-        )
+        timeouts = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT, "retry_on_timeout": False}
+        self._cluster = cluster
+        self._client: Any = None
+        self._reader_client: Any = None
+        self._connecting: Any = None  # a lock around making the cluster client; made at first use
+        if cluster:
+            # redis-py's cluster client asks the URL's node for the others and their slots as
+            # it is made: made at the first call instead (see _redis). Each node gets a
+            # blocking pool of its own, and a call follows a MOVED reply (a resharding) once.
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            self._make_cluster: Callable[[], Any] = lambda: redis.RedisCluster.from_url(
+                url,
+                connection_pool_class=redis.BlockingConnectionPool,
+                max_connections=POOL_SIZE,
+                timeout=TIMEOUT,
+                retry=Retry(NoBackoff(), 1),
+                **timeouts,
+            )
+        else:
+            pool = redis.BlockingConnectionPool.from_url(
+                url, max_connections=POOL_SIZE, timeout=TIMEOUT, **timeouts
+            )
+            self._client = redis.Redis(connection_pool=pool)
+            # The listener waits up to LISTEN_TIMEOUT for a message: room for that.
+            self._reader_client = redis.Redis.from_url(
+                url, socket_timeout=TIMEOUT + LISTEN_TIMEOUT, socket_connect_timeout=TIMEOUT
+            )
         self.prefix = prefix
         self.max_events = max_events
         self.max_runs = max_runs
         self.ttl = ttl
         self._running_ttl = max(RUNNING_TTL, int(window * 2) + 10)
-        self._create = self._redis.register_script(_CREATE)
-        self._append = self._redis.register_script(_APPEND)
-        self._end = self._redis.register_script(_END)
-        self._heartbeat = self._redis.register_script(_HEARTBEAT)
-        self._detach = self._redis.register_script(_DETACH)
-        self._attach = self._redis.register_script(_ATTACH)
+        # The scripts' SHA1s: every call is an EVALSHA through the batcher, which loads a
+        # script where Redis (or a cluster node) does not have it.
+        sources = (_CREATE, _APPEND, _END, _HEARTBEAT, _DETACH, _ATTACH)
+        shas = [hashlib.sha1(source.encode()).hexdigest() for source in sources]
+        self._create, self._append, self._end, self._heartbeat, self._detach, self._attach = shas
         self._worker_id = (0, "")
         self._beat = False
         self._sharded: bool | None = None  # SPUBLISH and SSUBSCRIBE (Redis 7+): asked once
-        scripts = (self._create, self._append, self._end, self._heartbeat, self._detach, self._attach)
         self._batcher = Batcher(
-            self._redis, {script.sha: script.script for script in scripts}, redis.exceptions.NoScriptError
+            lambda: self._redis, dict(zip(shas, sources, strict=True)), redis.exceptions.NoScriptError
         )
         self._local: set[str] = set()  # runs produced by this process, still running
         # When each run produced here last appended (monotonic): its lease is fresh till then.
@@ -255,17 +290,13 @@ class RedisRunStore(RunStore):
         self._announcements = itertools.count(1)
         # When each followed run was last heard of (monotonic): the watchdog checks silent ones.
         self._last_heard: dict[str, float] = {}
-        # Subscriptions: (un)subscribe commands sent per run and not yet confirmed, and the runs
-        # whose channel is subscribed on the current connection (its number: _connection).
-        self._unconfirmed: dict[str, int] = {}
-        self._subscribed: set[str] = set()
-        self._connection = 0
-        self._pubsub: Any = None
+        # The pub/sub connections (one, or one per cluster node that owns a followed run's
+        # slot, by node name) and the one that carries each followed run's channel.
+        self._listeners: dict[str, Listener] = {}
+        self._routes: dict[str, Listener] = {}
+        self._connections = itertools.count(1)
         # Held only around these dicts (no I/O under it): the listener may be a thread.
         self._lock = threading.Lock()
-        # Held around a (un)subscribe sent on the listener's connection; made at first use.
-        self._send_lock: Any = None
-        self._listening = False
         self._watching = False
         self._closed = False
 
@@ -287,6 +318,13 @@ class RedisRunStore(RunStore):
         start = len(self.prefix) + 5
         return channel.decode()[start : start + 32]
 
+    def _eval(self, sha: str, keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
+        """One script's reply (an error reply raised); call it within :meth:`_call`."""
+        (reply,) = self._batcher.run([("EVALSHA", sha, len(keys), *keys, *args)])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
     @contextmanager
     def _call(self) -> Iterator[None]:
         try:
@@ -301,6 +339,24 @@ class RedisRunStore(RunStore):
                 version = str(self._redis.info("server").get("redis_version", "0"))
             self._sharded = int(version.split(".")[0]) >= 7
         return "SPUBLISH" if self._sharded else "PUBLISH"
+
+    @property
+    def _redis(self) -> Any:
+        """The client (a cluster's made at the first call: StoreUnavailable if none answers)."""
+        if self._client is None:
+            if self._connecting is None:
+                self._connecting = new_lock()
+            with self._connecting, self._call():
+                if self._client is None and not self._closed:
+                    self._client = self._make_cluster()
+            if self._client is None:
+                raise StoreUnavailable()
+        return self._client
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
 
     def _worker(self) -> str:
         # Who holds a lease: this host and process (made again after a fork).
@@ -321,7 +377,9 @@ class RedisRunStore(RunStore):
         ]  # fmt: skip
         hash_key, _, lease = self._keys(run_id)
         with self._call():
-            self._create(keys=[hash_key, lease], args=[self._running_ttl, LEASE_MS, self._worker(), *fields])
+            self._eval(
+                self._create, [hash_key, lease], [self._running_ttl, LEASE_MS, self._worker(), *fields]
+            )
         self._local.add(run_id)
 
     def append(self, run_id: str, events: Sequence[tuple[int, bytes]]) -> bool:
@@ -343,7 +401,7 @@ class RedisRunStore(RunStore):
             LEASE_MS,
         ]
         with self._call():
-            (reply,) = self._batcher.run([("EVALSHA", self._append.sha, 3, *keys, *args)])
+            (reply,) = self._batcher.run([("EVALSHA", self._append, 3, *keys, *args)])
         self._appended[run_id] = time.monotonic()
         if isinstance(reply, Exception):
             raise reply
@@ -376,7 +434,7 @@ class RedisRunStore(RunStore):
             LOST_CONFIRM_MS,
         ]
         with self._call():
-            return int(self._end(keys=self._keys(run_id), args=args))
+            return int(self._eval(self._end, self._keys(run_id), args))
 
     def heartbeat(self, run_ids: Sequence[str]) -> dict[str, RunInfo | None]:
         """Renew the leases and keys of these running runs (produced here), in one round trip,
@@ -394,10 +452,12 @@ class RedisRunStore(RunStore):
             return []
         args: list[str | int] = [self._worker(), LEASE_MS, self._running_ttl, *_FIELDS]
         with self._call():
-            pipe = self._redis.pipeline(transaction=False)
-            for run_id in run_ids:
-                self._heartbeat(keys=self._keys(run_id), args=args, client=pipe)
-            replies: list[list[bytes | None]] = pipe.execute()
+            replies = self._batcher.run(
+                [("EVALSHA", self._heartbeat, 3, *self._keys(run_id), *args) for run_id in run_ids]
+            )
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise StoreUnavailable() from reply
         infos = [_info(run_id, reply) for run_id, reply in zip(run_ids, replies, strict=True)]
         for run_id, info in zip(run_ids, infos, strict=True):
             if info is None or not info.running:
@@ -446,9 +506,10 @@ class RedisRunStore(RunStore):
     def _mark(self, run_id: str) -> tuple[int, int] | None:
         # What the listener has heard of the run, if its channel is subscribed now.
         with self._lock:
-            if run_id not in self._subscribed:
+            listener = self._routes.get(run_id)
+            if listener is None or run_id not in listener.subscribed:
                 return None
-            return (self._connection, self._heard[run_id])
+            return (listener.connection, self._heard[run_id])
 
     def wait(self, run_id: str, after: int, timeout: float, mark: object = None) -> None:
         """Wait for the run to change, through this worker's subscription to its channel.
@@ -466,7 +527,7 @@ class RedisRunStore(RunStore):
             with self._lock:
                 self._waiters.setdefault(run_id, []).append(event)
             try:
-                self._ensure_listener()
+                self._ensure_listening(run_id)
                 if mark is not None:
                     if mark != self._mark(run_id):
                         return  # heard of a change since the read began: read again
@@ -498,7 +559,7 @@ class RedisRunStore(RunStore):
     def attach(self, run_id: str) -> None:
         """A client follows the run (in any worker); the first here subscribes to its channel."""
         with self._call():
-            self._attach(keys=[self._key(run_id)])
+            self._eval(self._attach, [self._key(run_id)], [])
         with self._lock:
             followers = self._followers.get(run_id, 0)
             self._followers[run_id] = followers + 1
@@ -506,12 +567,16 @@ class RedisRunStore(RunStore):
                 self._heard[run_id] = next(self._announcements)
                 self._last_heard[run_id] = time.monotonic()
         if followers == 0:
-            self._ensure_listener()
-            self._send("subscribe", run_id)
+            listener = self._listener_for(run_id)
+            with self._lock:
+                self._routes[run_id] = listener
+            self._ensure_listening(run_id)
+            listener.send("subscribe", run_id)
 
     def detach(self, run_id: str) -> None:
         """A client left; the last one here unsubscribes, the last anywhere marks the run idle
         (its window starts). A run that is gone stays gone."""
+        listener = None
         with self._lock:
             left = self._followers.get(run_id, 1) - 1
             if left > 0:
@@ -520,122 +585,116 @@ class RedisRunStore(RunStore):
                 self._followers.pop(run_id, None)
                 self._heard.pop(run_id, None)
                 self._last_heard.pop(run_id, None)
-                self._subscribed.discard(run_id)
-        if left <= 0:
-            self._send("unsubscribe", run_id)
+                listener = self._routes.pop(run_id, None)
+                if listener is not None:
+                    listener.subscribed.discard(run_id)
+        if left <= 0 and listener is not None:
+            listener.send("unsubscribe", run_id)
         with self._call():
-            self._detach(keys=[self._key(run_id)], args=[repr(time.time())])
+            self._eval(self._detach, [self._key(run_id)], [repr(time.time())])
 
     def close(self) -> None:
         """Close the connections (the listener stops at its next wake-up)."""
         self._closed = True
-        self._redis.close()
-        self._redis.connection_pool.disconnect()  # a pool passed in is not closed with its client
-        self._reader_client.close()
+        if self._client is not None:
+            self._client.close()
+        if self._reader_client is not None:
+            self._client.connection_pool.disconnect()  # a pool passed in is not closed with its client
+            self._reader_client.close()
 
     # -- the listener ---------------------------------------------------------------------------
 
-    def _send(self, command: str, run_id: str) -> None:
-        # From the greenlet that attaches or detaches, on the listener's connection (a write
-        # beside its read). Without a connection, the listener subscribes when it makes one.
-        pubsub = self._pubsub
-        if pubsub is None:
-            return
+    def _listener_for(self, run_id: str) -> Listener:
+        # A standalone Redis (or a cluster without sharded pub/sub, where PUBLISH reaches every
+        # node): one listener. A cluster with it: the listener of the node owning the slot.
+        sharded = self._publish() == "SPUBLISH"
+        name, client = "", self._reader_client
+        if self._cluster:
+            try:
+                node = (
+                    self._redis.get_node_from_key(self._channel(run_id))
+                    if sharded
+                    else self._redis.get_default_node()
+                )
+            except self._errors as exc:
+                raise StoreUnavailable() from exc
+            if sharded:
+                name = node.name
+            client = self._redis.get_redis_connection(node)
         with self._lock:
-            self._unconfirmed[run_id] = self._unconfirmed.get(run_id, 0) + 1
-        try:
-            # One sender at a time: redis-py's pub/sub makes its connection at its first
-            # command, and two at once would each make one (the second never closed).
-            with self._sender():
-                if command == "subscribe":
-                    (pubsub.ssubscribe if self._sharded else pubsub.subscribe)(self._channel(run_id))
-                else:
-                    (pubsub.sunsubscribe if self._sharded else pubsub.unsubscribe)(self._channel(run_id))
-        except self._listen_errors:
-            pass  # the connection broke: the listener makes a new one, subscribed to what is followed
+            listener = self._listeners.get(name)
+            if listener is None:
+                listener = self._listeners[name] = Listener(
+                    self,
+                    client,
+                    lock=self._lock,
+                    sharded=sharded,
+                    channel=self._channel,
+                    run_of=self._run_of,
+                    connections=self._connections,
+                    errors=self._listen_errors,
+                )
+        return listener
 
-    def _sender(self) -> Any:
-        if self._send_lock is None:
-            self._send_lock = new_lock()
-        return self._send_lock
-
-    def _ensure_listener(self) -> None:
+    def _ensure_listening(self, run_id: str) -> None:
         # Started again if it ended (by an error it does not expect), so waits never rely on a
-        # listener that is gone.
-        if not self._listening and not self._closed:
-            self._listening = True
-            spawn(self._listen)
+        # listener or a watchdog that is gone.
+        listener = self._routes.get(run_id)
+        if listener is not None:
+            listener.start()
         if not self._watching and not self._closed:
             self._watching = True
             spawn(self._watch)
 
-    def _listen(self) -> None:
-        # Started by the first follower and kept for the store's life: one per worker.
+    # What the listeners ask of their store (.redis_listener.Owner).
+
+    def followed_on(self, listener: Listener) -> list[str]:
+        """The runs followed here whose channel ``listener`` carries (under the lock)."""
+        return [run_id for run_id, route in self._routes.items() if route is listener]
+
+    def heard(self, run_id: str) -> None:
+        """An announcement of the run: a change for the marks, and its waiters read again."""
+        with self._lock:
+            if run_id in self._heard:  # followed here
+                self._heard[run_id] = next(self._announcements)
+                self._last_heard[run_id] = time.monotonic()
+        self._wake([run_id])
+
+    def confirmed(self, listener: Listener, run_id: str) -> None:
+        """The run's channel is subscribed: a change announced before went unheard, so its
+        waiters read again."""
+        with self._lock:
+            if self._routes.get(run_id) is not listener:
+                return  # no longer followed, or followed through another node now
+            listener.subscribed.add(run_id)
+        self._wake([run_id])
+
+    def broke(self, listener: Listener, error: BaseException | None) -> None:
+        """What was heard through ``listener`` counts no more: every waiter reads again. In a
+        cluster, the slots are learnt again, and a followed run whose slot moved to another
+        node is subscribed there."""
+        if self._cluster and error is not None and not self._closed:
+            self._route_again(listener)
+        self._wake(list(self._waiters))
+
+    def _route_again(self, listener: Listener) -> None:
         try:
-            self._publish()  # which kind of channels: known before the first subscription
-            self._subscribe_and_listen()
-        except StoreUnavailable:
-            pass  # the next follower starts it again
-        finally:
-            with self._lock:
-                self._pubsub = None
-                self._subscribed.clear()
-            self._listening = False
-            self._wake(list(self._waiters))  # marks are void: every waiter reads again
-
-    def _subscribe_and_listen(self) -> None:
-        while not self._closed:
-            pubsub = self._reader_client.pubsub()
+            self._redis.nodes_manager.initialize()
+        except self._errors:
+            return  # the cluster is away: the listener tries again, and so does this
+        with self._lock:
+            runs = self.followed_on(listener)
+        for run_id in runs:
             try:
-                with self._lock:
-                    self._connection += 1
-                    self._subscribed.clear()
-                    followed = list(self._followers)
-                    self._unconfirmed = dict.fromkeys(followed, 1)
-                    self._pubsub = pubsub
-                if followed:
-                    channels = [self._channel(run_id) for run_id in followed]
-                    with self._sender():
-                        (pubsub.ssubscribe if self._sharded else pubsub.subscribe)(*channels)
-                while not self._closed:
-                    message = pubsub.get_message(timeout=LISTEN_TIMEOUT)
-                    if message is not None:
-                        self._heard_message(message)
-            except self._listen_errors:
-                with self._lock:
-                    self._pubsub = None
-                    self._subscribed.clear()  # nothing is heard until subscribed again
-                if self._closed:
-                    return
-                # Redis gone: every waiter reads again (and reports it); then subscribe again.
-                self._wake(list(self._waiters))
-                pause(0.5)
-            finally:
-                pubsub.close()
-
-    def _heard_message(self, message: dict[str, Any]) -> None:
-        kind, channel = message["type"], message["channel"]
-        if not isinstance(channel, bytes):
-            return
-        run_id = self._run_of(channel)
-        if kind in ("smessage", "message"):
+                moved = self._listener_for(run_id)
+            except StoreUnavailable:
+                return
             with self._lock:
-                if run_id in self._heard:  # followed here: a change for the marks
-                    self._heard[run_id] = next(self._announcements)
-                    self._last_heard[run_id] = time.monotonic()
-            self._wake([run_id])
-        elif kind in ("ssubscribe", "subscribe", "sunsubscribe", "unsubscribe"):
-            # Confirmed in the order sent: once none is pending, the last one sent holds.
-            with self._lock:
-                left = self._unconfirmed.get(run_id, 1) - 1
-                if left > 0:
-                    self._unconfirmed[run_id] = left
-                    return
-                self._unconfirmed.pop(run_id, None)
-                if kind not in ("ssubscribe", "subscribe") or run_id not in self._followers:
-                    return
-                self._subscribed.add(run_id)
-            self._wake([run_id])  # subscribed now: a change announced before went unheard
+                if self._routes.get(run_id) is not listener or moved is listener:
+                    continue
+                self._routes[run_id] = moved
+            moved.start()
+            moved.send("subscribe", run_id)
 
     def _watch(self) -> None:
         # One greenlet per worker: the followed runs silent for SILENCE seconds have their
@@ -659,7 +718,7 @@ class RedisRunStore(RunStore):
     def _check_lost(self, run_ids: Sequence[str]) -> None:
         ttl_ms, publish, event = max(1, int(self.ttl * 1000)), self._publish(), lost_event()
         commands = [
-            ("EVALSHA", self._end.sha, 3, *self._keys(run_id),
+            ("EVALSHA", self._end, 3, *self._keys(run_id),
              "lost", LOST, ttl_ms, event, run_id, self._channel(run_id), publish, LOST_CONFIRM_MS)
             for run_id in run_ids
         ]  # fmt: skip
