@@ -39,8 +39,8 @@ class Owner(Protocol):
     def followed_on(self, listener: Listener) -> list[str]:
         """The runs followed here whose channel this listener carries: subscribed on connect."""
 
-    def heard(self, run_id: str) -> None:
-        """An announcement of ``run_id`` arrived."""
+    def heard(self, run_id: str, message: bytes) -> None:
+        """An announcement of ``run_id`` arrived, with its message."""
 
     def confirmed(self, listener: Listener, run_id: str) -> None:
         """``run_id``'s channel is subscribed now, on the listener's current connection (the
@@ -163,7 +163,7 @@ class Listener:
             return
         run_id = self._run_of(channel)
         if kind in ("smessage", "message"):
-            self._owner.heard(run_id)
+            self._owner.heard(run_id, message["data"])
         elif kind in ("ssubscribe", "subscribe", "sunsubscribe", "unsubscribe"):
             # Confirmed in the order sent: once none is pending, the last one sent holds.
             with self._lock:

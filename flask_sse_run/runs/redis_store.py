@@ -110,7 +110,9 @@ return 1
 """
 # KEYS: the hash, the stream, the lease. ARGV: min id kept, TTL, last seq, first seq, the
 # events' bytes, their lengths, the channel, the publish command, the worker, the lease ms. An
-# append renews the lease: a producer that appends needs no heartbeat to stay alive.
+# append renews the lease: a producer that appends needs no heartbeat to stay alive. Its
+# announcement carries the batch ("<first seq> <last seq> <events>"): a follower that has read
+# up to it takes the events from there, without a read.
 _APPEND = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then
   return 0
@@ -120,7 +122,7 @@ redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[1], ARGV[3] .. '-0', 's', ARGV[4]
 redis.call('HSET', KEYS[1], 'last_seq', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call(ARGV[8], ARGV[7], '')
+redis.call(ARGV[8], ARGV[7], ARGV[4] .. ' ' .. ARGV[3] .. ' ' .. ARGV[5])
 return 1
 """
 # Ends a running run. KEYS: the hash, the stream, the lease. ARGV: mode ('end', or 'lost': only
@@ -287,6 +289,9 @@ class RedisRunStore(RunStore):
         # count, so that an entry made again never equals an old mark.
         self._followers: dict[str, int] = {}
         self._heard: dict[str, int] = {}
+        # The last batch announced of each followed run, (first seq, last seq, events), as of
+        # its count in _heard: the next read of a follower at its start needs no round trip.
+        self._fresh: dict[str, tuple[int, int, bytes]] = {}
         self._announcements = itertools.count(1)
         # When each followed run was last heard of (monotonic): the watchdog checks silent ones.
         self._last_heard: dict[str, float] = {}
@@ -481,8 +486,16 @@ class RedisRunStore(RunStore):
         return [_info(run_id, fields) for run_id, fields in zip(run_ids, found, strict=True)]
 
     def read(self, run_id: str, after: int, limit: int) -> RunSlice | None:
-        """One round trip: the state and up to ``limit`` batches holding events after ``after``."""
-        mark = self._mark(run_id)  # before the round trip: a change made during it counts
+        """One round trip: the state and up to ``limit`` batches holding events after ``after``;
+        none where the last batch this worker heard announced starts right after ``after``."""
+        with self._lock:
+            mark = self._mark(run_id)  # before the round trip: a change made during it counts
+            fresh = self._fresh.get(run_id)
+        if fresh is not None and mark is not None and fresh[0] == after + 1:
+            # The state as of that announcement (the mark is its count): running, and the batch
+            # is the events after the position. A change since moves the mark, and the caller
+            # reads again.
+            return RunSlice([(fresh[1], fresh[2])], 0, RUNNING, fresh[1], mark)
         hash_key, events_key, _ = self._keys(run_id)
         with self._call():
             state, entries = self._batcher.run(
@@ -504,12 +517,12 @@ class RedisRunStore(RunStore):
         return RunSlice(events, missed, status.decode(), int(last_seq or 0), mark)
 
     def _mark(self, run_id: str) -> tuple[int, int] | None:
-        # What the listener has heard of the run, if its channel is subscribed now.
-        with self._lock:
-            listener = self._routes.get(run_id)
-            if listener is None or run_id not in listener.subscribed:
-                return None
-            return (listener.connection, self._heard[run_id])
+        # What the listener has heard of the run, if its channel is subscribed now (under the
+        # lock).
+        listener = self._routes.get(run_id)
+        if listener is None or run_id not in listener.subscribed:
+            return None
+        return (listener.connection, self._heard[run_id])
 
     def wait(self, run_id: str, after: int, timeout: float, mark: object = None) -> None:
         """Wait for the run to change, through this worker's subscription to its channel.
@@ -529,7 +542,9 @@ class RedisRunStore(RunStore):
             try:
                 self._ensure_listening(run_id)
                 if mark is not None:
-                    if mark != self._mark(run_id):
+                    with self._lock:
+                        now = self._mark(run_id)
+                    if mark != now:
                         return  # heard of a change since the read began: read again
                 else:
                     with self._call():
@@ -584,6 +599,7 @@ class RedisRunStore(RunStore):
             else:
                 self._followers.pop(run_id, None)
                 self._heard.pop(run_id, None)
+                self._fresh.pop(run_id, None)
                 self._last_heard.pop(run_id, None)
                 listener = self._routes.pop(run_id, None)
                 if listener is not None:
@@ -652,12 +668,21 @@ class RedisRunStore(RunStore):
         """The runs followed here whose channel ``listener`` carries (under the lock)."""
         return [run_id for run_id, route in self._routes.items() if route is listener]
 
-    def heard(self, run_id: str) -> None:
-        """An announcement of the run: a change for the marks, and its waiters read again."""
+    def heard(self, run_id: str, message: bytes) -> None:
+        """An announcement of the run: a change for the marks, and its waiters read again. An
+        append's carries its batch, kept for the next read; an end's is empty."""
+        fresh = None
+        if message:
+            first, last, data = message.split(b" ", 2)
+            fresh = (int(first), int(last), data)
         with self._lock:
             if run_id in self._heard:  # followed here
                 self._heard[run_id] = next(self._announcements)
                 self._last_heard[run_id] = time.monotonic()
+                if fresh is None:
+                    self._fresh.pop(run_id, None)
+                else:
+                    self._fresh[run_id] = fresh
         self._wake([run_id])
 
     def confirmed(self, listener: Listener, run_id: str) -> None:
@@ -673,6 +698,9 @@ class RedisRunStore(RunStore):
         """What was heard through ``listener`` counts no more: every waiter reads again. In a
         cluster, the slots are learnt again, and a followed run whose slot moved to another
         node is subscribed there."""
+        with self._lock:
+            for run_id in self.followed_on(listener):
+                self._fresh.pop(run_id, None)
         if self._cluster and error is not None and not self._closed:
             self._route_again(listener)
         self._wake(list(self._waiters))
