@@ -235,6 +235,40 @@ def test_refusals_come_in_openais_shape_with_the_right_status(client: FlaskClien
     assert error(client.post("/falcon/v1/models"), 405)
 
 
+HUGE = 2**70  # its digits appear in no message of this server's own
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("completions", {"max_tokens": HUGE}),
+        ("chat", {"max_tokens": HUGE}),
+        ("chat", {"max_completion_tokens": HUGE}),
+        ("completions", {"max_tokens": 4321}),
+        ("completions", {"seed": HUGE}),
+        ("completions", {"temperature": 4321.5}),
+    ],
+)
+def test_a_clients_values_are_never_echoed_in_errors(
+    client: FlaskClient, route: str, body: dict[str, Any]
+) -> None:
+    response = chat(client, **body) if route == "chat" else complete(client, **body)
+    refused = error(response, 400)
+    ((name, value),) = body.items()
+    assert refused["param"] == name and refused["message"].startswith(f"{name}: ")
+    assert str(value) not in response.get_data(as_text=True)
+
+
+def test_the_context_and_kv_budget_refusals_name_the_room_left_not_the_value(model_dir: Path) -> None:
+    small = ready({"FALCON_MODEL": str(model_dir), "FALCON_MAX_BATCH_TOKENS": "100"}).test_client()
+    refused = error(complete(small, max_tokens=2345), 400)
+    assert refused["code"] == "context_length_exceeded" and "2345" not in refused["message"]
+    assert refused["message"].startswith("max_tokens: must be at most 96 for this prompt (4 tokens)")
+    blueprint = small.post("/falcon/run", json={"prompt": PROMPT, "max_new_tokens": 2047})
+    assert blueprint.status_code == 422 and "2047" not in blueprint.get_data(as_text=True)
+    assert blueprint.get_json()["detail"][0]["loc"] == ["max_new_tokens"]
+
+
 def test_a_disabled_model_is_503_and_a_full_queue_503_with_retry_after(model_dir: Path) -> None:
     off = create_app({"TESTING": True}).test_client()
     disabled = error(off.post("/falcon/v1/completions", json={"model": "falcon", "prompt": PROMPT}), 503)

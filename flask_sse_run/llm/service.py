@@ -388,10 +388,11 @@ class GenerationService(GenerationTally):
         if prompt_tokens >= context:
             raise refuse("prompt", f"is {prompt_tokens} tokens; the model's context is {context} tokens")
         if prompt_tokens + params.max_new_tokens > context:
+            # The rule and the room left, never the client's value (2**70 came back, once).
             raise refuse(
                 "max_new_tokens",
-                f"the prompt ({prompt_tokens} tokens) and max_new_tokens ({params.max_new_tokens}) "
-                f"exceed the model's context of {context} tokens",
+                f"must be at most {context - prompt_tokens} for this prompt ({prompt_tokens} tokens): "
+                f"the prompt and the new tokens must fit the model's context of {context} tokens",
             )
 
     def _record(self, summary: dict[str, Any]) -> None:
