@@ -8,6 +8,7 @@ A signature that cannot be served raises :class:`RegistrationError` at start-up.
 A 422's ``detail`` is bounded whatever the body held: at most ``MAX_PROBLEMS`` entries, and each
 ``loc`` keeps indexes and declared parameter names but shortens any other key (an unknown
 parameter, a ``dict`` key) to ``MAX_KEY_SHOWN`` characters, since those keys are the client's input.
+Its messages name the rule, never the value (:func:`problem_message`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "Binder",
     "check_query_parameters",
     "inspect_function",
+    "problem_message",
     "validate_name",
 ]
 
@@ -40,6 +42,14 @@ NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
 MAX_PROBLEMS = 50
 #: The longest client-sent key shown in a problem's ``loc``; longer ones are cut to half of it.
 MAX_KEY_SHOWN = 64
+#: Pydantic's messages that quote part of the input (a discriminator's tag, a character of a
+#: UUID or of base64, an offset), as the rule alone. The rest quote only the schema's values.
+_RULE_ONLY = {
+    "union_tag_invalid": "Input tag does not match any of the expected tags: {expected_tags}",
+    "uuid_parsing": "Input should be a valid UUID",
+    "bytes_invalid_encoding": "Data should be valid {encoding}",
+    "timezone_offset": "Timezone offset of {tz_expected} required",
+}
 _UNSERVABLE_KINDS = {
     inspect.Parameter.POSITIONAL_ONLY: "positional-only parameters cannot come from a JSON object",
     inspect.Parameter.VAR_POSITIONAL: "*args cannot come from a JSON object",
@@ -102,7 +112,7 @@ class Binder:
         try:
             values = self.model.model_validate(payload)
         except ValidationError as exc:
-            errors = exc.errors(include_url=False, include_input=False, include_context=False)
+            errors = exc.errors(include_url=False, include_input=False)
             raise RequestError(422, "invalid parameters", self._detail(errors, len(errors))) from None
         return {param: getattr(values, field) for field, param in self.params}
 
@@ -117,7 +127,7 @@ class Binder:
             self.model.model_validate(known)
             errors: list[Any] = []
         except ValidationError as exc:
-            errors = exc.errors(include_url=False, include_input=False, include_context=False)
+            errors = exc.errors(include_url=False, include_input=False)
         total = len(errors) + len(payload) - len(known)
         unknown = (key for key in payload if key not in names)
         for key in itertools.islice(unknown, max(0, MAX_PROBLEMS - len(errors))):
@@ -131,7 +141,11 @@ class Binder:
         """The first ``MAX_PROBLEMS`` of ``total`` problems, and how many were left out."""
         names = self._names()
         detail: list[dict[str, Any]] = [
-            {"loc": [_shown(part, names) for part in err["loc"]], "msg": err["msg"], "type": err["type"]}
+            {
+                "loc": [_shown(part, names) for part in err["loc"]],
+                "msg": problem_message(err),
+                "type": err["type"],
+            }
             for err in errors[:MAX_PROBLEMS]
         ]
         if total > MAX_PROBLEMS:
@@ -144,6 +158,20 @@ class Binder:
     def json_schema(self) -> dict[str, Any]:
         """The JSON Schema of the request body (parameter names as properties)."""
         return self.model.model_json_schema(by_alias=True)
+
+
+def problem_message(error: Mapping[str, Any]) -> str:
+    """The message of one of pydantic's errors (``ValidationError.errors()``) that does not quote
+    the client's input: the rule it broke, with the schema's own values (bounds, expected tags).
+
+    Messages of the app's own validators (``value_error``, ``assertion_error``) are its author's
+    and kept as they are.
+    """
+    template = _RULE_ONLY.get(error["type"])
+    if template is None:
+        return str(error["msg"])
+    # Pydantic formatted its own message from the same ``ctx``: the keys are there.
+    return template.format(**error.get("ctx", {}))
 
 
 def _shown(part: str | int, names: set[str]) -> str | int:

@@ -22,6 +22,7 @@ __all__ = [
     "gunicorn_sync_worker",
     "new_event",
     "new_lock",
+    "new_semaphore",
     "pause",
     "raw_lock",
     "spawn",
@@ -83,6 +84,15 @@ def new_lock() -> Any:
 
         return BoundedSemaphore()
     return threading.Lock()
+
+
+def new_semaphore(value: int) -> Any:
+    """A semaphore of ``value`` for greenlets (gevent's, which yields while it waits) or threads."""
+    if gevent_patched():
+        from gevent.lock import BoundedSemaphore
+
+        return BoundedSemaphore(value)
+    return threading.BoundedSemaphore(value)
 
 
 def pause(seconds: float) -> None:

@@ -25,8 +25,10 @@ What the relay guarantees:
   event, with the upstream's status and message, and ends the stream cleanly.
 * **Timeouts.** :func:`open_stream` gives up connecting after ``connect_timeout`` seconds and
   reading after ``silence_timeout`` seconds without a byte (requests' ``timeout=(connect,
-  read)``: the read timeout bounds each wait, not the whole stream). For a response you open
-  yourself, set your client's timeouts; the relay maps its timeout errors to a 504.
+  read)``: the read timeout bounds each wait, not the whole stream); under gevent, the
+  response's headers must all be there ``connect_timeout + silence_timeout`` seconds after the
+  call (504 beyond, the connection closed). For a response you open yourself, set your
+  client's timeouts; the relay maps its timeout errors to a 504.
 * **No unbounded buffering.** The body is read ``chunk_size`` bytes at most at a time, and the
   next read waits until every event of the last one has been taken by the stream, which waits
   for the client's socket: a slow client slows the read, and TCP slows the upstream. One event
@@ -40,6 +42,7 @@ patched): a stream waiting on its upstream costs a parked greenlet, not a thread
 
 from __future__ import annotations
 
+import contextlib
 import http
 import http.client
 import json as jsonlib
@@ -417,28 +420,38 @@ def open_stream(
     Sends ``json`` (or ``data``) with ``Accept: text/event-stream`` and ``Accept-Encoding:
     identity`` (a relayed stream gains nothing from compression, and loses latency) plus
     ``headers``. Gives up connecting after ``connect_timeout`` s and waiting for any byte after
-    ``silence_timeout`` s. ``session`` defaults to a shared one per process (keep-alive
-    connections, no proxy from the environment: see :func:`shared_session`). Needs ``requests``
-    (``pip install 'flask-sse-run[relay]'``).
+    ``silence_timeout`` s, and under gevent on an upstream whose response headers (and a
+    refusal's message) are not all there ``connect_timeout + silence_timeout`` s after the call,
+    however steadily they trickle in; its connection is then closed. ``session`` defaults to a
+    shared one per process (keep-alive connections, no proxy from the environment: see
+    :func:`shared_session`). Needs ``requests`` (``pip install 'flask-sse-run[relay]'``).
 
     Raises :class:`~flask_sse_run.errors.UpstreamError`: 503 when the upstream cannot be reached,
-    504 when it does not answer in time, and :func:`check_response`'s errors. Call it in the
-    function body, before returning the stream, and these are JSON errors, not error events.
+    504 when it does not answer (or finish its headers) in time, and :func:`check_response`'s
+    errors. Call it in the function body, before returning the stream, and these are JSON
+    errors, not error events.
     """
     import requests
 
     sent = {"Accept": "text/event-stream", "Accept-Encoding": "identity", "Cache-Control": "no-cache"}
     sent.update(headers or {})
+    deadline = connect_timeout + silence_timeout
     try:
-        response = (session or shared_session()).request(
-            method,
-            url,
-            json=json,
-            data=data,
-            headers=sent,
-            stream=True,
-            timeout=(connect_timeout, silence_timeout),
-        )
+        with _answer_deadline(deadline):
+            response = (session or shared_session()).request(
+                method,
+                url,
+                json=json,
+                data=data,
+                headers=sent,
+                stream=True,
+                timeout=(connect_timeout, silence_timeout),
+            )
+            check_response(response)  # a refusal's body is read within the deadline too
+    except _AnswerLate:
+        raise UpstreamError(
+            504, f"the upstream did not send its response headers within {deadline:g} s"
+        ) from None
     except requests.ConnectTimeout as exc:
         raise UpstreamError(
             503, f"the upstream did not accept a connection within {connect_timeout:g} s"
@@ -449,5 +462,30 @@ def open_stream(
         raise UpstreamError(503, f"the upstream is unreachable ({_root_name(exc)})") from exc
     except requests.RequestException as exc:
         raise UpstreamError(502, f"the upstream request failed ({_root_name(exc)})") from exc
-    check_response(response)
     return response
+
+
+class _AnswerLate(Exception):
+    """The upstream's answer (its headers, a refusal's body) took longer than the deadline."""
+
+
+@contextlib.contextmanager
+def _answer_deadline(seconds: float) -> Iterator[None]:
+    """Raise :class:`_AnswerLate` in this greenlet ``seconds`` from now, under gevent.
+
+    requests' read timeout bounds each wait for a byte, not the whole: an upstream that sent a
+    header line every 0.5 s held a request for 50 s (http.client's limit of 100 header lines)
+    despite a 5 s timeout, and one 4 KiB refusal body a byte at a time would take 34 minutes.
+    Under gevent the interrupted read leaves urllib3 with an exception, and it closes the
+    connection. Elsewhere (a thread per request) nothing can interrupt the read: the read
+    timeout alone bounds each wait.
+    """
+    from .concurrency import gevent_patched
+
+    if not gevent_patched():
+        yield
+        return
+    import gevent
+
+    with gevent.Timeout(seconds, _AnswerLate):
+        yield

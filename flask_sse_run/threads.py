@@ -3,7 +3,8 @@
 Under gevent, a long blocking call (a file read, a C extension, ``model.generate()``) in a
 greenlet freezes every stream of the worker. :func:`iterate_in_thread` and
 :func:`run_in_thread` run such work in a native thread and hand each item to the streaming
-greenlet the moment it is produced, waking the hub with gevent's thread-safe async watcher.
+greenlet the moment it is produced, waking the hub with gevent's thread-safe async watcher
+(:func:`call_in_thread`: one call, one result, through gevent's own thread pool).
 gevent's queues, events and locks are never touched from the other thread: items cross in a
 ``deque`` (atomic appends and pops) and back-pressure uses a raw OS lock.
 
@@ -22,7 +23,7 @@ from .cancellation import current_token
 from .concurrency import default_executor, gevent_patched, raw_lock
 from .errors import SSERunError
 
-__all__ = ["StreamClosed", "ThreadChannel", "iterate_in_thread", "run_in_thread"]
+__all__ = ["StreamClosed", "ThreadChannel", "call_in_thread", "iterate_in_thread", "run_in_thread"]
 
 T = TypeVar("T")
 
@@ -192,6 +193,32 @@ def _bridge(
                 waiter.close(channel)
             # else: this greenlet was killed while waiting; the watcher stays open (a few
             # bytes) rather than be closed under a thread that may still send() on it.
+
+
+def call_in_thread(func: Callable[[], T]) -> T:
+    """Return ``func()``, computed in a native thread under gevent (the hub's thread pool) while
+    this greenlet waits and the others run; without gevent, here.
+
+    For one CPU-bound call that would hold the hub: parsing a large body, tokenizing a long
+    prompt. The interpreter hands the GIL back to the hub's thread every few milliseconds, which
+    a call in the hub's own thread never would (a C call that releases the GIL does better). An
+    exception ``func`` raises is raised here.
+    """
+    if not gevent_patched():
+        return func()
+    import gevent
+
+    def outcome_as_value() -> tuple[bool, Any]:
+        # gevent's pool prints the traceback of a task that raises: a refusal is no error.
+        try:
+            return True, func()
+        except Exception as exc:
+            return False, exc
+
+    done, value = gevent.get_hub().threadpool.apply(outcome_as_value)
+    if not done:
+        raise value
+    return value  # type: ignore[no-any-return]
 
 
 def iterate_in_thread(

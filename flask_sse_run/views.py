@@ -6,6 +6,7 @@ headers are frozen once a streaming body starts.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -29,6 +30,7 @@ from .registry import EXTENSION_KEY
 from .responses import error_response, json_response, options_response, stream_response
 from .runs.responses import respond_async, resume_on_function_url, start_run
 from .streaming import StreamOptions, close_stream_source
+from .threads import call_in_thread
 
 if TYPE_CHECKING:
     from .registry import RegisteredFunction, State
@@ -55,21 +57,7 @@ def unknown_path(rest: str) -> Response:
 
 
 def _in_thread_pool(parse: Callable[[bytes], dict[str, Any]], raw: bytes) -> dict[str, Any]:
-    # A native thread: the interpreter hands the GIL back to the hub's thread every few
-    # milliseconds, which a parse in the hub's own thread never would.
-    import gevent  # only when gevent has patched the process
-
-    def refusal_as_value() -> dict[str, Any] | RequestError:
-        # gevent's pool prints the traceback of a task that raises: a refused body is no error.
-        try:
-            return parse(raw)
-        except RequestError as exc:
-            return exc
-
-    result = gevent.get_hub().threadpool.apply(refusal_as_value)
-    if isinstance(result, RequestError):
-        raise result
-    return result  # type: ignore[no-any-return]
+    return call_in_thread(functools.partial(parse, raw))
 
 
 def call_function(name: str, functions: Mapping[str, RegisteredFunction], prefix: str = "") -> Response:

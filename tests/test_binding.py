@@ -3,6 +3,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
+import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal, Optional
 
@@ -284,3 +285,26 @@ def test_a_parameter_a_query_string_cannot_carry_refuses_get_at_registration(ann
     with pytest.raises(RegistrationError):
         sse.function(methods=("GET", "POST"))(func)
     sse.function(methods=("POST",))(func)  # fine with a JSON body
+
+
+class Circle(BaseModel):
+    kind: Literal["circle"]
+
+
+class Square(BaseModel):
+    kind: Literal["square"]
+
+
+def shapes(shape: Annotated[Circle | Square, Field(discriminator="kind")], key: uuid.UUID) -> None:
+    pass
+
+
+def test_problems_name_the_rule_never_the_clients_value() -> None:
+    with pytest.raises(RequestError) as refused:
+        inspect_function(shapes, "shapes").bind({"shape": {"kind": "s3cr3t"}, "key": "zz-s3cr3t"})
+    detail = refused.value.detail
+    assert detail is not None
+    assert [(d["loc"], d["msg"]) for d in detail] == [
+        (["shape"], "Input tag does not match any of the expected tags: 'circle', 'square'"),
+        (["key"], "Input should be a valid UUID"),
+    ]

@@ -229,6 +229,41 @@ def test_eight_concurrent_streams_are_decoded_together_and_each_arrives_progress
     assert batch["steps_per_s"] > 0 and batch["tokens_per_s"] > 0 and batch["rows"] == 0
 
 
+def test_health_is_answered_while_long_prompts_are_being_tokenized(server: Server) -> None:
+    # Three prompts of a megabyte (under the 1 MiB body limit): a few tenths of a second of the
+    # tokenizer each, two at a time, the third waiting its turn. Each is then refused as too
+    # long for the context, as a hostile one would be.
+    prompt = ("Tell me a story about the snow man " * 30_000)[:1_000_000]
+    served = requests.get(f"{server.url}/falcon/v1/models", timeout=10).json()["data"][0]["id"]
+    body = {"model": served, "prompt": prompt}
+    answers: list[requests.Response] = []
+
+    def send() -> None:
+        answers.append(requests.post(f"{server.url}/falcon/v1/completions", json=body, timeout=120))
+
+    senders = [threading.Thread(target=send) for _ in range(3)]
+    for sender in senders:
+        sender.start()
+    seen_tokenizing = False
+    try:
+        deadline = time.monotonic() + 120
+        while len(answers) < 3 and not seen_tokenizing:
+            assert time.monotonic() < deadline
+            health = requests.get(f"{server.url}/falcon/health", timeout=60).json()
+            seen_tokenizing = health.get("tokenizing", 0) >= 1
+        # The worker answers while a prompt is in the tokenizer, and another waits for it.
+        plain = requests.get(f"{server.url}/health", timeout=60)
+        still_open = len(answers) < 3
+    finally:
+        for sender in senders:
+            sender.join()
+    assert seen_tokenizing, "the health endpoint was never answered while a prompt was tokenized"
+    assert plain.status_code == 200 and still_open
+    for answer in answers:
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_two_concurrent_requests_both_complete(server: Server) -> None:
     results: list[list[tuple[float, dict[str, Any]]]] = []
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,73 @@ def test_refusals_come_in_openais_shape_with_the_right_status(client: FlaskClien
     options = client.options("/falcon/v1/chat/completions")
     assert options.status_code == 204 and options.headers["Allow"] == "OPTIONS, POST"
     assert error(client.post("/falcon/v1/models"), 405)
+
+
+HUGE = 2**70  # its digits appear in no message of this server's own
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("completions", {"max_tokens": HUGE}),
+        ("chat", {"max_tokens": HUGE}),
+        ("chat", {"max_completion_tokens": HUGE}),
+        ("completions", {"max_tokens": 4321}),
+        ("completions", {"seed": HUGE}),
+        ("completions", {"temperature": 4321.5}),
+    ],
+)
+def test_a_clients_values_are_never_echoed_in_errors(
+    client: FlaskClient, route: str, body: dict[str, Any]
+) -> None:
+    response = chat(client, **body) if route == "chat" else complete(client, **body)
+    refused = error(response, 400)
+    ((name, value),) = body.items()
+    assert refused["param"] == name and refused["message"].startswith(f"{name}: ")
+    assert str(value) not in response.get_data(as_text=True)
+
+
+def test_the_context_and_kv_budget_refusals_name_the_room_left_not_the_value(model_dir: Path) -> None:
+    small = ready({"FALCON_MODEL": str(model_dir), "FALCON_MAX_BATCH_TOKENS": "100"}).test_client()
+    refused = error(complete(small, max_tokens=2345), 400)
+    assert refused["code"] == "context_length_exceeded" and "2345" not in refused["message"]
+    assert refused["message"].startswith("max_tokens: must be at most 96 for this prompt (4 tokens)")
+    blueprint = small.post("/falcon/run", json={"prompt": PROMPT, "max_new_tokens": 2047})
+    assert blueprint.status_code == 422 and "2047" not in blueprint.get_data(as_text=True)
+    assert blueprint.get_json()["detail"][0]["loc"] == ["max_new_tokens"]
+
+
+#: A megabyte of prompt (under the 1 MiB body limit): a few tenths of a second of the tokenizer.
+LONG_PROMPT = ("Tell me a story about the snow man " * 30_000)[:1_000_000]
+
+
+def two_long_prompts_at_once(app: Flask) -> list[Any]:
+    answers: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda: answers.append(complete(app.test_client(), LONG_PROMPT)))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def test_a_long_prompt_beyond_the_tokenizing_bound_and_its_queue_gets_503(model_dir: Path) -> None:
+    app = ready({"FALCON_MODEL": str(model_dir), "FALCON_MAX_TOKENIZING": "1", "FALCON_MAX_QUEUE": "0"})
+    answers = sorted(two_long_prompts_at_once(app), key=lambda answer: answer.status_code)
+    assert [answer.status_code for answer in answers] == [400, 503]
+    checked, refused = answers
+    assert error(checked, 400)["code"] == "context_length_exceeded"
+    assert "busy reading other long prompts" in error(refused, 503)["message"]
+    assert refused.headers["Retry-After"] == "5"
+
+
+def test_a_long_prompt_within_the_queue_waits_for_its_turn(model_dir: Path) -> None:
+    app = ready({"FALCON_MODEL": str(model_dir), "FALCON_MAX_TOKENIZING": "1", "FALCON_MAX_QUEUE": "1"})
+    for answer in two_long_prompts_at_once(app):
+        assert error(answer, 400)["code"] == "context_length_exceeded"
 
 
 def test_a_disabled_model_is_503_and_a_full_queue_503_with_retry_after(model_dir: Path) -> None:

@@ -19,7 +19,7 @@ from flask_sse_run import Event, UpstreamError, open_stream, relay
 from flask_sse_run.testing import SSEParser
 from tests.live import Server, free_port, gunicorn
 from tests.sse_clients import timed_events
-from tests.upstreams import wait_answering
+from tests.upstreams import trickling_headers, wait_answering
 
 APP = "tests.relay_apps:create_app()"
 NO_GZIP = {"Accept-Encoding": "identity"}
@@ -198,6 +198,25 @@ def test_an_upstream_that_does_not_answer_in_time_is_a_504(upstream: Server, rel
     response = relay_request(relayer, f"{upstream.url}/produce", body=body, silence_timeout=1)
     assert response.status_code == 504
     assert response.json() == {"error": "the upstream did not answer within 1 s"}
+
+
+def test_an_upstream_that_trickles_its_headers_is_a_504_at_the_deadline_and_is_closed(
+    relayer: Server,
+) -> None:
+    # A header line every 0.5 s for 15 s: never 1 s without a byte. The deadline for the whole
+    # answer is connect_timeout + silence_timeout: 2 s.
+    with trickling_headers(interval=0.5, lines=30) as upstream:
+        started = time.monotonic()
+        response = relay_request(relayer, upstream.url, connect_timeout=1, silence_timeout=1)
+        answered = time.monotonic()
+        assert response.status_code == 504
+        assert response.json() == {"error": "the upstream did not send its response headers within 2 s"}
+        assert answered - started < 10  # at the deadline, not after the upstream's 15 s
+        deadline = time.monotonic() + 10
+        while not upstream.closed_at:
+            assert time.monotonic() < deadline, "the upstream connection was left open"
+            time.sleep(0.05)
+        assert upstream.closed_at[0] - started < 10
 
 
 def test_an_upstream_silent_mid_stream_ends_the_stream_with_a_504_error_event(

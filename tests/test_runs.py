@@ -4,9 +4,12 @@ behaviour under gunicorn is in test_runs_live.py)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +17,7 @@ from flask import Flask, g, request
 
 from flask_sse_run import Event, SSERun, disconnected
 from flask_sse_run.testing import parse_events
+from tests.redis_server import RedisServer
 
 
 def runs_app(**config: Any) -> tuple[Flask, dict[str, Any]]:
@@ -137,6 +141,78 @@ def test_a_bad_position_on_the_runs_url_is_400() -> None:
     response = client.get(f"/runs/{run_id}?last_event_id=x")
     assert response.status_code == 400
     assert response.json == {"error": "last_event_id must be a seq number or an event id of this run"}
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_config(request: pytest.FixtureRequest) -> dict[str, Any]:
+    if request.param == "memory":
+        return {}
+    return {"SSE_RUN_REDIS_URL": request.getfixturevalue("redis_url"), "SSE_RUN_REDIS_PREFIX": "beyond:"}
+
+
+def test_a_position_beyond_a_running_runs_last_event_is_400_at_once(store_config: dict[str, Any]) -> None:
+    app, seen = runs_app(**store_config)
+    client = app.test_client()
+    start = client.post("/ticks", json={"n": 3, "wait": True}, headers={"Prefer": "respond-async"})
+    run_id, location = start.json["run_id"], start.headers["Location"]
+    store = app.extensions["sse_run"].runs.store
+    wait_for(lambda: store.get(run_id).last_seq == 1)  # event 1 made; the run waits at the gate
+    try:
+        beyond = [
+            client.post("/ticks", json={}, headers={"Last-Event-ID": f"{run_id}:2"}),
+            client.get(location, headers={"Last-Event-ID": f"{run_id}:9"}),
+            client.get(f"{location}?last_event_id=2"),
+        ]
+        expected = {
+            "error": "Last-Event-ID (or last_event_id) is beyond this run's last event so far (seq 1); "
+            "resume from an id the run sent"
+        }
+        for response in beyond:
+            assert (response.status_code, response.json) == (400, expected)
+            assert response.headers["X-Run-ID"] == run_id
+    finally:
+        seen["gate"].set()
+    # At its last event is no error: the rest follows.
+    followed = client.get(f"{location}?last_event_id=1")
+    assert [e.id for e in parse_events(followed.data)] == [f"{run_id}:2", f"{run_id}:3"]
+    wait_for(lambda: store.get(run_id).status == "complete")
+    # Ended, nothing more will come at or after its end: 204, stop reconnecting.
+    assert client.get(location, headers={"Last-Event-ID": f"{run_id}:3"}).status_code == 204
+    assert client.get(f"{location}?last_event_id=9").status_code == 204
+
+
+def test_a_reconnect_beyond_the_last_event_while_the_store_was_away_ends_with_an_error(
+    tmp_path: Path,
+) -> None:
+    # The store does not answer (past its 2 s call timeout) when the reconnect comes: the
+    # response is a 200 stream that waits for it, too late for a 400; it ends with the reason
+    # instead of waiting for a position the run never gave.
+    with RedisServer(tmp_path) as redis_server:
+        app, seen = runs_app(SSE_RUN_REDIS_URL=redis_server.url)
+        client = app.test_client()
+        start = client.post("/ticks", json={"n": 3, "wait": True}, headers={"Prefer": "respond-async"})
+        run_id = start.json["run_id"]
+        store = app.extensions["sse_run"].runs.store
+        wait_for(lambda: store.get(run_id).last_seq == 1)
+        assert redis_server.process is not None
+        os.kill(redis_server.process.pid, signal.SIGSTOP)
+        resume = threading.Timer(3.5, os.kill, (redis_server.process.pid, signal.SIGCONT))
+        resume.start()
+        try:
+            response = client.post("/ticks", json={}, headers={"Last-Event-ID": f"{run_id}:2"})
+            assert response.status_code == 200
+            events = parse_events(response.data)
+        finally:
+            resume.join()
+            seen["gate"].set()
+        assert [e.event for e in events] == ["error"]
+        assert json.loads(events[0].data)["type"] == "BadPosition"
 
 
 def test_a_run_of_one_instance_is_not_found_under_another_prefix() -> None:

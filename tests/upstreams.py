@@ -1,4 +1,5 @@
-"""Real upstreams for the relay tests: ``transformers serve`` on a tiny Falcon, and helpers.
+"""Real upstreams for the relay tests: ``transformers serve`` on a tiny Falcon, a server that
+trickles its response headers, and helpers.
 
 ``transformers serve`` (transformers >= 5.24, ``pip install 'transformers[serving]'``) is started
 as ``python -m transformers.cli.transformers serve MODEL_DIR --device cpu --host 127.0.0.1
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -136,3 +139,59 @@ def save_engine_model(directory: Path, *, hidden_size: int = 512, layers: int = 
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+class TrickledHeaders:
+    """What :func:`trickling_headers` saw: when each connection was closed by its client."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.closed_at: list[float] = []  # time.monotonic() of each close seen
+
+
+@contextmanager
+def trickling_headers(interval: float = 0.5, lines: int = 30) -> Iterator[TrickledHeaders]:
+    """A server on 127.0.0.1 that answers every request with ``200 OK`` and then one header line
+    every ``interval`` seconds, ``lines`` of them, before an empty event stream: a byte always
+    comes well within any read timeout, the headers take ``interval * lines`` seconds. It notes
+    when the client closes the connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = TrickledHeaders(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    stopped = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(interval)
+            try:
+                conn.recv(65536)  # the request; its content does not matter
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                for i in range(lines):
+                    if stopped.is_set():
+                        return
+                    try:
+                        if conn.recv(1) == b"":  # the client closed its end
+                            seen.closed_at.append(time.monotonic())
+                            return
+                    except TimeoutError:
+                        pass  # nothing from the client: still there
+                    conn.sendall(b"X-Trickle-%d: x\r\n" % i)
+                conn.sendall(b"Content-Type: text/event-stream\r\nContent-Length: 0\r\n\r\n")
+            except OSError:  # reset by the client
+                seen.closed_at.append(time.monotonic())
+
+    def accept() -> None:
+        while not stopped.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield seen
+    finally:
+        stopped.set()
+        listener.close()
+        acceptor.join(timeout=5)

@@ -14,13 +14,15 @@ forks, or before gevent patches, would belong to the wrong world.
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
-from ..concurrency import gevent_patched
+from ..concurrency import gevent_patched, new_semaphore
 from ..errors import RequestError
 
-__all__ = ["DeviceQueue", "Ticket"]
+__all__ = ["BUSY", "DeviceQueue", "Ticket"]
+
+#: The message of the 503 for a full queue.
+BUSY = "the model is busy: {running} generating, {waiting} waiting; retry later"
 
 
 class Ticket:
@@ -59,16 +61,20 @@ class Ticket:
 class DeviceQueue:
     """At most ``concurrency`` generations at a time and ``max_queue`` waiting; 503 beyond.
 
-    ``retry_after`` is the ``Retry-After`` header of the 503, in seconds. ``running`` and
-    ``waiting`` may be read at any time (for a health endpoint).
+    ``retry_after`` is the ``Retry-After`` header of the 503, in seconds, and ``busy`` its message
+    (``{running}`` and ``{waiting}`` filled in). ``running`` and ``waiting`` may be read at any
+    time (for a health endpoint).
     """
 
-    def __init__(self, concurrency: int = 1, max_queue: int = 8, retry_after: int = 5) -> None:
+    def __init__(
+        self, concurrency: int = 1, max_queue: int = 8, retry_after: int = 5, *, busy: str = BUSY
+    ) -> None:
         if concurrency < 1 or max_queue < 0 or retry_after < 0:
             raise ValueError("need concurrency >= 1, max_queue >= 0 and retry_after >= 0")
         self.concurrency = concurrency
         self.max_queue = max_queue
         self.retry_after = retry_after
+        self.busy = busy
         self.running = 0
         self.waiting = 0
         self._made: tuple[int, bool, Any] | None = None
@@ -76,13 +82,7 @@ class DeviceQueue:
     def _semaphore(self) -> Any:
         key = (os.getpid(), gevent_patched())
         if self._made is None or self._made[:2] != key:
-            if key[1]:
-                from gevent.lock import BoundedSemaphore
-
-                semaphore: Any = BoundedSemaphore(self.concurrency)
-            else:
-                semaphore = threading.BoundedSemaphore(self.concurrency)
-            self._made = (*key, semaphore)
+            self._made = (*key, new_semaphore(self.concurrency))
             self.running = self.waiting = 0
         return self._made[2]
 
@@ -96,7 +96,7 @@ class DeviceQueue:
         if self.running + self.waiting >= self.concurrency + self.max_queue:
             raise RequestError(
                 503,
-                f"the model is busy: {self.running} generating, {self.waiting} waiting; retry later",
+                self.busy.format(running=self.running, waiting=self.waiting),
                 headers={"Retry-After": str(self.retry_after)},
             )
         self.waiting += 1

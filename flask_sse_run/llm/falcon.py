@@ -16,6 +16,8 @@ enable them. ``app.config`` keys of the same names win over the environment (tes
 * ``FALCON_MAX_BATCH_TOKENS`` (32768): the batch's KV cache bound, in tokens (padding
   included); a request waits until it fits, and one that never could gets 422.
 * ``FALCON_PREFILL_CHUNK`` (512): prompt tokens prefilled per step.
+* ``FALCON_MAX_TOKENIZING`` (2): prompts longer than 16 KiB tokenized at once, off the hub;
+  ``FALCON_MAX_QUEUE`` more wait their turn; beyond that, 503 with ``Retry-After``.
 * ``FALCON_BATCHING`` (1): 0 runs one ``generate()`` per stream instead,
   ``FALCON_CONCURRENCY`` (1) at a time.
 
@@ -188,6 +190,7 @@ def make_service(app: App) -> GenerationService | UpstreamService:
         prefill_chunk=_number(app, "FALCON_PREFILL_CHUNK", 512),
         concurrency=_number(app, "FALCON_CONCURRENCY", 1),
         max_queue=_number(app, "FALCON_MAX_QUEUE", 8),
+        max_tokenizing=_number(app, "FALCON_MAX_TOKENIZING", 2),
         disabled_hint=ENABLE_HINT,
         metrics=_llm_metrics(app),
     )

@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..binding import problem_message
 from ..errors import RequestError
 from ..events import encode
 from .params import GenerationParams
@@ -414,7 +415,7 @@ def parse_request(kind: Kind, payload: dict[str, Any]) -> CompletionRequest | Ch
         request = model.model_validate(payload)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
-        problems = [(_loc(err["loc"], {}), err["msg"]) for err in errors[:10]]
+        problems = [(_loc(err["loc"], {}), problem_message(err)) for err in errors[:10]]
         missing = errors[0]["type"] == "missing"
         raise OpenAIError(
             400,

@@ -144,7 +144,7 @@ def _method(req: Request, allowed: str, rid: str) -> Response | None:
     if req.method != allowed and not (allowed == "GET" and req.method == "HEAD"):
         raise OpenAIError(
             405,
-            f"{req.method} is not allowed here; this route takes {allowed}",
+            f"this route takes {allowed} only",
             headers={"Allow": f"OPTIONS, {allowed}"},
         )
     return None

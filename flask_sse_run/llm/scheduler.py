@@ -146,15 +146,17 @@ class BatchScheduler:
         """
         need = len(prompt_ids) + params.max_new_tokens
         if need > self.max_batch_tokens:
-            detail = [
-                {
-                    "loc": ["max_new_tokens"],
-                    "msg": f"the prompt ({len(prompt_ids)} tokens) and max_new_tokens "
-                    f"({params.max_new_tokens}) need {need} tokens of KV cache; this server allows "
-                    f"{self.max_batch_tokens} (FALCON_MAX_BATCH_TOKENS)",
-                    "type": "too_long",
-                }
-            ]
+            # The rule and the room left, never the client's value.
+            room = self.max_batch_tokens - len(prompt_ids)
+            rule = (
+                f"the prompt and the new tokens must fit this server's KV cache of "
+                f"{self.max_batch_tokens} tokens a request (FALCON_MAX_BATCH_TOKENS)"
+            )
+            msg = f"must be at most {room} for this prompt ({len(prompt_ids)} tokens): {rule}"
+            loc = "max_new_tokens"
+            if room < 1:
+                loc, msg = "prompt", f"is {len(prompt_ids)} tokens: {rule}"
+            detail = [{"loc": [loc], "msg": msg, "type": "too_long"}]
             raise RequestError(422, "invalid parameters", detail)
         with self._lock:
             taken = self._reserved + len(self._waiting) + self._in_batch

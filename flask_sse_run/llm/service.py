@@ -11,7 +11,8 @@
   deadlock the forked workers), and each worker loads its own.
 * **Admission**, before the response starts: 503 while the model is disabled, loading or
   failed; 422 when the prompt does not fit the model's context; 503 with ``Retry-After`` when
-  every row runs and the queue is full.
+  every row runs and the queue is full. A long prompt is tokenized off the hub, a bounded
+  number at once (:class:`~flask_sse_run.llm.tokenizing.PromptGate`).
 * **Generation**: by default every stream is a row of one batch decoded step by step
   (:class:`~flask_sse_run.llm.scheduler.BatchScheduler`); with ``batching=False``, one
   ``generate()`` per stream, ``concurrency`` at a time
@@ -38,6 +39,7 @@ from .loading import LoadedModel, import_hub_client, import_runtime, load_pretra
 from .params import GenerationParams
 from .scheduler import BatchScheduler
 from .tally import GenerationTally
+from .tokenizing import PromptGate
 
 if TYPE_CHECKING:
     from ..metrics import LLMMetrics
@@ -109,8 +111,10 @@ class GenerationService(GenerationTally):
     could never fit gets 422), and prompts are prefilled ``prefill_chunk`` tokens per step. A
     model whose cache cannot be batched (not plain ``DynamicLayer`` s) falls back to one
     ``generate()`` at a time. Without ``batching``, ``concurrency`` ``generate()`` calls run at
-    a time, each on its own OS thread. ``disabled_hint`` ends the 503 message while no model is
-    configured (say how to enable it). ``loader`` is
+    a time, each on its own OS thread. Prompts longer than 16 KiB are tokenized off the hub,
+    ``max_tokenizing`` at once; ``max_queue`` more wait their turn, the rest get 503.
+    ``disabled_hint`` ends the 503 message while no model is configured (say how to enable it).
+    ``loader`` is
     :func:`~flask_sse_run.llm.loading.load_pretrained` unless a test gives another; ``prepare``
     imports torch and transformers (on the device's thread). ``metrics``
     (:func:`flask_sse_run.metrics.llm_metrics`, when the app has ``SSE_RUN_METRICS`` on) records
@@ -129,6 +133,7 @@ class GenerationService(GenerationTally):
         prefill_chunk: int = 512,
         concurrency: int = 1,
         max_queue: int = 8,
+        max_tokenizing: int = 2,
         retry_after: int = 5,
         disabled_hint: str = "configure a model to enable it",
         loader: Loader = load_pretrained,
@@ -144,6 +149,7 @@ class GenerationService(GenerationTally):
         self.max_batch_tokens = max_batch_tokens
         self.prefill_chunk = prefill_chunk
         self.queue = DeviceQueue(concurrency, max_queue, retry_after)
+        self.prompts = PromptGate(max_tokenizing, max_queue, retry_after)
         self.disabled_hint = disabled_hint
         self.logger = logger or logging.getLogger("flask_sse_run.llm")
         self.metrics = metrics
@@ -287,6 +293,7 @@ class GenerationService(GenerationTally):
                 running=self.running,
                 waiting=self.waiting,
                 max_queue=self.queue.max_queue,
+                tokenizing=self.prompts.busy,
             )
             if process.scheduler is not None:
                 body["batch"] = process.scheduler.health()
@@ -318,12 +325,12 @@ class GenerationService(GenerationTally):
         The summary is ``{"finish_reason": "length"|"stop"|"eos"|"cancelled",
         "generated_tokens", "prompt_tokens", "time_to_first_token_ms", "tokens_per_s"}``; the time to first
         token counts from this call. Raises :class:`RequestError` before anything is streamed:
-        503 (no model, loading, failed, queue full with ``Retry-After``), 422 (the prompt does
-        not fit the context, or the KV budget).
+        503 (no model, loading, failed, queue full or too many long prompts being tokenized, with
+        ``Retry-After``), 422 (the prompt does not fit the context, or the KV budget).
         """
         received = time.perf_counter()
         process, loaded = self._ready()
-        prompt_ids = list(loaded.tokenizer.encode(prompt))
+        prompt_ids = self._encode(loaded, prompt)
         self._check_length(len(prompt_ids), params, loaded.context)
         if process.scheduler is not None:
             return process.scheduler.admit(prompt_ids, params, started=received, on_finish=self._record)
@@ -356,8 +363,14 @@ class GenerationService(GenerationTally):
         tokenizer = loaded.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             return None
+        size = sum(len(str(message.get("content") or "")) for message in messages)
         try:
-            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            prompt = self.prompts.run(
+                size,
+                lambda: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+            )
+        except RequestError:
+            raise
         except Exception as exc:  # jinja2's TemplateError, raise_exception() in the template
             raise RequestError(400, f"messages: the model's chat template refused them: {exc}") from None
         return str(prompt)
@@ -369,11 +382,14 @@ class GenerationService(GenerationTally):
         Raises :class:`RequestError` (503) as :meth:`stream` does while the model is not ready.
         """
         process, loaded = self._ready()
-        used = len(loaded.tokenizer.encode(prompt))
+        used = len(self._encode(loaded, prompt))
         room = loaded.context - used
         if process.scheduler is not None:
             room = min(room, process.scheduler.max_batch_tokens - used)
         return max(room, 1)
+
+    def _encode(self, loaded: LoadedModel, prompt: str) -> list[int]:
+        return self.prompts.run(len(prompt), lambda: list(loaded.tokenizer.encode(prompt)))
 
     @staticmethod
     def _check_length(prompt_tokens: int, params: GenerationParams, context: int) -> None:
@@ -388,10 +404,11 @@ class GenerationService(GenerationTally):
         if prompt_tokens >= context:
             raise refuse("prompt", f"is {prompt_tokens} tokens; the model's context is {context} tokens")
         if prompt_tokens + params.max_new_tokens > context:
+            # The rule and the room left, never the client's value (2**70 came back, once).
             raise refuse(
                 "max_new_tokens",
-                f"the prompt ({prompt_tokens} tokens) and max_new_tokens ({params.max_new_tokens}) "
-                f"exceed the model's context of {context} tokens",
+                f"must be at most {context - prompt_tokens} for this prompt ({prompt_tokens} tokens): "
+                f"the prompt and the new tokens must fit the model's context of {context} tokens",
             )
 
     def _record(self, summary: dict[str, Any]) -> None:

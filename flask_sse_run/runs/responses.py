@@ -9,6 +9,7 @@
   (with the header, or ``?last_event_id=<seq>``).
 * Nothing left to send (an ended run read to its end; on the function URL also an unknown or
   expired run) is ``204 No Content``, the spec's "stop reconnecting".
+* A position beyond a running run's last event (no event of the run has it yet) is ``400``.
 * ``DELETE {prefix}/runs/<run_id>`` cancels the run.
 
 With auth on, only a token that may call the function reaches a run, and with JWTs only one
@@ -33,7 +34,7 @@ from ..responses import error_response, json_response, no_content, options_respo
 from ..streaming import StreamOptions
 from .ids import is_run_id, parse_event_id, parse_position
 from .store import RunInfo, StoreUnavailable
-from .tail import tail
+from .tail import beyond_message, tail
 
 if TYPE_CHECKING:
     from ..registry import RegisteredFunction, State
@@ -139,6 +140,10 @@ def _follow(state: State, info: RunInfo, after: int, req: Request, rid: str) -> 
         raise RequestError(406, f"a run is followed as {STREAM}")
     if not info.running and info.last_seq <= after:
         return no_content(rid, {"X-Run-ID": info.run_id})  # read to its end: stop reconnecting
+    if info.last_seq < after:
+        # A position the run never gave: following it would send nothing until the run got
+        # there, then skip to it. An ended run is answered 204 above: nothing more will come.
+        raise RequestError(400, beyond_message(info.last_seq), headers={"X-Run-ID": info.run_id})
     store, observers, settings = state.runs.store, state.observers, state.settings
     record = None if observers is None else observers.stream(info.prefix, info.function, rid, info.run_id)
     followed = tail(store, info.run_id, after, record, outage=settings.store_outage)

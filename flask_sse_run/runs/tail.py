@@ -30,7 +30,7 @@ from .store import RunInfo, RunStore, StoreUnavailable
 if TYPE_CHECKING:
     from ..stream_record import StreamRecord
 
-__all__ = ["MISSED_EVENT", "READ_LIMIT", "missed_event", "tail"]
+__all__ = ["MISSED_EVENT", "READ_LIMIT", "beyond_message", "missed_event", "tail"]
 
 #: The name of the event that reports dropped events.
 MISSED_EVENT = "missed"
@@ -46,6 +46,15 @@ def missed_event(run_id: str, last_missed: int, count: int) -> bytes:
     """``event: missed`` with ``{"missed": count}``; its id is the last event missed, so a client
     that reconnects after it resumes with the first one held."""
     return Event(data={"missed": count}, event=MISSED_EVENT, id=event_id(run_id, last_missed)).encode()
+
+
+def beyond_message(last_seq: int) -> str:
+    """Why a position past a running run's last event is refused (the client's value is not
+    repeated: the run's own position says enough)."""
+    return (
+        f"Last-Event-ID (or last_event_id) is beyond this run's last event so far (seq {last_seq}); "
+        "resume from an id the run sent"
+    )
 
 
 class _Outage:
@@ -95,9 +104,19 @@ def tail(
         while True:
             try:
                 if admit is not None:
-                    if not admit(store.get(run_id)):
+                    info = store.get(run_id)
+                    if not admit(info):
                         return
                     admit = None
+                    assert info is not None  # admitted
+                    if info.running and info.last_seq < after:
+                        # Waiting would send nothing until the run passed a position it never
+                        # gave, then skip to there.
+                        if record is not None:
+                            record.outcome = "error"
+                        failure = {"type": "BadPosition", "message": beyond_message(info.last_seq)}
+                        yield Encoded(Event(data=failure, event="error").encode())
+                        return
                 if not attached:
                     store.attach(run_id)
                     attached = True
