@@ -65,6 +65,11 @@ setup(
             # The example page's browser test: drives Debian's chromium through its chromedriver
             # (apt-get install chromium chromium-driver; nothing is downloaded).
             "selenium>=4.11",
+            # docs/clients.md's examples, run against gunicorn by tests/test_docs.py: the SSE
+            # client libraries people use, each cut mid-stream.
+            "requests-sse>=0.5",
+            "httpx-sse>=0.4",
+            "aiohttp-sse-client>=0.2",
             # CORS tests: flask-cors as users add it, unchanged (the extension has no CORS code).
             "flask-cors>=4",
             # The relay tests' real upstream: `transformers serve` (FastAPI, uvicorn, openai).

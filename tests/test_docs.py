@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ import requests
 
 from flask_sse_run.testing import stream_events
 from tests.live import ROOT, Server, gunicorn
+from tests.tcp_proxy import cuttable_proxy
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.S | re.M)
@@ -72,6 +74,43 @@ def check_requests_client(code: str, tmp_path: Path) -> None:
         with contextlib.redirect_stdout(out):
             run_block(code, replace={"http://127.0.0.1:8000": server.url})
     assert out.getvalue().splitlines() == ["Number 0 ", "Number 1 ", "Number 2 "]
+
+
+def check_client_through_a_cut(library: str) -> Callable[[str, Path], None]:
+    """The check of a client example of docs/clients.md: run against the example app through a
+    proxy that cuts the connection mid-run, it prints every number once, in order, having
+    reconnected with the id of the last event it got."""
+
+    def check(code: str, tmp_path: Path) -> None:
+        pytest.importorskip(library)  # imported now: the cut is timed from the request
+        upper_range = 4  # one event a second: the cut, 1.5 s in, comes after two of them
+        with gunicorn("wsgi:app", tmp_path=tmp_path) as server, cuttable_proxy(server.port) as proxy:
+
+            def cut_mid_run() -> None:
+                deadline = time.monotonic() + 30
+                while proxy.connections == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(1.5)
+                proxy.cut()
+
+            cutter = threading.Thread(target=cut_mid_run, daemon=True)
+            cutter.start()
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                run_block(
+                    code,
+                    replace={
+                        "upper_range=3": f"upper_range={upper_range}",
+                        "http://127.0.0.1:8000": proxy.url,
+                    },
+                )
+            cutter.join(timeout=30)
+            sent = b"".join(proxy.requests()).decode("latin-1")
+        assert out.getvalue().splitlines() == [f"Number {i} " for i in range(upper_range)]
+        resumed = re.findall(r"(?i)\r\nlast-event-id: [0-9a-f]{32}:(\d+)\r\n", sent)
+        assert resumed and int(resumed[0]) < upper_range, sent  # a reconnect mid-run, after the cut
+
+    return check
 
 
 def check_jwt_auth(code: str, tmp_path: Path) -> None:
@@ -275,6 +314,9 @@ CHECKS: dict[str, Callable[[str, Path], None]] = {
     "openai.md:from langchain_openai import ChatOpenAI": check_langchain,
     "openai.md:from flask_sse_run import SSERun": check_openai_routes_in_your_app,
     "README.md:import time": check_ten_line_app,
+    "clients.md:from datetime import timedelta": check_client_through_a_cut("requests_sse"),
+    "clients.md:import httpx": check_client_through_a_cut("httpx_sse"),
+    "clients.md:import asyncio": check_client_through_a_cut("aiohttp_sse_client"),
     'authentication.md:app.config["SSE_RUN_JWT_KEY"] = os.envir': check_jwt_auth,
     "blueprints.md:from flask import Blueprint, abort, requ": check_blueprint,
     "blueprints.md:from flask_cors import CORS": check_cors,

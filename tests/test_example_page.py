@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,11 @@ import requests
 
 from example_app import create_app
 from tests.browser import chromium
-from tests.live import gunicorn
+from tests.live import Server, gunicorn
 from tests.tcp_proxy import cuttable_proxy
 
 UPPER_RANGE = 10  # one event a second: the cut after two events leaves eight to resume
+FALCON_CONTEXT = 64  # the tiny Falcon's: a max_new_tokens the page's form allows can exceed it
 
 
 class _Assets(HTMLParser):
@@ -40,8 +41,11 @@ def test_the_example_app_serves_the_page_and_every_file_it_loads() -> None:
     assert response.mimetype == "text/html"
     assets = _Assets()
     assets.feed(response.get_data(as_text=True))
-    assert sorted(assets.urls) == ["page/page.css", "page/page.js"]  # relative, nothing external
-    types = {url: client.get(f"/{url}").mimetype for url in assets.urls}
+    # Relative, nothing external; the icon is inline, so the browser asks for no /favicon.ico.
+    icons = [url for url in assets.urls if url.startswith("data:")]
+    assert len(icons) == 1
+    assert sorted(set(assets.urls) - set(icons)) == ["page/page.css", "page/page.js"]
+    types = {url: client.get(f"/{url}").mimetype for url in assets.urls if url not in icons}
     assert types == {"page/page.css": "text/css", "page/page.js": "text/javascript"}
 
 
@@ -138,7 +142,9 @@ def test_the_page_survives_a_cut_connection_with_every_event_once_in_order_and_o
     assert len(runs) == 1 + len(resumed), heads
     assert resumed and resumed[0] < UPPER_RANGE, heads
     assert resumed[-1] == UPPER_RANGE, heads
-    assert int(status["reconnects"]) == len(resumed)
+    # The page counts the reconnects that resumed the run, not the last one, answered 204.
+    assert int(status["reconnects"]) == len(resumed) - 1 >= 1, heads
+    assert "/favicon.ico" not in server.log()
 
 
 @pytest.mark.timeout(300)
@@ -170,42 +176,55 @@ def test_the_pages_stop_button_closes_the_stream_and_cancels_the_run_on_the_serv
         assert not driver.find_element("id", "run-stop").is_enabled()
 
 
-@pytest.mark.timeout(300)
-def test_the_pages_falcon_panel_streams_a_generation_with_ids_and_closes_after_the_summary(
-    tmp_path: Path,
-) -> None:
+@pytest.fixture(scope="module")
+def falcon_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The example app with the tiny Falcon, its context short enough to exceed from the form."""
     pytest.importorskip("torch")
     from tests.tiny_falcon import save_model
 
-    model = save_model(tmp_path / "falcon")
+    tmp_path = tmp_path_factory.mktemp("falcon-page")
+    model = save_model(tmp_path / "falcon", context=FALCON_CONTEXT)
     env = {"FALCON_MODEL": str(model), "HF_HUB_OFFLINE": "1"}
-    with gunicorn("wsgi:app", tmp_path=tmp_path, env=env) as server, chromium(tmp_path) as driver:
-        driver.get(f"{server.url}/")
-        # The form appears once /falcon/health says ready (the page asks again every 5 s).
-        wait_for(
-            driver,
-            lambda d: d.find_element("id", "falcon-health").get_attribute("data-status") == "ready",
-            120,
-            "the model to be ready on the page",
-        )
-        field = driver.find_element("id", "falcon-max-new-tokens")
-        field.clear()
-        field.send_keys("40")
-        driver.find_element("id", "falcon-start").click()
+    with gunicorn("wsgi:app", tmp_path=tmp_path, env=env) as server:
+        yield server
+
+
+def generate_on_the_page(driver: Any, server: Server, max_new_tokens: int) -> None:
+    """Open the page, wait for its Falcon form (it appears once /falcon/health says ready; the
+    page asks again every 5 s), and start a generation."""
+    driver.get(f"{server.url}/")
+    wait_for(
+        driver,
+        lambda d: d.find_element("id", "falcon-health").get_attribute("data-status") == "ready",
+        120,
+        "the model to be ready on the page",
+    )
+    field = driver.find_element("id", "falcon-max-new-tokens")
+    field.clear()
+    field.send_keys(str(max_new_tokens))
+    driver.find_element("id", "falcon-start").click()
+
+
+def text(driver: Any, element: str) -> str:
+    return str(driver.execute_script(f"return document.getElementById('{element}').textContent"))
+
+
+@pytest.mark.timeout(300)
+def test_the_pages_falcon_panel_streams_a_generation_with_ids_and_closes_after_the_summary(
+    falcon_server: Server, tmp_path: Path
+) -> None:
+    with chromium(tmp_path) as driver:
+        generate_on_the_page(driver, falcon_server, 40)
         wait_for(
             driver,
             lambda d: d.find_element("id", "falcon-state").get_attribute("data-state") == "finished",
             60,
             "the generation to finish on the page",
         )
-
-        def text(element: str) -> str:
-            return str(driver.execute_script(f"return document.getElementById('{element}').textContent"))
-
-        generated, summary, ids = text("falcon-text"), text("falcon-summary"), text("falcon-ids")
-        count = int(text("falcon-count"))
+        generated, summary = text(driver, "falcon-text"), text(driver, "falcon-summary")
+        ids, count = text(driver, "falcon-ids"), int(text(driver, "falcon-count"))
         time.sleep(1)  # long enough for an EventSource left open to reconnect (it must not)
-        health = requests.get(f"{server.url}/falcon/health", timeout=10).json()
+        health = requests.get(f"{falcon_server.url}/falcon/health", timeout=10).json()
     sent = re.search(r"finish_reason (length|eos), (\d+) tokens", summary)
     assert sent, summary
     assert generated.strip() and count >= 2  # text pieces, then the summary
@@ -213,3 +232,61 @@ def test_the_pages_falcon_panel_streams_a_generation_with_ids_and_closes_after_t
     assert ids.endswith(f"#1\N{EN DASH}{count} (each once, in order)"), ids
     assert sum(health["finished"].values()) == 1
     assert health["tokens_generated"] == int(sent.group(2))
+
+
+@pytest.mark.timeout(300)
+def test_the_pages_falcon_panel_shows_the_servers_reason_when_it_refuses_the_stream(
+    falcon_server: Server, tmp_path: Path
+) -> None:
+    before = requests.get(f"{falcon_server.url}/falcon/health", timeout=10).json()
+    with chromium(tmp_path) as driver:
+        generate_on_the_page(driver, falcon_server, FALCON_CONTEXT + 1)
+        # The refusal first, then the server's reason once the page has read it.
+        wait_for(
+            driver,
+            lambda d: "context" in text(d, "falcon-state"),
+            60,
+            "the server's reason on the page",
+        )
+        state = driver.find_element("id", "falcon-state")
+        assert state.get_attribute("data-state") == "failed"
+        assert state.text.startswith("failed: 422: max_new_tokens: "), state.text
+        assert driver.find_element("id", "falcon-start").is_enabled()
+        after = requests.get(f"{falcon_server.url}/falcon/health", timeout=10).json()
+    # Reading the reason ran no generation.
+    assert after["finished"] == before["finished"] and after["running"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_the_pages_falcon_panel_shows_the_install_command_on_one_line(tmp_path: Path) -> None:
+    with gunicorn("wsgi:app", tmp_path=tmp_path) as server, chromium(tmp_path) as driver:
+        driver.get(f"{server.url}/")
+        wait_for(
+            driver,
+            lambda d: d.find_element("id", "falcon-health").get_attribute("data-status") == "disabled",
+            60,
+            "the page's Falcon check",
+        )
+        # Each command, and the most lines the browser broke it into while the message took
+        # every width from a phone's to a desktop's (where the lines break depends on it).
+        commands = driver.execute_script(
+            """
+            const note = document.getElementById("falcon-health");
+            const codes = [...note.querySelectorAll("code")];
+            const most = codes.map(() => 0);
+            for (let width = 200; width <= 1200; width += 4) {
+              note.style.width = `${width}px`;
+              codes.forEach((code, i) => {
+                most[i] = Math.max(most[i], code.getClientRects().length);
+              });
+            }
+            return codes.map((code, i) => [code.textContent, most[i]]);
+            """
+        )
+        message = text(driver, "falcon-health")
+    assert [command for command, _ in commands] == [
+        "pip install 'flask-sse-run[llm]'",
+        "pip install -e '.[llm]'",
+    ], message
+    assert all(lines == 1 for _, lines in commands), commands
+    assert "FALCON_MODEL" in message

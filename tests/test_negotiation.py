@@ -19,6 +19,7 @@ from flask_sse_run.negotiation import request_id, wants_stream
         ("text/event-stream", True),
         ("application/json", False),
         ("application/json, text/event-stream;q=0.5", False),
+        ("application/json, */*;q=0.5", False),  # HTTPie's, when it sends JSON (docs/clients.md)
         ("text/event-stream, application/json;q=0.9", True),
         ("text/*", True),
         ("text/event-stream, */*", True),

@@ -6,17 +6,20 @@ the example app under real gunicorn.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from openapi_schema_validator import OAS31Validator
 
 from example_app import create_app
-from tests.live import ROOT, gunicorn
+from tests.live import ROOT, Server, gunicorn
 
 POSTMAN = ROOT / "postman"
 COLLECTION = POSTMAN / "flask-sse-run.postman_collection.json"
@@ -165,12 +168,33 @@ def newman() -> Path:
     return NEWMAN
 
 
+def falcon_ready(server: Server, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (health := requests.get(f"{server.url}/falcon/health", timeout=10)).status_code != 200:
+        assert health.json()["status"] == "loading", health.text
+        assert time.monotonic() < deadline, "the model did not load in time"
+        time.sleep(0.2)
+
+
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("auth", [True, False], ids=["auth-on", "auth-off"])
-def test_newman_runs_the_collection_against_live_gunicorn(newman: Path, tmp_path: Path, auth: bool) -> None:
+@pytest.mark.parametrize(
+    ("auth", "falcon"),
+    [(True, False), (False, False), (False, True)],
+    ids=["auth-on", "auth-off", "falcon-on"],
+)
+def test_newman_runs_the_collection_against_live_gunicorn(
+    newman: Path, tmp_path: Path, auth: bool, falcon: bool
+) -> None:
     env = {"EXAMPLE_SSE_RUN_AUTH_TOKENS": json.dumps([TOKEN])} if auth else {}
+    if falcon:
+        pytest.importorskip("torch")
+        from tests.tiny_falcon import save_model
+
+        env |= {"FALCON_MODEL": str(save_model(tmp_path / "falcon")), "HF_HUB_OFFLINE": "1"}
     report = tmp_path / "newman.json"
     with gunicorn("wsgi:app", tmp_path=tmp_path, env=env) as server:
+        if falcon:
+            falcon_ready(server, 120)
         run = subprocess.run(
             [
                 str(newman), "run", str(COLLECTION),
@@ -198,7 +222,59 @@ def test_newman_runs_the_collection_against_live_gunicorn(newman: Path, tmp_path
     assert codes["Reconnect after the last event: 204"] == 204
     assert codes["Cancel the run: DELETE /runs/{{runId}}, 204"] == 204
     assert codes["Unknown run: 404"] == 404
-    assert codes["Falcon model not configured: 503"] == 503
-    assert codes["Falcon with GET, as the page's EventSource does: 503 without a model"] == 503
+    # The same requests, and the same script, whether or not the server has a model.
+    assert codes["Falcon: a generation streamed, 503 until a model is configured"] == (200 if falcon else 503)
+    assert codes["Falcon with GET, as the page's EventSource does: 503 until a model is configured"] == (
+        200 if falcon else 503
+    )
     assert codes["Unknown Falcon run: DELETE /falcon/runs/..., 404"] == 404
     assert codes["No bearer token: 401 when auth is on"] == (401 if auth else 200)
+
+
+def documented_newman_command() -> str:
+    """The command docs/openapi.md gives for running the collection with newman."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", (ROOT / "docs" / "openapi.md").read_text(), re.S | re.M)
+    commands = [block for block in blocks if COLLECTION.name in block]
+    assert len(commands) == 1
+    return str(commands[0])
+
+
+@pytest.mark.timeout(420)
+def test_the_documented_newman_command_runs_from_a_read_only_checkout(tmp_path: Path) -> None:
+    unshare = shutil.which("unshare")
+    if unshare is None or shutil.which("npm") is None:
+        pytest.skip("needs unshare (util-linux) for a read-only mount, and npm")
+    # What the command reads of a checkout, without the node_modules a test may have installed.
+    checkout = tmp_path / "checkout"
+    (checkout / "postman").mkdir(parents=True)
+    for name in ("package.json", "package-lock.json", COLLECTION.name):
+        shutil.copy(POSTMAN / name, checkout / "postman" / name)
+    (tmp_path / "tmp").mkdir()
+    # In a mount namespace of its own, the checkout is mounted read-only over itself: nothing
+    # the command does can write there, as for a user's read-only checkout.
+    namespace = [unshare, "--mount", "--propagation", "private"]
+    if os.geteuid() != 0:
+        namespace.append("--map-root-user")
+    read_only = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1"'
+    probe = subprocess.run(
+        [*namespace, "sh", "-c", f'{read_only} && ! touch "$1/postman/probe" 2>/dev/null', "sh", checkout],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount the checkout read-only here: {probe.stderr.strip()}")
+    with gunicorn("wsgi:app", tmp_path=tmp_path) as server:
+        command = documented_newman_command().replace("http://127.0.0.1:8000", server.url)
+        run = subprocess.run(
+            [*namespace, "sh", "-c", f'{read_only} && cd "$1" && exec bash -c "$2"', "sh", checkout, command],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "TMPDIR": str(tmp_path / "tmp")},
+        )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert f"{len(items())} " in run.stdout  # newman's summary: every request ran
+    assert sorted(path.name for path in (checkout / "postman").iterdir()) == sorted(
+        ["package.json", "package-lock.json", COLLECTION.name]
+    )

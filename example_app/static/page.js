@@ -59,6 +59,7 @@ class Stream {
 
   start(url) {
     this.close();
+    this.attempt = (this.attempt || 0) + 1;
     this.count = 0;
     this.reconnects = 0;
     this.ids = [];
@@ -73,7 +74,11 @@ class Stream {
     const source = new EventSource(url);
     this.source = source;
     source.onopen = () => {
+      // Counted when the server takes the reconnect: the one after the last event gets 204,
+      // never opens, and is the end, not a cut.
+      if (this.opened) this.reconnects += 1;
       this.opened = true;
+      this.show();
       this.setState("open");
     };
     source.onmessage = (event) => {
@@ -90,14 +95,16 @@ class Stream {
         this.finish("failed", `the function failed: ${errorMessage(event.data)}`);
       } else if (source.readyState === EventSource.CONNECTING) {
         // Dropped, or the stream ended: the browser reconnects with Last-Event-ID by itself.
-        this.reconnects += 1;
-        this.show();
         this.setState("reconnecting");
       } else if (this.opened) {
         // CLOSED after a stream: the server answered 204, nothing is left to send.
         this.finish("finished");
       } else {
-        this.finish("failed", "the server refused the stream (wrong parameters, or busy)");
+        this.finish("failed", "the server refused the stream");
+        const attempt = this.attempt;
+        refusalReason(url).then((reason) => {
+          if (attempt === this.attempt && !this.source) this.setState("failed", reason);
+        });
       }
     });
   }
@@ -141,6 +148,50 @@ class Stream {
     ids.textContent = describeIds(this.ids);
     ids.dataset.ids = this.ids.join(" ");
   }
+}
+
+// EventSource never shows a refused response's body, so ask again, the same way, to read it.
+// A refusal of the parameters is answered the same; a momentary one (busy) may now start the
+// stream, which this request leaves at once: the run is then cancelled, as any left run is.
+async function refusalReason(url) {
+  const controller = new AbortController();
+  try {
+    const response = await fetch(url, {
+      headers: { Accept: "text/event-stream" },
+      signal: controller.signal,
+    });
+    if (response.status === 204) return "the server has nothing to stream (204)";
+    if (response.ok) {
+      controller.abort();
+      return "the server refused the stream, then took it: try again";
+    }
+    return `${response.status}: ${refusalMessage(await response.json())}`;
+  } catch {
+    return "the server refused the stream";
+  }
+}
+
+// The JSON error's words: each parameter's problem (422), or its message.
+function refusalMessage(body) {
+  const problems = Array.isArray(body.detail)
+    ? body.detail.map((problem) => `${(problem.loc || []).join(".")}: ${problem.msg}`)
+    : [];
+  return problems.length ? problems.join("; ") : body.error || JSON.stringify(body);
+}
+
+// `text` in `element`, each `pip install ...` in it a <code> that the page keeps on one line:
+// a command broken across lines is copied broken.
+function showWithCommands(element, text) {
+  const parts = text.split(/(pip install (?:-e )?'[^']*')/);
+  element.replaceChildren(
+    ...parts.map((part, i) => {
+      if (i % 2 === 0) return document.createTextNode(part);
+      const code = document.createElement("code");
+      code.className = "command";
+      code.textContent = part;
+      return code;
+    }),
+  );
 }
 
 function errorMessage(data) {
@@ -227,7 +278,7 @@ function checkFalcon() {
   const note = $("falcon-health");
   const say = (status, message, again) => {
     note.dataset.status = status;
-    note.textContent = message;
+    showWithCommands(note, message);
     if (again) setTimeout(checkFalcon, 5000);
   };
   fetch("falcon/health", { headers: { Accept: "application/json" } })
