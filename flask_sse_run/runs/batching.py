@@ -6,6 +6,15 @@ in the worker and in Redis. Here a call waits for the end of the hub's current t
 turn's calls go out as one pipeline, from one greenlet (never the hub itself, which must not
 block); each caller gets its own replies, or the error that ended the round trip. Without gevent
 (threads, the test client) a call is its own pipeline, at once.
+
+A round trip is written and read here, on a connection of the client's pool, rather than by
+redis-py's pipeline: its per-command work (encoding each argument in Python, response
+callbacks, retries, bookkeeping) was a third of a busy worker's CPU. Commands are packed by
+hiredis where it is installed, and replies come back as Redis sends them (RESP2, no callbacks:
+an ``XRANGE`` entry's fields are a flat list). On a Redis Cluster the commands go to the nodes
+that own their keys' slots (a command's key: an ``EVALSHA``'s first key, else its first
+argument), a round trip per node; the ones a node answers ``MOVED`` or ``ASK`` (a resharding)
+are sent again, once, after the client learns the slots again.
 """
 
 from __future__ import annotations
@@ -96,8 +105,64 @@ class Batcher:
                 replies[i] = reply
         return replies
 
-    def _execute(self, commands: list[Command]) -> list[Any]:
-        pipe = self._client().pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return list(pipe.execute(raise_on_error=False))
+    def _execute(self, commands: list[Command], again: bool = True) -> list[Any]:
+        client = self._client()
+        nodes = getattr(client, "nodes_manager", None)
+        if nodes is None:
+            return _round_trip(client.connection_pool, commands)
+        from redis.crc import key_slot
+        from redis.exceptions import AskError, MovedError
+
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for index, command in enumerate(commands):
+            key = command[3] if command[0] == "EVALSHA" else command[1]
+            node = nodes.get_node_from_slot(key_slot(key.encode() if isinstance(key, str) else key))
+            groups.setdefault(node.name, (node, []))[1].append(index)
+        replies: list[Any] = [None] * len(commands)
+        for node, indices in groups.values():
+            pool = client.get_redis_connection(node).connection_pool
+            for index, reply in zip(indices, _round_trip(pool, [commands[i] for i in indices]), strict=True):
+                replies[index] = reply
+        moved = [i for i, reply in enumerate(replies) if isinstance(reply, (MovedError, AskError))]
+        if moved and again:
+            nodes.initialize()
+            for index, reply in zip(
+                moved, self._execute([commands[i] for i in moved], again=False), strict=True
+            ):
+                replies[index] = reply
+        return replies
+
+
+def _round_trip(pool: Any, commands: list[Command]) -> list[Any]:
+    """Write ``commands`` on one of ``pool``'s connections at once and read their replies (an
+    error reply in place); a connection that fails midway is closed, never reused."""
+    from redis.exceptions import ResponseError
+
+    connection = pool.get_connection()
+    try:
+        connection.send_packed_command(_pack(connection, commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(connection.read_response())
+            except ResponseError as error:
+                replies.append(error)
+        return replies
+    except BaseException:
+        connection.disconnect()  # replies may be left unread on it
+        raise
+    finally:
+        pool.release(connection)
+
+
+def _pack(connection: Any, commands: list[Command]) -> list[bytes]:
+    if _pack_command is None:
+        return list(connection.pack_commands(commands))
+    return [b"".join([_pack_command(command) for command in commands])]
+
+
+_pack_command: Callable[[Command], bytes] | None
+try:
+    from hiredis import pack_command as _pack_command
+except ImportError:  # redis-py packs them (slower)
+    _pack_command = None

@@ -487,15 +487,23 @@ class RedisRunStore(RunStore):
 
     def read(self, run_id: str, after: int, limit: int) -> RunSlice | None:
         """One round trip: the state and up to ``limit`` batches holding events after ``after``;
-        none where the last batch this worker heard announced starts right after ``after``."""
+        none where the position is at the start or the end of the last batch this worker heard
+        announced."""
         with self._lock:
             mark = self._mark(run_id)  # before the round trip: a change made during it counts
             fresh = self._fresh.get(run_id)
-        if fresh is not None and mark is not None and fresh[0] == after + 1:
-            # The state as of that announcement (the mark is its count): running, and the batch
-            # is the events after the position. A change since moves the mark, and the caller
-            # reads again.
-            return RunSlice([(fresh[1], fresh[2])], 0, RUNNING, fresh[1], mark)
+            if fresh is not None and mark is not None:
+                # The state as of the last announcement heard (the mark is its count): running,
+                # up to the batch's last seq. After the position come the batch's events, or
+                # none (read already). A change since moves the mark, and the caller reads again.
+                first, last, data = fresh
+                if after == first - 1:
+                    return RunSlice([(last, data)], 0, RUNNING, last, mark)
+                if after == last:
+                    # Once: a follower that waits past its timeout with nothing heard asks Redis
+                    # again (a stalled Redis says nothing, and must still be noticed).
+                    del self._fresh[run_id]
+                    return RunSlice([], 0, RUNNING, last, mark)
         hash_key, events_key, _ = self._keys(run_id)
         with self._call():
             state, entries = self._batcher.run(
@@ -510,10 +518,11 @@ class RedisRunStore(RunStore):
         status, last_seq = state
         if status is None:
             return None
-        events = [_chunk(fields, after) for _, fields in entries]
+        batches = [dict(zip(fields[::2], fields[1::2], strict=True)) for _, fields in entries]
+        events = [_chunk(fields, after) for fields in batches]
         # The first batch after the position starts later than the next seq: the ones between
         # were trimmed away.
-        missed = max(0, int(entries[0][1][b"s"]) - 1 - after) if entries else 0
+        missed = max(0, int(batches[0][b"s"]) - 1 - after) if batches else 0
         return RunSlice(events, missed, status.decode(), int(last_seq or 0), mark)
 
     def _mark(self, run_id: str) -> tuple[int, int] | None:
