@@ -244,6 +244,7 @@ def _runs(settings: Settings) -> Runs:
             max_bytes=settings.resume_max_bytes,
             max_runs=settings.max_runs,
             ttl=settings.resume_ttl,
+            budget=settings.max_bytes,
         )
     else:
         from .runs.redis_store import RedisRunStore

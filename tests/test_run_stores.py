@@ -275,6 +275,54 @@ def test_memory_refuses_runs_beyond_max_runs_until_ended_ones_expire() -> None:
     assert len(store) == 1 and store.pending()
 
 
+def test_memory_budget_forgets_ended_runs_oldest_first_then_refuses_new_runs() -> None:
+    # Each run may hold 100 bytes; all of them together 250: a new run needs 150 held at most.
+    store = memory(max_bytes=100, budget=250)
+    a, b, c, d = RUN, "b" * 32, "c" * 32, "d" * 32
+    store.append(a, [(1, b"a" * 60)])
+    store.finish(a, "complete")
+    store.create(c, "run", "", None)
+    store.append(c, [(1, b"c" * 80)])
+    store.create(b, "run", "", None)
+    store.append(b, [(1, b"b" * 60)])
+    store.finish(b, "complete")
+    assert store.nbytes == 200 and store.get(a) is not None
+    store.create(d, "run", "", None)  # no room for 100 more: the oldest ended run went first
+    assert store.get(a) is None and store.read(a, 0, 10) is None and store.get(b) is not None
+    assert store.nbytes == 140
+    store.append(d, [(1, b"d" * 100)])
+    store.append(c, [(2, b"c" * 20)])  # over the budget: the other ended run goes too
+    assert store.get(b) is None and store.nbytes == 200
+    # Running runs fill it: a new run is refused until one ends.
+    with pytest.raises(StoreFull) as info:
+        store.create("e" * 32, "run", "", None)
+    assert info.value.status == 503 and info.value.headers["Retry-After"] == "30"
+    assert "250 bytes" in info.value.message
+    store.finish(c, "complete")
+    store.create("e" * 32, "run", "", None)  # the ended run made room
+    assert store.get(c) is None and store.get(d) is not None and store.nbytes == 100
+
+
+def test_memory_running_runs_over_the_budget_keep_their_share_and_readers_learn_what_they_missed() -> None:
+    # Many runs started before any held much: together they overfill the budget.
+    store = memory(max_bytes=100, budget=120)
+    other = "b" * 32
+    store.create(other, "run", "", None)
+    store.append(RUN, [(seq, b"x" * 10) for seq in range(1, 9)])  # 80 bytes, within its own bound
+    store.append(other, [(seq, b"y" * 10) for seq in range(1, 9)])  # 160 held: down to its share
+    assert store.nbytes == 140  # the one that appended is at its share, 60; the other above it
+    found = store.read(other, 0, 100)
+    assert found is not None and found.missed == 2 and [seq for seq, _ in found.events] == list(range(3, 9))
+    store.append(RUN, [(9, b"x" * 10)])  # the other one, appending, is brought to its share
+    found = store.read(RUN, 0, 100)
+    assert found is not None and found.missed == 3 and found.events[-1][0] == 9
+    assert store.nbytes == 120
+    # Its newest event is always kept, whatever its size.
+    store.append(RUN, [(10, b"z" * 100)])
+    found = store.read(RUN, 0, 100)
+    assert found is not None and [seq for seq, _ in found.events] == [10]
+
+
 def test_redis_bounds_the_runs_this_process_produces(redis_url: str) -> None:
     from flask_sse_run.runs.redis_store import RedisRunStore
 

@@ -56,11 +56,12 @@ class StoreUnavailable(RequestError):
 
 
 class StoreFull(RequestError):
-    """This worker holds as many runs as it may (``SSE_RUN_MAX_RUNS``): 503 with ``Retry-After``."""
+    """This worker holds as many runs as it may (``SSE_RUN_MAX_RUNS``), or its runs as many bytes
+    of events (``SSE_RUN_MAX_BYTES``; ``what`` says which): 503 with ``Retry-After``."""
 
-    def __init__(self, limit: int, retry_after: int) -> None:
+    def __init__(self, limit: int, retry_after: int, *, what: str = "runs") -> None:
         super().__init__(
-            503, f"this server holds {limit} runs already; try again shortly",
+            503, f"this server holds {limit} {what} already; try again shortly",
             headers={"Retry-After": str(retry_after)},
         )  # fmt: skip
 
