@@ -192,6 +192,29 @@ def test_a_workers_runs_share_one_byte_budget_ended_ones_go_oldest_first_then_ne
     assert start(10).status_code == 202
 
 
+def test_the_janitor_gives_the_memory_of_forgotten_runs_back_at_most_every_trim_every(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flask_sse_run.runs import runtime
+
+    assert runtime.trim_heap() is True  # glibc's malloc_trim, here
+    trims: list[float] = []
+    monkeypatch.setattr(runtime, "trim_heap", lambda: trims.append(time.monotonic()) or True)
+    monkeypatch.setattr(runtime, "TRIM_AFTER", 100)  # bytes: three events of a run are more
+    app, _ = runs_app(SSE_RUN_RESUME_TTL=0)
+    client = app.test_client()
+    runs = app.extensions["sse_run"].runs
+    for expected in (1, 1):  # the second run's are given back TRIM_EVERY after the first's
+        client.post("/ticks", json={"n": 3})
+        wait_for(lambda: not runs.producers)
+        time.sleep(0.01)  # past the TTL of 0
+        runs.check()
+        assert len(trims) == expected and len(runs.store) == 0
+    monkeypatch.setattr(runtime, "TRIM_EVERY", 0.0)
+    runs.check()
+    assert len(trims) == 2
+
+
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:

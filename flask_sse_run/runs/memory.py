@@ -98,6 +98,7 @@ class MemoryRunStore(RunStore):
         # The ended runs in the order they ended: the oldest is the first to go.
         self._ended: dict[str, _Run] = {}
         self._nbytes = 0
+        self._released = 0
         # An OS lock also under gevent: it is held only around plain dict and deque work, where
         # no greenlet switches, and costs half of gevent's.
         self._lock = raw_lock()
@@ -182,6 +183,7 @@ class MemoryRunStore(RunStore):
         run = self._runs.pop(run_id)
         self._ended.pop(run_id, None)
         self._nbytes -= run.nbytes
+        self._released += run.nbytes
 
     def finish(self, run_id: str, status: str, event: bytes = b"") -> bool:
         """End the run with ``event`` last; waiting readers wake."""
@@ -286,6 +288,12 @@ class MemoryRunStore(RunStore):
     def pending(self) -> bool:
         """Whether any run is held (the janitor expires ended ones)."""
         return bool(self._runs)
+
+    def released(self) -> int:
+        """Bytes of events of the runs forgotten since the last call."""
+        with self._lock:
+            released, self._released = self._released, 0
+            return released
 
     def _expire(self, now: float) -> None:
         for run_id in [run_id for run_id, run in self._ended.items() if self._expired(run, now)]:

@@ -179,5 +179,10 @@ class RunStore(ABC):
         """Whether :meth:`expire` still has runs to look after (the janitor stops otherwise)."""
         return False
 
+    def released(self) -> int:
+        """Bytes of events this process let go of (runs forgotten) since the last call: after
+        many, the janitor gives the freed memory back to the OS. 0: none held here."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections and timers."""
