@@ -57,6 +57,10 @@ class Settings(BaseModel):
     resume_max_bytes: int = Field(1 << 20, gt=0)
     #: Most runs (running, or ended and held for the TTL) one worker holds; 503 beyond.
     max_runs: int = Field(10_000, gt=0)
+    #: Most bytes of events one worker's runs hold together (the in-process store): ended runs
+    #: make room first, oldest first, before their TTL; a new run that finds no room for
+    #: ``resume_max_bytes`` gets 503.
+    max_bytes: int = Field(256 << 20, gt=0)
     #: Redis URL (``redis://``, ``rediss://``, ``unix://``) of the run store shared by every
     #: worker and replica; ``None``: each worker keeps its own runs in memory.
     redis_url: str | None = None
@@ -113,6 +117,12 @@ class Settings(BaseModel):
         if value is not None:
             check_static_tokens(value)
         return value
+
+    @model_validator(mode="after")
+    def _budget(self) -> Settings:
+        if self.max_bytes < self.resume_max_bytes:
+            raise ValueError("SSE_RUN_MAX_BYTES must be at least SSE_RUN_RESUME_MAX_BYTES (room for one run)")
+        return self
 
     @model_validator(mode="after")
     def _jwt(self) -> Settings:

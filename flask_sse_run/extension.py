@@ -244,6 +244,7 @@ def _runs(settings: Settings) -> Runs:
             max_bytes=settings.resume_max_bytes,
             max_runs=settings.max_runs,
             ttl=settings.resume_ttl,
+            budget=settings.max_bytes,
         )
     else:
         from .runs.redis_store import RedisRunStore
@@ -257,6 +258,7 @@ def _runs(settings: Settings) -> Runs:
                 settings.redis_url,
                 prefix=settings.redis_prefix,
                 max_events=settings.resume_max_events,
+                max_bytes=settings.resume_max_bytes,
                 max_runs=settings.max_runs,
                 ttl=settings.resume_ttl,
                 window=settings.resume_window,

@@ -126,7 +126,8 @@ _BAD_LAST_EVENT_ID = "A `Last-Event-ID` that is not an event id of this server (
 _RESUMABLE_ERRORS = {
     "400": f"Or: {_BAD_LAST_EVENT_ID[0].lower()}{_BAD_LAST_EVENT_ID[1:]}",
     "406": "Or a reconnect (`Last-Event-ID`) whose `Accept` does not allow `text/event-stream`.",
-    "503": "Or this worker holds `SSE_RUN_MAX_RUNS` runs already (`Retry-After` says when to retry).",
+    "503": "Or this worker holds `SSE_RUN_MAX_RUNS` runs, or its runs `SSE_RUN_MAX_BYTES` bytes of "
+    "events, already (`Retry-After` says when to retry).",
 }
 _POST_ERRORS = ("400", "406", "408", "413", "415", "422", "500", "503")
 # A GET reads no body: no 400 (but for a bad Last-Event-ID), 408, 413 or 415.

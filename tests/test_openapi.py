@@ -538,6 +538,7 @@ def test_a_resumable_function_documents_reconnects_prefer_202_204_and_x_run_id()
         assert "content" not in responses["204"] and "X-Run-ID" in responses["204"]["headers"]
         assert "Last-Event-ID" in responses["400"]["description"]
         assert "SSE_RUN_MAX_RUNS" in responses["503"]["description"]
+        assert "SSE_RUN_MAX_BYTES" in responses["503"]["description"]
         assert "Retry-After" in responses["503"]["headers"]
     started = doc["components"]["schemas"]["SSERun.RunStarted"]
     assert matches(doc, started, {"run_id": "0123456789abcdef0123456789abcdef", "events": "/runs/x"})

@@ -3,6 +3,7 @@ redis-server). The runtime drives them from greenlets; these tests from threads.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -37,14 +38,13 @@ def make(request: pytest.FixtureRequest) -> Iterator[Make]:
     made: list[RunStore] = []
 
     def factory(**bounds: Any) -> RunStore:
-        settings = {"max_events": 100, "max_runs": 10, "ttl": 60.0, **bounds}
+        settings = {"max_events": 100, "max_bytes": 1 << 20, "max_runs": 10, "ttl": 60.0, **bounds}
         store: RunStore
         if request.param == "memory":
-            store = MemoryRunStore(max_bytes=settings.pop("max_bytes", 1 << 20), **settings)
+            store = MemoryRunStore(**settings)
         else:
             from flask_sse_run.runs.redis_store import RedisRunStore
 
-            settings.pop("max_bytes", None)
             on_cluster = request.param == "redis-cluster"
             url = (
                 request.getfixturevalue("cluster").url if on_cluster else request.getfixturevalue("redis_url")
@@ -112,6 +112,31 @@ def test_the_oldest_events_go_beyond_max_events_and_a_reader_learns_how_many_it_
     first_held = 2 + found.missed + 1  # exactly the ones between the position and what is held
     assert read_bytes(store, 2) == (joined(first_held, 200), 200)  # the newest kept, in order
     assert first_held > 100
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_oldest_events_go_beyond_max_bytes_and_a_reader_learns_how_many_it_missed(
+    make: Make, batch: int
+) -> None:
+    # The Redis store keeps (and drops) a batch whole: in batches of 3, what is held starts
+    # at a batch's first event.
+    store = make(max_bytes=100)
+    for first in range(1, 61, batch):
+        store.append(RUN, events(first, first + batch - 1))  # 13 bytes each
+    found = store.read(RUN, 0, 1000)
+    assert found is not None and found.events and found.missed > 0
+    first_held = found.missed + 1
+    assert read_bytes(store, 0) == (joined(first_held, 60), 60)  # the newest kept, in order
+    assert 100 - 13 * batch < len(joined(first_held, 60)) <= 100
+    # A reader further on misses only what was dropped after its position.
+    later = store.read(RUN, first_held - 3, 1000)
+    assert later is not None and later.missed == 2
+    # The newest is always kept, even alone over the bound.
+    store.append(RUN, [(61, b"y" * 500)])
+    found = store.read(RUN, 0, 1000)
+    assert found is not None and found.missed == 60 and read_bytes(store, 0) == (b"y" * 500, 61)
+    store.append(RUN, events(62, 62))
+    assert read_bytes(store, 0) == (joined(62, 62), 62)
 
 
 def test_an_ended_run_reads_to_its_end_and_says_how_it_ended(make: Make) -> None:
@@ -275,6 +300,54 @@ def test_memory_refuses_runs_beyond_max_runs_until_ended_ones_expire() -> None:
     assert len(store) == 1 and store.pending()
 
 
+def test_memory_budget_forgets_ended_runs_oldest_first_then_refuses_new_runs() -> None:
+    # Each run may hold 100 bytes; all of them together 250: a new run needs 150 held at most.
+    store = memory(max_bytes=100, budget=250)
+    a, b, c, d = RUN, "b" * 32, "c" * 32, "d" * 32
+    store.append(a, [(1, b"a" * 60)])
+    store.finish(a, "complete")
+    store.create(c, "run", "", None)
+    store.append(c, [(1, b"c" * 80)])
+    store.create(b, "run", "", None)
+    store.append(b, [(1, b"b" * 60)])
+    store.finish(b, "complete")
+    assert store.nbytes == 200 and store.get(a) is not None
+    store.create(d, "run", "", None)  # no room for 100 more: the oldest ended run went first
+    assert store.get(a) is None and store.read(a, 0, 10) is None and store.get(b) is not None
+    assert store.nbytes == 140
+    store.append(d, [(1, b"d" * 100)])
+    store.append(c, [(2, b"c" * 20)])  # over the budget: the other ended run goes too
+    assert store.get(b) is None and store.nbytes == 200
+    # Running runs fill it: a new run is refused until one ends.
+    with pytest.raises(StoreFull) as info:
+        store.create("e" * 32, "run", "", None)
+    assert info.value.status == 503 and info.value.headers["Retry-After"] == "30"
+    assert "250 bytes" in info.value.message
+    store.finish(c, "complete")
+    store.create("e" * 32, "run", "", None)  # the ended run made room
+    assert store.get(c) is None and store.get(d) is not None and store.nbytes == 100
+
+
+def test_memory_running_runs_over_the_budget_keep_their_share_and_readers_learn_what_they_missed() -> None:
+    # Many runs started before any held much: together they overfill the budget.
+    store = memory(max_bytes=100, budget=120)
+    other = "b" * 32
+    store.create(other, "run", "", None)
+    store.append(RUN, [(seq, b"x" * 10) for seq in range(1, 9)])  # 80 bytes, within its own bound
+    store.append(other, [(seq, b"y" * 10) for seq in range(1, 9)])  # 160 held: down to its share
+    assert store.nbytes == 140  # the one that appended is at its share, 60; the other above it
+    found = store.read(other, 0, 100)
+    assert found is not None and found.missed == 2 and [seq for seq, _ in found.events] == list(range(3, 9))
+    store.append(RUN, [(9, b"x" * 10)])  # the other one, appending, is brought to its share
+    found = store.read(RUN, 0, 100)
+    assert found is not None and found.missed == 3 and found.events[-1][0] == 9
+    assert store.nbytes == 120
+    # Its newest event is always kept, whatever its size.
+    store.append(RUN, [(10, b"z" * 100)])
+    found = store.read(RUN, 0, 100)
+    assert found is not None and [seq for seq, _ in found.events] == [10]
+
+
 def test_redis_bounds_the_runs_this_process_produces(redis_url: str) -> None:
     from flask_sse_run.runs.redis_store import RedisRunStore
 
@@ -307,6 +380,36 @@ def test_redis_keys_are_under_the_prefix_share_the_runs_slot_and_all_expire(redi
     store.finish(RUN, "complete")
     assert sorted(client.keys(f"{prefix}*")) == keys[:2]  # no producer: no lease
     assert all(0 < client.ttl(key) <= 5 for key in client.keys(f"{prefix}*"))
+    client.close()
+    store.close()
+
+
+def test_redis_the_bytes_a_run_holds_are_counted_exactly_under_both_bounds(redis_url: str) -> None:
+    import redis
+
+    from flask_sse_run.runs.redis_store import RedisRunStore
+
+    prefix = f"t-{uuid.uuid4().hex}:"
+    store = RedisRunStore(redis_url, prefix=prefix, max_events=20, max_bytes=300, max_runs=5, ttl=5, window=5)
+    store.create(RUN, "run", "", None)
+    client = redis.Redis.from_url(redis_url)
+    base = f"{prefix}run:{{{RUN}}}"
+    seq = 0
+    for size in [1, 5, 2, 40, 1, 3, 100, 7, 1, 1, 30, 2, 19, 1]:  # either bound bites, or none
+        store.append(RUN, [(n, b"%d:" % n + b"x" * (n % 11)) for n in range(seq + 1, seq + size + 1)])
+        seq += size
+        entries = [
+            (int(entry_id.split(b"-")[0]), fields) for entry_id, fields in client.xrange(f"{base}:events")
+        ]
+        held = sum(len(fields[b"d"]) for _, fields in entries)
+        counted = [int(value) for value in client.hmget(base, "held", "head", "head_bytes")]
+        assert counted == [held, entries[0][0], len(entries[0][1][b"d"])]
+        # The newest batches, whole and in order, within both bounds (the newest always kept).
+        assert entries[-1][0] == seq
+        assert all(
+            int(fields[b"s"]) == before + 1 for (before, _), (_, fields) in itertools.pairwise(entries)
+        )
+        assert len(entries) == 1 or (held <= 300 and entries[0][0] > seq - 20)
     client.close()
     store.close()
 

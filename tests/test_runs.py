@@ -143,6 +143,78 @@ def test_a_bad_position_on_the_runs_url_is_400() -> None:
     assert response.json == {"error": "last_event_id must be a seq number or an event id of this run"}
 
 
+def test_a_workers_runs_share_one_byte_budget_ended_ones_go_oldest_first_then_new_runs_get_503() -> None:
+    # Each run may hold 1000 bytes, all of them 2000: a new run needs 1000 held at most. An
+    # event of n characters is stored as 47 + n bytes (its id and data lines).
+    app = Flask(__name__)
+    app.config.update(SSE_RUN_RESUME_MAX_BYTES=1000, SSE_RUN_MAX_BYTES=2000)
+    sse = SSERun(app)
+    gate = threading.Event()
+
+    @sse.function(resumable=True)
+    def blob(size: int, wait: bool = False) -> Iterator[str]:
+        yield "x" * size
+        if wait:
+            gate.wait(10)
+
+    client = app.test_client()
+    store = app.extensions["sse_run"].runs.store
+
+    def start(size: int, wait: bool = False) -> Any:
+        return client.post("/blob", json={"size": size, "wait": wait}, headers={"Prefer": "respond-async"})
+
+    def held(run_id: str, status: str = "running") -> bool:
+        info = store.get(run_id)
+        return info is not None and info.last_seq == 1 and info.status == status
+
+    ended = []
+    for _ in range(2):
+        ended.append(start(300).json["run_id"])
+        wait_for(lambda: held(ended[-1], "complete"))
+    running = []
+    for _ in range(2):  # the second finds no room until the oldest ended run is forgotten
+        running.append(start(550, wait=True).json["run_id"])
+        wait_for(lambda: held(running[-1]))
+    assert client.get(f"/runs/{ended[0]}").status_code == 404
+    kept = client.get(f"/runs/{ended[1]}")
+    assert kept.status_code == 200 and parse_events(kept.data)[0].data == "x" * 300
+    # The running runs fill it: the other ended run goes, and that is not room enough.
+    refused = start(10)
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "30"
+    assert refused.json == {
+        "error": "this server holds 2000 bytes of runs' events already; try again shortly"
+    }
+    assert client.get(f"/runs/{ended[1]}").status_code == 404
+    # A run that ends makes room.
+    gate.set()
+    for run_id in running:
+        wait_for(lambda run_id=run_id: held(run_id, "complete"))
+    assert start(10).status_code == 202
+
+
+def test_the_janitor_gives_the_memory_of_forgotten_runs_back_at_most_every_trim_every(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flask_sse_run.runs import runtime
+
+    assert runtime.trim_heap() is True  # glibc's malloc_trim, here
+    trims: list[float] = []
+    monkeypatch.setattr(runtime, "trim_heap", lambda: trims.append(time.monotonic()) or True)
+    monkeypatch.setattr(runtime, "TRIM_AFTER", 100)  # bytes: three events of a run are more
+    app, _ = runs_app(SSE_RUN_RESUME_TTL=0)
+    client = app.test_client()
+    runs = app.extensions["sse_run"].runs
+    for expected in (1, 1):  # the second run's are given back TRIM_EVERY after the first's
+        client.post("/ticks", json={"n": 3})
+        wait_for(lambda: not runs.producers)
+        time.sleep(0.01)  # past the TTL of 0
+        runs.check()
+        assert len(trims) == expected and len(runs.store) == 0
+    monkeypatch.setattr(runtime, "TRIM_EVERY", 0.0)
+    runs.check()
+    assert len(trims) == 2
+
+
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:

@@ -8,6 +8,21 @@ Bounds: each run holds at most ``max_events`` events and ``max_bytes`` bytes of 
 oldest go first; the newest is always kept), and the store at most ``max_runs`` runs, running or
 ended (:class:`~.store.StoreFull` beyond). Ended runs are forgotten ``ttl`` seconds after they end.
 
+``budget`` bounds the bytes of every run's events together (``SSE_RUN_MAX_BYTES``): the per-run
+bounds multiply by the runs held, and runs are cheap to start. Ended runs make room first, oldest
+first, before their TTL (a reconnect then finds nothing, a follower reading one gets
+``RunVanished``): when an append takes the total over the budget, and when a new run would not
+find room for one run's bound (``max_bytes``). A new run that finds no room even so (running
+runs fill the budget) is refused (:class:`~.store.StoreFull`). A running run keeps its own bound
+while the budget holds; once running runs alone overfill it (many started at once, before any
+held much), a run that appends drops its oldest events down to its share of the budget (the
+budget over the running runs; its newest event always kept): a reader behind learns how many it
+missed, as for the per-run bound. The total can then stay over the budget until the runs above
+their share append or end, but never beyond twice the budget (plus each run's newest event):
+since the runs last held less than the budget (no run is admitted meanwhile), those that
+appended hold at most their share, the others what they held then. The budget counts the
+events' bytes: Python's own cost of each held event (about 100 bytes) comes on top.
+
 Safe for greenlets and threads: every change holds one lock, and waiters block on a per-run
 event that each change replaces.
 """
@@ -68,12 +83,22 @@ class _Run:
 class MemoryRunStore(RunStore):
     """Runs in this process's memory; see the module docstring."""
 
-    def __init__(self, *, max_events: int, max_bytes: int, max_runs: int, ttl: float) -> None:
+    def __init__(
+        self, *, max_events: int, max_bytes: int, max_runs: int, ttl: float, budget: int | None = None
+    ) -> None:
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.max_runs = max_runs
         self.ttl = ttl
+        #: Most bytes of events all runs hold together (``None``: ``max_runs * max_bytes``).
+        self.budget = budget if budget is not None else max_runs * max_bytes
+        if self.budget < max_bytes:
+            raise ValueError("the budget must hold one run's max_bytes at least")
         self._runs: dict[str, _Run] = {}
+        # The ended runs in the order they ended: the oldest is the first to go.
+        self._ended: dict[str, _Run] = {}
+        self._nbytes = 0
+        self._released = 0
         # An OS lock also under gevent: it is held only around plain dict and deque work, where
         # no greenlet switches, and costs half of gevent's.
         self._lock = raw_lock()
@@ -81,14 +106,30 @@ class MemoryRunStore(RunStore):
     def __len__(self) -> int:
         return len(self._runs)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of events held by all runs together."""
+        return self._nbytes
+
     def create(self, run_id: str, function: str, prefix: str, owner: str | None) -> None:
-        """Record a new run; :class:`StoreFull` when ``max_runs`` are held."""
+        """Record a new run; :class:`StoreFull` when ``max_runs`` are held, or the ``budget`` has
+        no room for one run's ``max_bytes`` (ended runs are forgotten first, oldest first)."""
         with self._lock:
             if len(self._runs) >= self.max_runs:
                 self._expire(time.time())
                 if len(self._runs) >= self.max_runs:
-                    raise StoreFull(self.max_runs, retry_after=max(1, round(self.ttl / 2)))
+                    raise StoreFull(self.max_runs, retry_after=self._retry_after())
+            room = self.budget - self.max_bytes
+            if self._nbytes > room:
+                self._forget_ended(room)
+                if self._nbytes > room:
+                    raise StoreFull(
+                        self.budget, retry_after=self._retry_after(), what="bytes of runs' events"
+                    )
             self._runs[run_id] = _Run(function, prefix, owner)
+
+    def _retry_after(self) -> int:
+        return max(1, round(self.ttl / 2))
 
     def append(self, run_id: str, events: Sequence[tuple[int, bytes]]) -> bool:
         """Add events; the oldest are dropped beyond ``max_events`` or ``max_bytes``."""
@@ -112,7 +153,37 @@ class MemoryRunStore(RunStore):
             nbytes -= len(popleft()[1])
         while nbytes > self.max_bytes and len(held) > 1:
             nbytes -= len(popleft()[1])
+        self._nbytes += nbytes - run.nbytes
         run.nbytes = nbytes
+        if self._nbytes > self.budget:
+            self._over_budget(run)
+
+    def _over_budget(self, run: _Run) -> None:
+        """Back within the budget: ended runs go, oldest first; then ``run``, which has just
+        added and is running, drops its oldest events down to its share."""
+        self._forget_ended(self.budget)
+        if self._nbytes <= self.budget:
+            return
+        share = self.budget // max(1, len(self._runs) - len(self._ended))
+        held, nbytes = run.events, run.nbytes
+        popleft = held.popleft
+        while self._nbytes > self.budget and nbytes > share and len(held) > 1:
+            dropped = len(popleft()[1])
+            nbytes -= dropped
+            self._nbytes -= dropped
+        run.nbytes = nbytes
+
+    def _forget_ended(self, limit: int) -> None:
+        """Forget ended runs, oldest first, until the runs hold ``limit`` bytes at most."""
+        ended = self._ended
+        while ended and self._nbytes > limit:
+            self._forget(next(iter(ended)))
+
+    def _forget(self, run_id: str) -> None:
+        run = self._runs.pop(run_id)
+        self._ended.pop(run_id, None)
+        self._nbytes -= run.nbytes
+        self._released += run.nbytes
 
     def finish(self, run_id: str, status: str, event: bytes = b"") -> bool:
         """End the run with ``event`` last; waiting readers wake."""
@@ -129,6 +200,7 @@ class MemoryRunStore(RunStore):
             self._add(run, [(seq, b"id: " + event_id(run_id, seq).encode() + b"\n" + event)])
         run.status = status
         run.ended_at = time.time()
+        self._ended[run_id] = run
         run.wake()
 
     def get(self, run_id: str) -> RunInfo | None:
@@ -217,9 +289,15 @@ class MemoryRunStore(RunStore):
         """Whether any run is held (the janitor expires ended ones)."""
         return bool(self._runs)
 
+    def released(self) -> int:
+        """Bytes of events of the runs forgotten since the last call."""
+        with self._lock:
+            released, self._released = self._released, 0
+            return released
+
     def _expire(self, now: float) -> None:
-        for run_id in [run_id for run_id, run in self._runs.items() if self._expired(run, now)]:
-            del self._runs[run_id]
+        for run_id in [run_id for run_id, run in self._ended.items() if self._expired(run, now)]:
+            self._forget(run_id)
 
     def _expired(self, run: _Run, now: float) -> bool:
         return run.status != RUNNING and now - run.ended_at > self.ttl

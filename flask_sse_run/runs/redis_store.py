@@ -9,8 +9,10 @@ the nodes of a Redis Cluster.
 * ``<prefix>run:{<run_id>}:events``: a stream, one entry per batch of events the producer
   appends, with the entry id ``<last seq of the batch>-0`` and the fields ``s`` (its first seq),
   ``d`` (the encoded events, one after the other) and ``o`` (their lengths, 32-bit integers), so
-  a position inside a batch is exact; ``XADD ... MINID ~`` keeps about the last
-  ``SSE_RUN_RESUME_MAX_EVENTS`` events;
+  a position inside a batch is exact; the append's script keeps the last
+  ``SSE_RUN_RESUME_MAX_EVENTS`` events and at most ``SSE_RUN_RESUME_MAX_BYTES`` bytes of them
+  (whole batches go, oldest first; the newest batch is always kept), counting the bytes held in
+  the hash's ``held`` field;
 * ``<prefix>run:{<run_id>}:lease``: the producing worker's lease, ``LEASE_MS`` long, renewed by
   each append and, for a run that has not appended since, by its janitor's heartbeat;
 * ``<prefix>run:{<run_id>}:changed``: the run's channel (sharded pub/sub, ``SPUBLISH``, on Redis
@@ -55,8 +57,7 @@ Every call has a timeout; one that fails raises :class:`~.store.StoreUnavailable
 and the followers wait for a Redis that comes back within ``SSE_RUN_STORE_OUTAGE`` (see
 :mod:`.producer` and :mod:`.tail`); redis-py reconnects, and the listener subscribes again to
 every run followed here (waking their waiters to read again, so an announcement made while it
-was away is not missed). Deliberate limit: the byte bound of the in-process store is not
-applied (the bound counts events).
+was away is not missed).
 """
 
 from __future__ import annotations
@@ -109,17 +110,41 @@ redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
 return 1
 """
 # KEYS: the hash, the stream, the lease. ARGV: min id kept, TTL, last seq, first seq, the
-# events' bytes, their lengths, the channel, the publish command, the worker, the lease ms. An
-# append renews the lease: a producer that appends needs no heartbeat to stay alive. Its
-# announcement carries the batch ("<first seq> <last seq> <events>"): a follower that has read
-# up to it takes the events from there, without a read.
+# events' bytes, their lengths, the channel, the publish command, the worker, the lease ms, the
+# most bytes held (0: no bound). An append renews the lease: a producer that appends needs no
+# heartbeat to stay alive. Its announcement carries the batch ("<first seq> <last seq>
+# <events>"): a follower that has read up to it takes the events from there, without a read.
+# The run's hash keeps the bytes its stream holds (``held``), and the id and bytes of its oldest
+# batch (``head``, ``head_bytes``), so an append within both bounds reads nothing; past one, the
+# oldest batches go (exactly: a batch whose events are all beyond the event bound, then while the
+# bytes are over), the newest always kept, each read once to learn the next one's bytes.
 _APPEND = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+local state = redis.call('HMGET', KEYS[1], 'status', 'held', 'head', 'head_bytes')
+if state[1] ~= 'running' then
   return 0
 end
 redis.call('SET', KEYS[3], ARGV[9], 'PX', ARGV[10])
-redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[1], ARGV[3] .. '-0', 's', ARGV[4], 'd', ARGV[5], 'o', ARGV[6])
-redis.call('HSET', KEYS[1], 'last_seq', ARGV[3])
+redis.call('XADD', KEYS[2], ARGV[3] .. '-0', 's', ARGV[4], 'd', ARGV[5], 'o', ARGV[6])
+local last, minid, most = tonumber(ARGV[3]), tonumber(ARGV[1]), tonumber(ARGV[11])
+local held = tonumber(state[2] or '0') + #ARGV[5]
+local head, size = tonumber(state[3] or ARGV[3]), tonumber(state[4] or #ARGV[5])
+if head ~= last and (head < minid or (most > 0 and held > most)) then
+  local gone = nil
+  repeat
+    held, gone = held - size, head
+    -- The next entry only: one can be a whole batch, and most appends drop one.
+    local entry = redis.call('XRANGE', KEYS[2], '(' .. head .. '-0', '+', 'COUNT', 1)[1]
+    head, size = tonumber(string.match(entry[1], '^%d+')), 0
+    local fields = entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'd' then
+        size = #fields[i + 1]
+      end
+    end
+  until head == last or (head >= minid and (most == 0 or held <= most))
+  redis.call('XTRIM', KEYS[2], 'MINID', (gone + 1) .. '-0')
+end
+redis.call('HSET', KEYS[1], 'last_seq', ARGV[3], 'held', held, 'head', head, 'head_bytes', size)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call(ARGV[8], ARGV[7], ARGV[4] .. ' ' .. ARGV[3] .. ' ' .. ARGV[5])
@@ -216,6 +241,7 @@ class RedisRunStore(RunStore):
         ttl: float,
         window: float,
         cluster: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         try:
             import redis
@@ -266,6 +292,8 @@ class RedisRunStore(RunStore):
             )
         self.prefix = prefix
         self.max_events = max_events
+        #: Most bytes of events a run's stream holds (``None``: only ``max_events`` bounds it).
+        self.max_bytes = max_bytes
         self.max_runs = max_runs
         self.ttl = ttl
         self._running_ttl = max(RUNNING_TTL, int(window * 2) + 10)
@@ -404,6 +432,7 @@ class RedisRunStore(RunStore):
             self._publish(),
             self._worker(),
             LEASE_MS,
+            self.max_bytes or 0,
         ]
         with self._call():
             (reply,) = self._batcher.run([("EVALSHA", self._append, 3, *keys, *args)])

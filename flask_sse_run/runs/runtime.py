@@ -11,7 +11,10 @@ after) checks every ``JANITOR_INTERVAL`` seconds:
   in another worker, a lost lease) stops its producer, with no more writes;
 * ends that the store could not take (it was away) are stored once it answers, until the run's
   keys would have expired anyway;
-* the store forgets ended runs past their TTL.
+* the store forgets ended runs past their TTL; once the runs it forgot held ``TRIM_AFTER``
+  bytes (at most every ``TRIM_EVERY`` seconds), glibc's ``malloc_trim(0)`` gives the freed
+  memory back to the OS: glibc keeps it otherwise (600 expired runs of 1 MiB left a worker at
+  669 MiB RSS; the call took it to 71 MiB, in 38 ms; see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,12 +30,16 @@ from .ids import new_run_id
 from .producer import Producer, Unfinished
 from .store import RunStore
 
-__all__ = ["JANITOR_INTERVAL", "Runs"]
+__all__ = ["JANITOR_INTERVAL", "TRIM_AFTER", "TRIM_EVERY", "Runs", "trim_heap"]
 
 #: How often windows, cancels and expiry are checked (seconds).
 JANITOR_INTERVAL = 0.5
 #: How long an end the store could not take is tried again (seconds): then its keys are gone.
 UNFINISHED_FOR = 300.0
+#: Bytes of events of forgotten runs after which the janitor calls ``malloc_trim(0)``, and the
+#: fewest seconds between two calls (each holds the worker for tens of ms with a large heap).
+TRIM_AFTER = 64 << 20
+TRIM_EVERY = 10.0
 
 
 class Runs:
@@ -46,6 +53,8 @@ class Runs:
         # Ends the store did not take: run id -> (status, event, when to give up).
         self.unfinished: dict[str, tuple[str, bytes, float]] = {}
         self._janitor: Any = None
+        self._released = 0
+        self._trimmed = -TRIM_EVERY
 
     def start(
         self, function: str, prefix: str, owner: str | None, source: Iterator[Any], options: StreamOptions
@@ -89,7 +98,8 @@ class Runs:
     def _look_after(self) -> None:
         sleep = _sleep()
         try:
-            while self.producers or self.unfinished or self.store.pending():
+            # Also until the memory of the runs it forgot is given back.
+            while self.producers or self.unfinished or self.store.pending() or self._released >= TRIM_AFTER:
                 sleep(JANITOR_INTERVAL)
                 self.check()
         finally:
@@ -119,6 +129,10 @@ class Runs:
             self.store.expire()
         except Exception:
             pass  # tried again next round
+        self._released += self.store.released()
+        if self._released >= TRIM_AFTER and time.monotonic() - self._trimmed >= TRIM_EVERY:
+            self._released, self._trimmed = 0, time.monotonic()
+            trim_heap()
 
     def _finish_unfinished(self) -> None:
         for run_id, (status, event, give_up) in list(self.unfinished.items()):
@@ -128,6 +142,26 @@ class Runs:
                 if time.monotonic() < give_up:
                     continue  # still away: next round
             del self.unfinished[run_id]
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc's ``malloc_trim(0)``); ``False``
+    where there is no such call (another libc)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim is False:
+        return False
+    _malloc_trim(0)
+    return True
+
+
+_malloc_trim: Any = None
 
 
 def _sleep() -> Any:

@@ -56,11 +56,12 @@ class StoreUnavailable(RequestError):
 
 
 class StoreFull(RequestError):
-    """This worker holds as many runs as it may (``SSE_RUN_MAX_RUNS``): 503 with ``Retry-After``."""
+    """This worker holds as many runs as it may (``SSE_RUN_MAX_RUNS``), or its runs as many bytes
+    of events (``SSE_RUN_MAX_BYTES``; ``what`` says which): 503 with ``Retry-After``."""
 
-    def __init__(self, limit: int, retry_after: int) -> None:
+    def __init__(self, limit: int, retry_after: int, *, what: str = "runs") -> None:
         super().__init__(
-            503, f"this server holds {limit} runs already; try again shortly",
+            503, f"this server holds {limit} {what} already; try again shortly",
             headers={"Retry-After": str(retry_after)},
         )  # fmt: skip
 
@@ -177,6 +178,11 @@ class RunStore(ABC):
     def pending(self) -> bool:
         """Whether :meth:`expire` still has runs to look after (the janitor stops otherwise)."""
         return False
+
+    def released(self) -> int:
+        """Bytes of events this process let go of (runs forgotten) since the last call: after
+        many, the janitor gives the freed memory back to the OS. 0: none held here."""
+        return 0
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections and timers."""
