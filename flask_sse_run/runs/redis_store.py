@@ -27,7 +27,10 @@ Round trips: an append is one script call per batch of events (one ``XADD``, the
 ``last_seq``, the expiries, the lease, the announcement), whatever the batch holds; a read is
 two commands, and hands on each batch whole (a chunk), cut only where the position falls inside
 it. Under gevent the appends and reads that a worker's runs make in one turn of its hub go to
-Redis together, one pipelined round trip (:mod:`.batching`).
+Redis together, one pipelined round trip (:mod:`.batching`). An append's announcement carries
+its batch (``<first seq> <last seq> <events>``): a follower that has read up to the batch
+before takes it from there, and is then told "nothing new" once without a round trip, so that a
+follower of a live run costs Redis nothing per event (see :meth:`RedisRunStore.read`).
 
 Each worker has one pub/sub connection (:mod:`.redis_listener`), owned by a listener greenlet
 (or thread): a run's channel is subscribed while a response of this worker follows it, and
