@@ -81,7 +81,7 @@ class Listener:
         self.connection = 0
         # (Un)subscribe commands sent per run and not yet confirmed.
         self._unconfirmed: dict[str, int] = {}
-        self._pubsub: Any = None
+        self._subscriber: Any = None  # the connection in subscribed mode, while there is one
         self._send_lock: Any = None  # around a command sent beside the read; made at first use
         self._listening = False
 
@@ -95,58 +95,58 @@ class Listener:
         """``subscribe`` or ``unsubscribe`` the run's channel; without a connection, nothing:
         the listener subscribes to what is followed when it makes one."""
         # From the greenlet that attaches or detaches: a write beside the listener's read.
-        pubsub = self._pubsub
-        if pubsub is None:
+        subscriber = self._subscriber
+        if subscriber is None:
             return
         with self._lock:
             self._unconfirmed[run_id] = self._unconfirmed.get(run_id, 0) + 1
         try:
-            # One sender at a time: redis-py's pub/sub makes its connection at its first
-            # command, and two at once would each make one (the second never closed).
-            with self._sender():
-                if command == "subscribe":
-                    (pubsub.ssubscribe if self._sharded else pubsub.subscribe)(self._channel(run_id))
-                else:
-                    (pubsub.sunsubscribe if self._sharded else pubsub.unsubscribe)(self._channel(run_id))
+            self._write(subscriber, command, [self._channel(run_id)])
         except self._errors:
             pass  # the connection broke: the listener makes a new one, subscribed to what is followed
 
-    def _sender(self) -> Any:
+    def _write(self, subscriber: Any, command: str, channels: list[str]) -> None:
+        name = ("S" if self._sharded else "") + command.upper()
+        # One writer at a time beside the reader (two commands' bytes must not interleave).
         if self._send_lock is None:
             self._send_lock = new_lock()
-        return self._send_lock
+        with self._send_lock:
+            subscriber.send_command(name, *channels)
 
     def _listen(self) -> None:
         try:
             self._subscribe_and_listen()
         finally:
             with self._lock:
-                self._pubsub = None
+                self._subscriber = None
                 self.subscribed.clear()
             self._listening = False
             self._owner.broke(self, None)
 
     def _subscribe_and_listen(self) -> None:
+        pool = self._client.connection_pool
         while not self._owner.closed:
-            pubsub = self._client.pubsub()
+            subscriber = None
             try:
+                # A connection of the pool's, in subscribed mode until closed; read here with
+                # redis-py's connection and parser, not its PubSub (whose bookkeeping per
+                # message cost a worker more than the message itself).
+                subscriber = pool.get_connection()
                 with self._lock:
                     self.connection = next(self._connections)
                     self.subscribed.clear()
                     followed = self._owner.followed_on(self)
                     self._unconfirmed = dict.fromkeys(followed, 1)
-                    self._pubsub = pubsub
+                    self._subscriber = subscriber
                 if followed:
-                    channels = [self._channel(run_id) for run_id in followed]
-                    with self._sender():
-                        (pubsub.ssubscribe if self._sharded else pubsub.subscribe)(*channels)
+                    self._write(subscriber, "subscribe", [self._channel(run_id) for run_id in followed])
                 while not self._owner.closed:
-                    message = pubsub.get_message(timeout=LISTEN_TIMEOUT)
-                    if message is not None:
-                        self._heard_message(message)
+                    if subscriber.can_read(timeout=LISTEN_TIMEOUT):
+                        # Under RESP3 (redis-py's default) messages are pushes.
+                        self._heard_reply(subscriber.read_response(push_request=True))
             except self._errors as exc:
                 with self._lock:
-                    self._pubsub = None
+                    self._subscriber = None
                     self.subscribed.clear()  # nothing is heard until subscribed again
                 if self._owner.closed:
                     return
@@ -155,16 +155,19 @@ class Listener:
                 self._owner.broke(self, exc)
                 pause(0.5)
             finally:
-                pubsub.close()
+                if subscriber is not None:
+                    subscriber.disconnect()  # never back in use in subscribed mode
+                    pool.release(subscriber)
 
-    def _heard_message(self, message: dict[str, Any]) -> None:
-        kind, channel = message["type"], message["channel"]
-        if not isinstance(channel, bytes):
+    def _heard_reply(self, reply: Any) -> None:
+        # [kind, channel, data or count], as Redis sends them.
+        if not isinstance(reply, list) or len(reply) != 3 or not isinstance(reply[1], bytes):
             return
+        kind, channel, data = reply
         run_id = self._run_of(channel)
-        if kind in ("smessage", "message"):
-            self._owner.heard(run_id, message["data"])
-        elif kind in ("ssubscribe", "subscribe", "sunsubscribe", "unsubscribe"):
+        if kind in (b"smessage", b"message"):
+            self._owner.heard(run_id, data)
+        elif kind in (b"ssubscribe", b"subscribe", b"sunsubscribe", b"unsubscribe"):
             # Confirmed in the order sent: once none is pending, the last one sent holds.
             with self._lock:
                 left = self._unconfirmed.get(run_id, 1) - 1
@@ -172,7 +175,7 @@ class Listener:
                     self._unconfirmed[run_id] = left
                     return
                 self._unconfirmed.pop(run_id, None)
-                if kind in ("ssubscribe", "subscribe"):
+                if kind in (b"ssubscribe", b"subscribe"):
                     pass
                 elif run_id in self.subscribed:
                     # Not one we asked for: a cluster node drops the sharded subscriptions of
