@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar, overload
@@ -236,8 +237,25 @@ def _qualifier(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", path.strip("/").replace("/", "_"))
 
 
+def _check_cluster_url(url: str) -> None:
+    """A Redis Cluster is reached by redis:// or rediss://, and has only database 0 (redis-py
+    refuses anything else at the first call, which would make every run a 503)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigurationError(
+            "SSE_RUN_REDIS_CLUSTER: a cluster is reached by redis:// or rediss://, not unix://"
+        )
+    databases = [parts.path.strip("/"), *urllib.parse.parse_qs(parts.query).get("db", [])]
+    if any(database not in ("", "0") for database in databases):
+        raise ConfigurationError(
+            "SSE_RUN_REDIS_URL: a Redis Cluster has only database 0 (end the URL with /0)"
+        )
+
+
 def _runs(settings: Settings) -> Runs:
     store: RunStore
+    if settings.redis_cluster and settings.redis_url is None:
+        raise ConfigurationError("SSE_RUN_REDIS_CLUSTER needs SSE_RUN_REDIS_URL (any node of the cluster)")
     if settings.redis_url is None:
         store = MemoryRunStore(
             max_events=settings.resume_max_events,
@@ -249,10 +267,8 @@ def _runs(settings: Settings) -> Runs:
     else:
         from .runs.redis_store import RedisRunStore
 
-        if settings.redis_cluster and settings.redis_url.startswith("unix:"):
-            raise ConfigurationError(
-                "SSE_RUN_REDIS_CLUSTER: a cluster is reached by redis:// or rediss://, not unix://"
-            )
+        if settings.redis_cluster:
+            _check_cluster_url(settings.redis_url)
         try:
             store = RedisRunStore(
                 settings.redis_url,
@@ -267,5 +283,7 @@ def _runs(settings: Settings) -> Runs:
         except ImportError as exc:  # the redis extra is not installed
             raise ConfigurationError(str(exc)) from None
         except ValueError:  # the URL is not echoed: it may hold a password
-            raise ConfigurationError("SSE_RUN_REDIS_URL: not a redis://, rediss:// or unix:// URL") from None
+            raise ConfigurationError(
+                "SSE_RUN_REDIS_URL: not a redis://, rediss:// or unix:// URL, or a query value is wrong"
+            ) from None
     return Runs(store, window=settings.resume_window, outage=settings.store_outage)

@@ -54,6 +54,7 @@ def test_values_are_read_from_config() -> None:
         ("SSE_RUN_MAX_BYTES", 1000, "SSE_RUN_MAX_BYTES must be at least SSE_RUN_RESUME_MAX_BYTES"),
         ("SSE_RUN_REDIS_PREFIX", "", "SSE_RUN_REDIS_PREFIX"),
         ("SSE_RUN_REDIS_URL", "http://user:hunter2@host/0", "SSE_RUN_REDIS_URL: not a redis://"),
+        ("SSE_RUN_REDIS_URL", "redis://:hunter2@host/0?max_connections=abc", "or a query value is wrong"),
     ],
 )
 def test_bad_configuration_fails_at_start_up(key: str, value: Any, fragment: str) -> None:
@@ -90,8 +91,19 @@ def test_a_redis_cluster_url_makes_a_cluster_store_without_connecting_at_start_u
         store.get("a" * 32)
 
 
-def test_a_redis_cluster_over_a_unix_socket_is_refused_at_start_up() -> None:
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("unix:///run/redis.sock", "SSE_RUN_REDIS_CLUSTER: a cluster is reached by redis://"),
+        # redis-py refuses these at the first call: every run was a 503, and nothing was logged.
+        ("redis://:hunter2@127.0.0.1:7000/1", "only database 0"),
+        ("rediss://127.0.0.1:7000?db=2", "only database 0"),
+        (None, "SSE_RUN_REDIS_CLUSTER needs SSE_RUN_REDIS_URL"),
+    ],
+)
+def test_a_redis_cluster_url_it_cannot_use_is_refused_at_start_up(url: str | None, fragment: str) -> None:
     app = Flask(__name__)
-    app.config.update(SSE_RUN_REDIS_URL="unix:///run/redis.sock", SSE_RUN_REDIS_CLUSTER=True)
-    with pytest.raises(ConfigurationError, match="SSE_RUN_REDIS_CLUSTER"):
+    app.config.update(SSE_RUN_REDIS_URL=url, SSE_RUN_REDIS_CLUSTER=True)
+    with pytest.raises(ConfigurationError, match=fragment) as info:
         SSERun(app)
+    assert "hunter2" not in str(info.value)

@@ -528,7 +528,9 @@ def test_redis_a_worker_subscribes_only_to_the_runs_it_follows(redis_url: str) -
 
 
 @pytest.mark.parametrize("on_cluster", [False, True], ids=["standalone", "cluster"])
-def test_redis_that_cannot_be_reached_is_unavailable_not_a_hang(tmp_path: Path, on_cluster: bool) -> None:
+def test_redis_that_cannot_be_reached_is_unavailable_not_a_hang(
+    tmp_path: Path, on_cluster: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     from flask_sse_run.runs.redis_store import TIMEOUT, RedisRunStore
     from tests.live import free_port
 
@@ -552,6 +554,10 @@ def test_redis_that_cannot_be_reached_is_unavailable_not_a_hang(tmp_path: Path, 
             call()
         assert info.value.status == 503 and info.value.headers["Retry-After"]
     assert time.monotonic() - started < 3 * TIMEOUT + 5
+    # Clients are told "try again"; the log says why, once for the outage, not once per call.
+    said = [r.getMessage() for r in caplog.records if r.name == "flask_sse_run.runs"]
+    assert len(said) == 1 and said[0].startswith("the Redis run store is unavailable: "), said
+    assert ("Cluster" if on_cluster else "ConnectionError") in said[0]
     store.close()
 
 

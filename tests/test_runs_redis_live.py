@@ -299,26 +299,42 @@ def _reconnect_in_background(server: Server, path: str, last_id: str) -> tuple[t
     return thread, result
 
 
+@pytest.mark.parametrize("stall", ["client-pause", "sigstop"])
 def test_a_redis_stall_shorter_than_the_bound_loses_nothing_for_any_follower(
-    replicas: tuple[Server, Server], redis_server: RedisServer
+    replicas: tuple[Server, Server], redis_server: RedisServer, stall: str
 ) -> None:
     # A 6 s stall cut runs short, silently: the producer's append timed out and its generator
-    # was gone, the followers got pings for two minutes, then a clean end and 204.
+    # was gone, the followers got pings for two minutes, then a clean end and 204. A stopped
+    # (not paused) Redis runs, once it goes on, the append its producer gave up on after 2 s and
+    # sent again: the second was refused ("ID ... equal or smaller"), and the run ended with a
+    # false StoreUnavailable error.
     a, b = replicas
     counters = Counters(redis_server.url)
     client = open_stream(a, path="/shared_ticks", json={"n": 40, "interval": 0.1, "label": counters.label})
     run_id = client.response.headers["X-Run-ID"]
     follower = open_stream(b, "GET", f"/runs/{run_id}")
     first = client.take(5)
-    admin = redis.Redis.from_url(redis_server.url)
-    admin.execute_command("CLIENT", "PAUSE", 4000, "ALL")
-    # A client that reconnects during the stall gets 200 and waits (EventSource gives up for
-    # good on anything else), then every event after its position.
-    time.sleep(0.5)
-    thread, reconnect = _reconnect_in_background(b, f"/runs/{run_id}", first[-1].id)
-    rest = client.rest()
-    thread.join(60)
-    admin.close()
+    assert redis_server.process is not None
+    pid = redis_server.process.pid
+    resume = threading.Timer(3.5, os.kill, (pid, signal.SIGCONT))
+    if stall == "sigstop":
+        os.kill(pid, signal.SIGSTOP)
+        resume.start()
+    else:
+        admin = redis.Redis.from_url(redis_server.url)
+        admin.execute_command("CLIENT", "PAUSE", 4000, "ALL")
+        admin.close()
+    try:
+        # A client that reconnects during the stall gets 200 and waits (EventSource gives up
+        # for good on anything else), then every event after its position.
+        time.sleep(0.5)
+        thread, reconnect = _reconnect_in_background(b, f"/runs/{run_id}", first[-1].id)
+        rest = client.rest()
+        thread.join(60)
+    finally:
+        if stall == "sigstop":
+            resume.join()
+            os.kill(pid, signal.SIGCONT)
     everything = [str(i) for i in range(40)]
     assert data(first + rest) == everything  # once each, in order, and no error
     assert data(follower.rest()) == everything

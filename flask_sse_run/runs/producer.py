@@ -254,7 +254,9 @@ class Producer:
                 if down_since is None:
                     down_since = now
                     self._options.logger.warning(
-                        "run %s: the store did not take its events (%s); trying again", self.run_id, exc
+                        "run %s: the store did not take its events (%s); trying again",
+                        self.run_id,
+                        exc.__cause__ or exc,
                     )
                 if now - down_since >= self._outage or self._ended_by is not None:
                     self._stop("store")

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -82,6 +83,8 @@ from .batching import Batcher
 from .endings import lost_event
 from .redis_listener import LISTEN_TIMEOUT, Listener
 from .store import LOST, RUNNING, RunInfo, RunSlice, RunStore, StoreFull, StoreUnavailable
+
+_log = logging.getLogger("flask_sse_run.runs")
 
 __all__ = ["LEASE_MS", "POOL_SIZE", "RUNNING_TTL", "SILENCE", "TIMEOUT", "RedisRunStore"]
 
@@ -102,6 +105,8 @@ SILENCE = 1.5
 WATCH_EVERY = 0.5
 #: Seconds a wait on a run whose channel is not subscribed (yet) lasts before it reads again.
 UNSUBSCRIBED_POLL = 0.5
+#: Seconds between two log lines that say why Redis is unavailable.
+LOG_EVERY = 10.0
 #: Lengths of a batch's events: 32-bit unsigned integers, as the ``o`` field keeps them.
 _LENGTHS = "I"
 
@@ -122,11 +127,16 @@ return 1
 # oldest batches go (exactly: a batch whose events are all beyond the event bound, then while the
 # bytes are over), the newest always kept, each read once to learn the next one's bytes.
 _APPEND = """
-local state = redis.call('HMGET', KEYS[1], 'status', 'held', 'head', 'head_bytes')
+local state = redis.call('HMGET', KEYS[1], 'status', 'held', 'head', 'head_bytes', 'last_seq')
 if state[1] ~= 'running' then
   return 0
 end
 redis.call('SET', KEYS[3], ARGV[9], 'PX', ARGV[10])
+if tonumber(state[5] or '0') >= tonumber(ARGV[3]) then
+  -- Taken already: the producer gave up waiting for a Redis that was stalled, and sent it
+  -- again, while Redis, once it went on, ran the first one.
+  return 1
+end
 redis.call('XADD', KEYS[2], ARGV[3] .. '-0', 's', ARGV[4], 'd', ARGV[5], 'o', ARGV[6])
 local last, minid, most = tonumber(ARGV[3]), tonumber(ARGV[1]), tonumber(ARGV[11])
 local held = tonumber(state[2] or '0') + #ARGV[5]
@@ -335,6 +345,7 @@ class RedisRunStore(RunStore):
         self._lock = threading.Lock()
         self._watching = False
         self._closed = False
+        self._reported = -LOG_EVERY
 
     # -- keys and errors -------------------------------------------------------------------------
 
@@ -366,7 +377,16 @@ class RedisRunStore(RunStore):
         try:
             yield
         except self._errors as exc:
+            self._report(exc)
             raise StoreUnavailable() from exc
+
+    def _report(self, exc: BaseException) -> None:
+        # Clients get "unavailable, try again"; the log says why, once per LOG_EVERY seconds (an
+        # outage fails every call).
+        now = time.monotonic()
+        if now - self._reported >= LOG_EVERY:
+            self._reported = now
+            _log.warning("the Redis run store is unavailable: %s: %s", type(exc).__name__, exc)
 
     def _publish(self) -> str:
         """``SPUBLISH`` where the server has sharded pub/sub (Redis 7+), else ``PUBLISH``."""
