@@ -10,8 +10,8 @@ block); each caller gets its own replies, or the error that ended the round trip
 A round trip is written and read here, on a connection of the client's pool, rather than by
 redis-py's pipeline: its per-command work (encoding each argument in Python, response
 callbacks, retries, bookkeeping) was a third of a busy worker's CPU. Commands are packed by
-hiredis where it is installed, and replies come back as Redis sends them (RESP2, no callbacks:
-an ``XRANGE`` entry's fields are a flat list). On a Redis Cluster the commands go to the nodes
+hiredis where it is installed, and replies come back as Redis sends them (no response
+callbacks: an ``XRANGE`` entry's fields are a flat list). On a Redis Cluster the commands go to the nodes
 that own their keys' slots (a command's key: an ``EVALSHA``'s first key, else its first
 argument), a round trip per node; the ones a node answers ``MOVED`` or ``ASK`` (a resharding)
 are sent again, once, after the client learns the slots again.

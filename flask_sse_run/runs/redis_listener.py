@@ -175,12 +175,10 @@ class Listener:
                     self._unconfirmed[run_id] = left
                     return
                 self._unconfirmed.pop(run_id, None)
-                if kind in (b"ssubscribe", b"subscribe"):
-                    pass
-                elif run_id in self.subscribed:
-                    # Not one we asked for: a cluster node drops the sharded subscriptions of
-                    # a slot that moved away from it. Connect again, routed anew.
-                    raise SlotMoved(run_id)
-                else:
+                if kind in (b"sunsubscribe", b"unsubscribe"):
+                    if run_id in self.subscribed:
+                        # Not one we asked for: a cluster node drops the sharded subscriptions
+                        # of a slot that moved away from it. Connect again, routed anew.
+                        raise SlotMoved(run_id)
                     return
             self._owner.confirmed(self, run_id)

@@ -81,7 +81,7 @@ from ..concurrency import new_event, new_lock, pause, spawn
 from ..extras import missing_extra
 from .batching import Batcher
 from .endings import lost_event
-from .redis_listener import LISTEN_TIMEOUT, Listener
+from .redis_listener import Listener
 from .store import LOST, RUNNING, RunInfo, RunSlice, RunStore, StoreFull, StoreUnavailable
 
 _log = logging.getLogger("flask_sse_run.runs")
@@ -299,10 +299,8 @@ class RedisRunStore(RunStore):
                 url, max_connections=POOL_SIZE, timeout=TIMEOUT, **timeouts
             )
             self._client = redis.Redis(connection_pool=pool)
-            # The listener waits up to LISTEN_TIMEOUT for a message: room for that.
-            self._reader_client = redis.Redis.from_url(
-                url, socket_timeout=TIMEOUT + LISTEN_TIMEOUT, socket_connect_timeout=TIMEOUT
-            )
+            # The listener's connection, apart from the pool that calls wait on.
+            self._reader_client = redis.Redis.from_url(url, **timeouts)
         self.prefix = prefix
         self.max_events = max_events
         #: Most bytes of events a run's stream holds (``None``: only ``max_events`` bounds it).
