@@ -38,6 +38,8 @@ __all__ = [
 
 #: What a function's name (its URL segment) may be.
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
+#: Names the extension's own URLs take below the prefix (``{prefix}/channels``).
+RESERVED_NAMES = frozenset({"channels"})
 #: The most problems a 422 lists; one more entry says how many were left out.
 MAX_PROBLEMS = 50
 #: The longest client-sent key shown in a problem's ``loc``; longer ones are cut to half of it.
@@ -71,6 +73,8 @@ def validate_name(name: str) -> str:
         raise RegistrationError(
             f"{name!r}: a name must start with a letter and hold only letters, digits, '_' and '-'"
         )
+    if name in RESERVED_NAMES:
+        raise RegistrationError(f"{name!r} is taken by the extension's own URL ({{prefix}}/{name})")
     return name
 
 

@@ -61,6 +61,10 @@ class Settings(BaseModel):
     #: make room first, oldest first, before their TTL; a new run that finds no room for
     #: ``resume_max_bytes`` gets 503.
     max_bytes: int = Field(256 << 20, gt=0)
+    #: Most events a channel keeps for clients that reconnect (its history; the oldest go first).
+    channel_history: int = Field(1000, gt=0, le=1_000_000)
+    #: Seconds a channel's history is kept after its last publish, once no client follows it.
+    channel_history_ttl: float = Field(600.0, gt=0)
     #: Redis URL (``redis://``, ``rediss://``, ``unix://``) of the run store shared by every
     #: worker and replica; ``None``: each worker keeps its own runs in memory.
     redis_url: str | None = None

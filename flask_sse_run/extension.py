@@ -22,6 +22,7 @@ from flask.blueprints import BlueprintSetupState
 
 from .auth import Authenticator
 from .binding import check_query_parameters, inspect_function, validate_name
+from .channels.views import ChannelAuthorizer
 from .concurrency import gunicorn_sync_worker
 from .config import Settings
 from .errors import ConfigurationError, RegistrationError
@@ -42,6 +43,7 @@ SYNC_WORKER_WARNING = (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+A = TypeVar("A", bound=Callable[[str, "str | None"], bool])
 
 
 class SSERun:
@@ -91,6 +93,8 @@ class SSERun:
             raise ValueError("url_prefix must start with '/'")
         self.url_prefix = url_prefix
         self.functions: dict[str, RegisteredFunction] = {}
+        #: Who may read a channel (:meth:`channel_auth`); ``None``: see :mod:`.channels.views`.
+        self.channel_authorizer: ChannelAuthorizer | None = None
         # Qualifies the parameter models' names (components in openapi.json), so that two
         # instances' functions of one name stay apart: the url_prefix, and the blueprint's name
         # once the instance is given one.
@@ -161,9 +165,14 @@ class SSERun:
             )
             app.extensions[EXTENSION_KEY] = state
             if settings.metrics:
-                from .metrics import serve_metrics
+                from .metrics import channel_metrics, serve_metrics
 
                 serve_metrics(app, settings.metrics_path)
+                state.runs.channels.metrics = channel_metrics()
+            if "sse" not in app.cli.commands:
+                from .channels.cli import sse_cli
+
+                app.cli.add_command(sse_cli)
             if gunicorn_sync_worker():
                 app.logger.warning(SYNC_WORKER_WARNING)
         add_rules(app, mount, defaults)
@@ -227,6 +236,38 @@ class SSERun:
 
         return register(func) if func is not None else register
 
+    def channel_auth(self, func: A, /) -> A:
+        """Register the callback that decides who may read a channel: ``@sse.channel_auth``.
+
+        It is called as ``func(channel, subject)`` for each channel a request asks to follow, in
+        the request's context, with the JWT's ``sub`` (``None`` for a static token, or when
+        auth is off), and returns whether the caller may read it; a ``False`` answers 403 before
+        the stream starts. Without a callback, channels are open when auth is off, and open to
+        any authenticated caller when it is on.
+        """
+        self.channel_authorizer = func
+        return func
+
+    def publish(self, channel: str, data: Any, event: str | None = None, *, app: Flask | None = None) -> str:
+        """Publish ``data`` on ``channel`` to every client following it; return the event's id.
+
+        From any code with the app: in a request, a generator, a CLI command or a job in
+        another process (an RQ or Celery worker) that made the app, inside
+        ``app.app_context()`` or given ``app``. With ``SSE_RUN_REDIS_URL`` the event reaches
+        every worker and replica; with the in-process store, this process's clients only.
+        Raises :class:`ValueError` / :class:`TypeError` for a bad name or data, and a 503
+        :class:`~flask_sse_run.RequestError` (``StoreUnavailable``) when Redis is away.
+        """
+        from flask import current_app
+
+        from .channels.publishing import publish
+
+        target = app if app is not None else current_app
+        state: State | None = target.extensions.get(EXTENSION_KEY)
+        if state is None:
+            raise RuntimeError("flask-sse-run is not set up on this app (call init_app first)")
+        return publish(state, channel, data, event)
+
     def _model_name(self, name: str) -> str | None:
         # The qualifier keeps schemas apart in openapi.json when two instances serve functions
         # of the same name (/run and /falcon/run).
@@ -263,6 +304,8 @@ def _runs(settings: Settings) -> Runs:
             max_runs=settings.max_runs,
             ttl=settings.resume_ttl,
             budget=settings.max_bytes,
+            channel_history=settings.channel_history,
+            channel_ttl=settings.channel_history_ttl,
         )
     else:
         from .runs.redis_store import RedisRunStore
@@ -279,6 +322,8 @@ def _runs(settings: Settings) -> Runs:
                 ttl=settings.resume_ttl,
                 window=settings.resume_window,
                 cluster=settings.redis_cluster,
+                channel_history=settings.channel_history,
+                channel_ttl=settings.channel_history_ttl,
             )
         except ImportError as exc:  # the redis extra is not installed
             raise ConfigurationError(str(exc)) from None

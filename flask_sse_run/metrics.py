@@ -18,6 +18,14 @@ Streams (``function`` is the function's name, ``falcon/run`` under the prefix ``
 ``sse_run_refused_total{status}``           counter    the extension's error answers (4xx, 5xx)
 ==========================================  =========  ========================================
 
+Channels (their streams are counted above, as the function ``channels``):
+
+==========================================  =========  ========================================
+``sse_run_channel_published_total``         counter    events published by this process
+``sse_run_channel_feeds``                   gauge      channels followed (one feed each per
+                                                       worker; ``livesum``)
+==========================================  =========  ========================================
+
 Under gunicorn with several workers, set ``PROMETHEUS_MULTIPROC_DIR``: each worker then writes
 its metrics to files there, and :func:`metrics_view` serves the sum of every worker's (see
 :mod:`.metrics_files` for the hooks in ``gunicorn.conf.py``). Without it each worker counts
@@ -48,8 +56,10 @@ from .metrics_files import MULTIPROC_ENV, compact, scrape_lock
 from .stream_record import Observer, StreamRecord
 
 __all__ = [
+    "ChannelMetrics",
     "LLMMetrics",
     "StreamMetrics",
+    "channel_metrics",
     "count_refusals",
     "llm_metrics",
     "metrics_view",
@@ -131,7 +141,18 @@ class LLMMetrics:
     tokens_after_cancel: Counter
 
 
+@dataclass(frozen=True)
+class ChannelMetrics:
+    """The channels' metrics (``sse_run_channel_*``)."""
+
+    #: Events published by this process (``inc()`` per publish).
+    published: Counter
+    #: Channels this worker follows now (``set(n)``).
+    feeds: Gauge
+
+
 _streams: StreamMetrics | None = None
+_channels: ChannelMetrics | None = None
 _llm: LLMMetrics | None = None
 
 
@@ -141,6 +162,19 @@ def stream_metrics() -> StreamMetrics:
     if _streams is None:
         _streams = StreamMetrics()
     return _streams
+
+
+def channel_metrics() -> ChannelMetrics:
+    """This process's channel metrics, made on the first call."""
+    global _channels
+    if _channels is None:
+        _channels = ChannelMetrics(
+            published=Counter("sse_run_channel_published_total", "Events published on channels."),
+            feeds=Gauge(
+                "sse_run_channel_feeds", "Channels followed by the worker.", multiprocess_mode="livesum"
+            ),
+        )
+    return _channels
 
 
 def llm_metrics() -> LLMMetrics:

@@ -77,6 +77,10 @@ class Served(Protocol):
     def functions(self) -> Mapping[str, RegisteredFunction]:
         """Its registered functions, by name."""
 
+    @property
+    def channel_authorizer(self) -> Callable[[str, str | None], bool] | None:
+        """Who may read a channel, or ``None``."""
+
 
 @dataclass(frozen=True)
 class Mount:
@@ -92,7 +96,8 @@ class Mount:
     subdomain: str | None = None
 
     def endpoint(self, kind: str) -> str:
-        """The endpoint of its ``call``, ``openapi``, ``runs`` or ``unknown`` rule."""
+        """The endpoint of its ``call``, ``openapi``, ``runs``, ``channel``, ``channels`` or
+        ``unknown`` rule."""
         # The instance's own prefix keeps two instances on one blueprint apart; a dot in it would
         # change what Flask takes for the blueprint's name.
         own = self.extension.url_prefix

@@ -80,6 +80,7 @@ def stream_response(
     token: CancelToken,
     *,
     run_id: str | None = None,
+    stored: bool = False,
     record: StreamRecord | None = None,
     closer: Callable[[BaseException | None, bool], bytes] | None = None,
 ) -> Response:
@@ -93,11 +94,12 @@ def stream_response(
     chunks end with ``data: [DONE]``); keep-alive comments, gzip and disconnects are unchanged.
     """
     gzip = settings.gzip and _accepts_gzip(req)
+    stored = stored or run_id is not None
     options = StreamOptions(
         request_id=rid,
         logger=current_app.logger,
         expose_errors=settings.expose_errors,
-        end_event=settings.end_event if run_id is None else None,
+        end_event=None if stored else settings.end_event,
         shutdown_event=settings.shutdown_event,
         keepalive=settings.keepalive,
         gzip=gzip,
@@ -105,7 +107,7 @@ def stream_response(
         record=record,
         closer=closer,
     )
-    if run_id is None:  # a tail reads the store only: it needs no request context
+    if not stored:  # a tail reads the store only: it needs no request context
         source = stream_with_context(source)
     body: Iterable[bytes]
     if gevent_patched():

@@ -3,8 +3,9 @@
 An :class:`~flask_sse_run.SSERun` is *mounted* once per place it serves: on an app it was given
 (``SSERun(app)``), and at each registration of a blueprint it was given (``SSERun(bp)``; a
 blueprint registered under two prefixes, or on two apps, mounts it twice). Each mount adds the
-same four rules below its prefix: ``/<name>``, ``/openapi.json``, ``/runs/<run_id>`` and, when
-the prefix is not empty, ``/<path:rest>`` (a JSON 404 for any other path below it).
+same rules below its prefix: ``/<name>``, ``/openapi.json``, ``/runs/<run_id>``, ``/channels``,
+``/channels/<channel>`` and, when the prefix is not empty, ``/<path:rest>`` (a JSON 404 for any
+other path below it).
 
 Through a blueprint the rules are the blueprint's, as :meth:`flask.Blueprint.add_url_rule` would
 make them: its ``url_prefix`` and ``subdomain``, its ``url_defaults``, and endpoints qualified by
@@ -24,6 +25,7 @@ from typing import Any
 
 from flask import Flask, Response, request
 
+from .channels.views import channels_view
 from .openapi import OPENAPI_PATH, openapi_view
 from .registry import APP_ENDPOINTS, Mount
 from .runs.responses import run_view
@@ -56,6 +58,14 @@ def add_rules(app: Flask, mount: Mount, defaults: Mapping[str, Any] | None = Non
     def runs(run_id: str, **_url_values: Any) -> Response:
         return run_view(run_id, functions, prefix if fixed else request.path.rsplit("/", 2)[0])
 
+    def channel(channel: str, **_url_values: Any) -> Response:
+        served = prefix if fixed else request.path.rsplit("/", 2)[0]
+        return channels_view(channel, mount.extension.channel_authorizer, served)
+
+    def channels(**_url_values: Any) -> Response:
+        served = prefix if fixed else request.path.rsplit("/", 1)[0]
+        return channels_view(None, mount.extension.channel_authorizer, served)
+
     def openapi(**_url_values: Any) -> Response:
         return openapi_view()
 
@@ -69,6 +79,8 @@ def add_rules(app: Flask, mount: Mount, defaults: Mapping[str, Any] | None = Non
         (f"{prefix}{OPENAPI_PATH}", "openapi", openapi),
         (f"{prefix}/<name>", "call", call),
         (f"{prefix}/runs/<run_id>", "runs", runs),
+        (f"{prefix}/channels", "channels", channels),
+        (f"{prefix}/channels/<channel>", "channel", channel),
     ]
     if prefix:
         # The prefix is the extension's: nested paths and trailing slashes under it get our JSON

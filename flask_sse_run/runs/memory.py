@@ -23,6 +23,11 @@ since the runs last held less than the budget (no run is admitted meanwhile), th
 appended hold at most their share, the others what they held then. The budget counts the
 events' bytes: Python's own cost of each held event (about 100 bytes) comes on top.
 
+Channels (:meth:`open_channel`, :meth:`publish`) are runs too, running with no producer: each
+keeps its last ``channel_history`` events (within ``max_bytes``), counts against ``max_runs``
+and the budget, and is forgotten ``channel_ttl`` seconds after its last publish once no client
+follows it.
+
 Safe for greenlets and threads: every change holds one lock, and waiters block on a per-run
 event that each change replaces.
 """
@@ -36,6 +41,7 @@ from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any
 
+from ..channels.names import CHANNEL_PREFIX
 from ..concurrency import new_event, raw_lock
 from .ids import event_id
 from .store import RUNNING, RunInfo, RunSlice, RunStore, StoreFull
@@ -55,10 +61,12 @@ class _Run:
         "function",
         "idle_since",
         "last_seq",
+        "limit",
         "nbytes",
         "owner",
         "prefix",
         "status",
+        "touched",
     )
 
     def __init__(self, function: str, prefix: str, owner: str | None) -> None:
@@ -73,6 +81,8 @@ class _Run:
         self.idle_since: float | None = time.time()
         self.ended_at = 0.0
         self.changed: Any = None  # made by the first waiter: most runs are never waited on
+        self.limit = 0  # the most events held; 0: the store's max_events (a channel has its own)
+        self.touched = 0.0  # a channel's last publish or open (time.time())
 
     def wake(self) -> None:
         changed, self.changed = self.changed, None
@@ -84,9 +94,19 @@ class MemoryRunStore(RunStore):
     """Runs in this process's memory; see the module docstring."""
 
     def __init__(
-        self, *, max_events: int, max_bytes: int, max_runs: int, ttl: float, budget: int | None = None
+        self,
+        *,
+        max_events: int,
+        max_bytes: int,
+        max_runs: int,
+        ttl: float,
+        budget: int | None = None,
+        channel_history: int = 1000,
+        channel_ttl: float = 600.0,
     ) -> None:
         self.max_events = max_events
+        self.channel_history = channel_history
+        self.channel_ttl = channel_ttl
         self.max_bytes = max_bytes
         self.max_runs = max_runs
         self.ttl = ttl
@@ -97,6 +117,7 @@ class MemoryRunStore(RunStore):
         self._runs: dict[str, _Run] = {}
         # The ended runs in the order they ended: the oldest is the first to go.
         self._ended: dict[str, _Run] = {}
+        self._channels: dict[str, _Run] = {}
         self._nbytes = 0
         self._released = 0
         # An OS lock also under gevent: it is held only around plain dict and deque work, where
@@ -115,18 +136,20 @@ class MemoryRunStore(RunStore):
         """Record a new run; :class:`StoreFull` when ``max_runs`` are held, or the ``budget`` has
         no room for one run's ``max_bytes`` (ended runs are forgotten first, oldest first)."""
         with self._lock:
-            if len(self._runs) >= self.max_runs:
-                self._expire(time.time())
-                if len(self._runs) >= self.max_runs:
-                    raise StoreFull(self.max_runs, retry_after=self._retry_after())
-            room = self.budget - self.max_bytes
-            if self._nbytes > room:
-                self._forget_ended(room)
-                if self._nbytes > room:
-                    raise StoreFull(
-                        self.budget, retry_after=self._retry_after(), what="bytes of runs' events"
-                    )
+            self._admit()
             self._runs[run_id] = _Run(function, prefix, owner)
+
+    def _admit(self) -> None:
+        # Room for one more run (under the lock), or StoreFull.
+        if len(self._runs) >= self.max_runs:
+            self._expire(time.time())
+            if len(self._runs) >= self.max_runs:
+                raise StoreFull(self.max_runs, retry_after=self._retry_after())
+        room = self.budget - self.max_bytes
+        if self._nbytes > room:
+            self._forget_ended(room)
+            if self._nbytes > room:
+                raise StoreFull(self.budget, retry_after=self._retry_after(), what="bytes of runs' events")
 
     def _retry_after(self) -> int:
         return max(1, round(self.ttl / 2))
@@ -149,7 +172,7 @@ class MemoryRunStore(RunStore):
         # A firehose's every append drops as many as it adds: count first, then pop in a plain
         # loop (a condition re-evaluated per event cost more than the append itself).
         popleft = held.popleft
-        for _ in range(len(held) - self.max_events):
+        for _ in range(len(held) - (run.limit or self.max_events)):
             nbytes -= len(popleft()[1])
         while nbytes > self.max_bytes and len(held) > 1:
             nbytes -= len(popleft()[1])
@@ -182,6 +205,7 @@ class MemoryRunStore(RunStore):
     def _forget(self, run_id: str) -> None:
         run = self._runs.pop(run_id)
         self._ended.pop(run_id, None)
+        self._channels.pop(run_id, None)
         self._nbytes -= run.nbytes
         self._released += run.nbytes
 
@@ -202,6 +226,29 @@ class MemoryRunStore(RunStore):
         run.ended_at = time.time()
         self._ended[run_id] = run
         run.wake()
+
+    def open_channel(self, run_id: str) -> int:
+        """The channel's last seq; made (and admitted as a run) if it is not held."""
+        with self._lock:
+            return self._channel(run_id).last_seq
+
+    def publish(self, run_id: str, id_prefix: bytes, event: bytes) -> int:
+        """Append ``event`` to the channel with the next seq; waiting readers wake."""
+        with self._lock:
+            run = self._channel(run_id)
+            seq = run.last_seq + 1
+            self._add(run, [(seq, b"id: %s%d\n%s" % (id_prefix, seq, event))])
+            run.wake()
+            return seq
+
+    def _channel(self, run_id: str) -> _Run:
+        run = self._channels.get(run_id)
+        if run is None:
+            self._admit()
+            run = self._runs[run_id] = self._channels[run_id] = _Run("", CHANNEL_PREFIX, None)
+            run.limit = self.channel_history
+        run.touched = time.time()
+        return run
 
     def get(self, run_id: str) -> RunInfo | None:
         """The run's state, or ``None``."""
@@ -297,6 +344,9 @@ class MemoryRunStore(RunStore):
 
     def _expire(self, now: float) -> None:
         for run_id in [run_id for run_id, run in self._ended.items() if self._expired(run, now)]:
+            self._forget(run_id)
+        idle = now - self.channel_ttl
+        for run_id in [r for r, run in self._channels.items() if run.clients <= 0 and run.touched < idle]:
             self._forget(run_id)
 
     def _expired(self, run: _Run, now: float) -> bool:

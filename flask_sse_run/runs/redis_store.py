@@ -77,6 +77,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from ..channels.names import CHANNEL_PREFIX
 from ..concurrency import new_event, new_lock, pause, spawn
 from ..extras import missing_extra
 from .batching import Batcher
@@ -176,7 +177,7 @@ if status ~= 'running' then
   return 0
 end
 if ARGV[1] == 'lost' then
-  if redis.call('EXISTS', KEYS[3]) == 1 then
+  if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('HGET', KEYS[1], 'kind') == 'channel' then
     return 0
   end
   local t = redis.call('TIME')
@@ -237,6 +238,32 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 return 1
 """
+# A channel: a run with no producer (no lease; the lost check passes it by), made by its first
+# publish or open. KEYS: the hash, the stream. ARGV: its TTL, the hash's fields.
+_OPEN_CHANNEL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return tonumber(redis.call('HGET', KEYS[1], 'last_seq'))
+"""
+# Publishes on a channel: the seq is the channel's (publishers are many), the stream keeps the
+# last ARGV[3] events exactly. KEYS: the hash, the stream. ARGV: the id line's start, the event,
+# the history, the TTL, the announcement's channel, the publish command, the hash's fields.
+_PUBLISH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'last_seq', 1)
+local data = 'id: ' .. ARGV[1] .. seq .. '\n' .. ARGV[2]
+local lengths = struct.pack('<I4', #data)
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], seq .. '-0', 's', seq, 'd', data, 'o', lengths)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call(ARGV[6], ARGV[5], seq .. ' ' .. seq .. ' ' .. data)
+return seq
+"""
 _FIELDS = ("status", "function", "prefix", "owner", "last_seq", "clients", "idle_since")
 
 
@@ -255,6 +282,8 @@ class RedisRunStore(RunStore):
         window: float,
         cluster: bool = False,
         max_bytes: int | None = None,
+        channel_history: int = 1000,
+        channel_ttl: float = 600.0,
     ) -> None:
         try:
             import redis
@@ -307,12 +336,15 @@ class RedisRunStore(RunStore):
         self.max_bytes = max_bytes
         self.max_runs = max_runs
         self.ttl = ttl
+        self.channel_history = channel_history
+        self.channel_ttl = channel_ttl
         self._running_ttl = max(RUNNING_TTL, int(window * 2) + 10)
         # The scripts' SHA1s: every call is an EVALSHA through the batcher, which loads a
         # script where Redis (or a cluster node) does not have it.
-        sources = (_CREATE, _APPEND, _END, _HEARTBEAT, _DETACH, _ATTACH)
+        sources = (_CREATE, _APPEND, _END, _HEARTBEAT, _DETACH, _ATTACH, _OPEN_CHANNEL, _PUBLISH)
         shas = [hashlib.sha1(source.encode()).hexdigest() for source in sources]
-        self._create, self._append, self._end, self._heartbeat, self._detach, self._attach = shas
+        self._create, self._append, self._end, self._heartbeat, self._detach, self._attach = shas[:6]
+        self._open_channel, self._publish_channel = shas[6:]
         self._worker_id = (0, "")
         self._beat = False
         self._sharded: bool | None = None  # SPUBLISH and SSUBSCRIBE (Redis 7+): asked once
@@ -320,6 +352,8 @@ class RedisRunStore(RunStore):
             lambda: self._redis, dict(zip(shas, sources, strict=True)), redis.exceptions.NoScriptError
         )
         self._local: set[str] = set()  # runs produced by this process, still running
+        # Channels opened here: the watchdog never checks them (no producer to lose).
+        self._channel_runs: set[str] = set()
         # When each run produced here last appended (monotonic): its lease is fresh till then.
         self._appended: dict[str, float] = {}
         self._waiters: dict[str, list[Any]] = {}  # run id -> events of the greenlets waiting
@@ -519,6 +553,43 @@ class RedisRunStore(RunStore):
                 self._local.discard(run_id)
                 self._appended.pop(run_id, None)
         return infos
+
+    # -- channels ---------------------------------------------------------------------------------
+
+    def _channel_fields(self) -> list[str | int]:
+        return [
+            "function", "", "prefix", CHANNEL_PREFIX, "owner", "", "status", RUNNING,
+            "last_seq", 0, "clients", 0, "kind", "channel",
+        ]  # fmt: skip
+
+    def open_channel(self, run_id: str) -> int:
+        """One round trip: the channel made if need be, its keys' TTL renewed, its last seq."""
+        self._channel_runs.add(run_id)
+        hash_key, events_key, _ = self._keys(run_id)
+        with self._call():
+            return int(
+                self._eval(
+                    self._open_channel,
+                    [hash_key, events_key],
+                    [max(1, round(self.channel_ttl)), *self._channel_fields()],
+                )
+            )
+
+    def publish(self, run_id: str, id_prefix: bytes, event: bytes) -> int:
+        """One round trip (a script): the seq, the event, the history's bound, the TTL, and the
+        announcement that carries the event to every worker that follows the channel."""
+        hash_key, events_key, _ = self._keys(run_id)
+        args: list[str | int | bytes] = [
+            id_prefix,
+            event,
+            self.channel_history,
+            max(1, round(self.channel_ttl)),
+            self._channel(run_id),
+            self._publish(),
+            *self._channel_fields(),
+        ]
+        with self._call():
+            return int(self._eval(self._publish_channel, [hash_key, events_key], args))
 
     # -- the readers' side -----------------------------------------------------------------------
 
@@ -791,7 +862,11 @@ class RedisRunStore(RunStore):
                 pause(WATCH_EVERY)
                 now = time.monotonic()
                 with self._lock:
-                    silent = [run_id for run_id, heard in self._last_heard.items() if now - heard >= SILENCE]
+                    silent = [
+                        run_id
+                        for run_id, heard in self._last_heard.items()
+                        if now - heard >= SILENCE and run_id not in self._channel_runs
+                    ]
                     for run_id in silent:  # checked again a second later, not at every look
                         self._last_heard[run_id] = now - SILENCE + 1.0
                 if silent:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ..channels.hub import Hub
 from ..concurrency import gevent_patched, spawn
 from ..streaming import StreamOptions
 from .endings import cancelled_event
@@ -52,6 +53,8 @@ class Runs:
         self.producers: dict[str, Producer] = {}
         # Ends the store did not take: run id -> (status, event, when to give up).
         self.unfinished: dict[str, tuple[str, bytes, float]] = {}
+        #: The app's channels as this process follows them (their events live in ``store``).
+        self.channels = Hub(store, outage=outage)
         self._janitor: Any = None
         self._released = 0
         self._trimmed = -TRIM_EVERY
@@ -69,7 +72,7 @@ class Runs:
         producer = Producer(run_id, source, self.store, options, self._ended, self.outage)
         self.producers[run_id] = producer
         producer.start()
-        self._ensure_janitor()
+        self.ensure_janitor()
         return run_id
 
     def cancel(self, run_id: str) -> bool:
@@ -89,9 +92,11 @@ class Runs:
         if unfinished is not None:
             status, event = unfinished
             self.unfinished[run_id] = (status, event, time.monotonic() + UNFINISHED_FOR)
-            self._ensure_janitor()
+            self.ensure_janitor()
 
-    def _ensure_janitor(self) -> None:
+    def ensure_janitor(self) -> None:
+        """Start the janitor if it is not running (a publish on an in-process channel needs it
+        to forget the channel once idle)."""
         if self._janitor is None:
             self._janitor = spawn(self._look_after)
 

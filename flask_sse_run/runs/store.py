@@ -166,6 +166,20 @@ class RunStore(ABC):
         (as :meth:`finish`); its producer's next append is refused. ``False`` if the run is
         unknown; ``True`` for a run that exists, ended or not."""
 
+    def open_channel(self, run_id: str) -> int:
+        """Make sure the channel held by run ``run_id`` exists (a running run with no producer,
+        never lost), and keep its events from expiring for the channel's TTL; return its last
+        seq (0: none yet, or it expired and starts again)."""
+        raise NotImplementedError(f"{type(self).__name__} holds no channels")
+
+    def publish(self, run_id: str, id_prefix: bytes, event: bytes) -> int:
+        """Append ``event`` (encoded, without its ``id:`` line) to the channel held by run
+        ``run_id`` (made if need be), with the next seq and the line ``id: <id_prefix><seq>``;
+        return the seq. Publishers may be many, anywhere: the store gives the seqs. The channel
+        keeps its last ``channel_history`` events, and forgets them all ``channel_ttl`` seconds
+        after its last publish once no one follows it."""
+        raise NotImplementedError(f"{type(self).__name__} holds no channels")
+
     def heartbeat(self, run_ids: Sequence[str]) -> dict[str, RunInfo | None]:
         """These runs, produced here, are alive: the runtime's janitor calls this every
         ``JANITOR_INTERVAL`` (a shared store renews their leases and keys with it). Returns the

@@ -30,7 +30,7 @@ from .store import RunInfo, RunStore, StoreUnavailable
 if TYPE_CHECKING:
     from ..stream_record import StreamRecord
 
-__all__ = ["MISSED_EVENT", "READ_LIMIT", "beyond_message", "missed_event", "tail"]
+__all__ = ["MISSED_EVENT", "READ_LIMIT", "Outage", "beyond_message", "missed_event", "tail"]
 
 #: The name of the event that reports dropped events.
 MISSED_EVENT = "missed"
@@ -57,7 +57,7 @@ def beyond_message(last_seq: int) -> str:
     )
 
 
-class _Outage:
+class Outage:
     """How long the store has not answered, and the pause before the next try."""
 
     def __init__(self, bound: float) -> None:
@@ -98,7 +98,7 @@ def tail(
     the response ends with nothing if it says no.
     """
     attached = False
-    down = _Outage(outage)
+    down = Outage(outage)
     position = after
     try:
         while True:

@@ -1,0 +1,276 @@
+"""One worker's fan-out of channels: one follower per channel, however many clients read it.
+
+A channel's events live in the app's run store (:meth:`~..runs.store.RunStore.publish`), each
+already encoded with its ``id:`` line. In a worker, the first client of a channel makes a
+:class:`Feed`: one greenlet (or thread) that follows the channel in the store (on Redis, one
+subscription of this worker, whose announcements carry the events: no round trip per event),
+keeps its newest events in a cache (:data:`CACHE_EVENTS`), and wakes the worker's clients of
+the channel. Each client then takes the very bytes the cache holds: an event is encoded once
+per worker, by its publisher, and shared by every client.
+
+A client that falls behind the cache (a slow reader, or one that reconnects with an old
+``Last-Event-ID``) reads the store itself, and one past the store's history is told how many
+events it missed: the worker holds nothing more per client than what it is writing now, so a
+client that cannot keep up never grows the worker's memory.
+
+A feed outlives its last client by :data:`LINGER` seconds (a reconnect finds it warm), then
+stops following, which on Redis unsubscribes. A store that does not answer is tried again for
+the store's outage bound; longer, the feed fails, its clients' streams end with an ``error``
+event, and the next client makes a new feed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from ..concurrency import new_event, raw_lock, spawn
+from ..runs.store import RunSlice, RunStore, StoreUnavailable
+from ..runs.tail import READ_LIMIT, Outage
+from .names import channel_run_id
+
+if TYPE_CHECKING:
+    from ..metrics import ChannelMetrics
+
+__all__ = ["CACHE_EVENTS", "LINGER", "Feed", "Hub"]
+
+#: Newest events of a channel a worker keeps for its clients (and the bytes they may hold).
+CACHE_EVENTS = 1024
+CACHE_BYTES = 4 << 20
+#: Seconds a feed goes on following after its last client left.
+LINGER = 5.0
+#: Longest a feed's wait on the store lasts: a safety net for a missed wake-up, and how often
+#: it looks whether it still has clients.
+FEED_WAIT = 2.5
+
+
+class Feed:
+    """One channel as one worker follows it; clients read it through :meth:`after`."""
+
+    def __init__(self, name: str, store: RunStore) -> None:
+        self.name = name
+        self.run_id = channel_run_id(name)
+        self.store = store
+        #: The channel's newest events here, ``(seq, encoded event with its id line)``.
+        self.events: deque[tuple[int, bytes]] = deque()
+        self.nbytes = 0
+        #: The last seq this worker has read of the channel.
+        self.last_seq = 0
+        #: Why the feed stopped (a store away too long), for its clients; ``None`` while it runs.
+        self.error: str | None = None
+        #: How many times the channel started again (expired, and made anew: its seqs start over
+        #: at 1), for clients to start over too.
+        self.epoch = 0
+        self.clients = 0
+        self.left_at = 0.0
+        self.opened = new_event()
+        self.open_failed = False
+        # Clients of this channel only wait on `changed`, replaced at every change (one wake-up
+        # for all); clients of several channels register a waker of their own.
+        self.changed: Any = None
+        self.wakers: set[Any] = set()
+        self._lock = raw_lock()
+
+    def after(self, position: int) -> list[tuple[int, bytes]] | None:
+        """The cached events after ``position`` (up to :data:`READ_LIMIT`); ``None`` if the
+        cache no longer reaches back there (read the store)."""
+        with self._lock:
+            held = self.events
+            if not held or held[-1][0] <= position:
+                return []
+            first = held[0][0]
+            if position < first - 1:
+                return None
+            start = position - first + 1
+            return list(itertools.islice(held, start, start + READ_LIMIT))
+
+    def read(self, position: int) -> RunSlice | None:
+        """The store's events after ``position`` (for a client the cache does not reach)."""
+        return self.store.read(self.run_id, position, READ_LIMIT)
+
+    def wait(self, position: int, timeout: float) -> None:
+        """Block until the feed has an event after ``position``, has failed, or ``timeout``."""
+        with self._lock:
+            if self.last_seq > position or self.error is not None:
+                return
+            if self.changed is None:
+                self.changed = new_event()
+            changed = self.changed
+        changed.wait(timeout)
+
+    def register(self, waker: Any, position: int) -> bool:
+        """Set ``waker`` at the next change; ``False`` (not registered) if there is news after
+        ``position`` already."""
+        with self._lock:
+            if self.last_seq > position or self.error is not None:
+                return False
+            self.wakers.add(waker)
+            return True
+
+    def unregister(self, waker: Any) -> None:
+        with self._lock:
+            self.wakers.discard(waker)
+
+    def _add(self, events: list[tuple[int, bytes]]) -> None:
+        with self._lock:
+            held = self.events
+            held.extend(events)
+            self.nbytes += sum(len(data) for _, data in events)
+            while len(held) > 1 and (len(held) > CACHE_EVENTS or self.nbytes > CACHE_BYTES):
+                self.nbytes -= len(held.popleft()[1])
+            self.last_seq = events[-1][0]
+        self._wake()
+
+    def _clear(self) -> None:
+        # The feed fell behind the store's history (it was cut off from it): the cache must hold
+        # consecutive seqs, so it starts again after the gap; clients behind read the store.
+        with self._lock:
+            self.events.clear()
+            self.nbytes = 0
+
+    def _restart(self, last_seq: int) -> None:
+        # The channel expired and was made again (its seqs start over): what is cached is of
+        # the old one.
+        with self._lock:
+            self.events.clear()
+            self.nbytes = 0
+            self.last_seq = last_seq
+            self.epoch += 1
+        self._wake()
+
+    def _fail(self, message: str) -> None:
+        with self._lock:
+            self.error = message
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._lock:
+            changed, self.changed = self.changed, None
+            wakers, self.wakers = self.wakers, set()
+        if changed is not None:
+            changed.set()
+        for waker in wakers:
+            waker.set()
+
+
+class Hub:
+    """The channels one app follows in this process; see the module docstring."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        *,
+        outage: float = 10.0,
+        renew_every: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.outage = outage
+        #: How often a followed channel's TTL is renewed in the store (a third of it, at most).
+        self.renew_every = renew_every
+        self.feeds: dict[str, Feed] = {}
+        #: Set by the extension when the app records metrics.
+        self.metrics: ChannelMetrics | None = None
+        self._lock = raw_lock()
+
+    def join(self, name: str) -> Feed:
+        """A client follows channel ``name``: its feed, made and opened if it is the first.
+        Raises :class:`~..runs.store.StoreUnavailable` if the store cannot open it."""
+        with self._lock:
+            feed = self.feeds.get(name)
+            new = feed is None or feed.error is not None
+            if new:
+                feed = self.feeds[name] = Feed(name, self.store)
+                self._changed()
+            assert feed is not None
+            feed.clients += 1
+        if new:
+            try:
+                feed.last_seq = self.store.open_channel(feed.run_id)
+            except StoreUnavailable:
+                feed.open_failed = True
+                feed.opened.set()
+                self._drop(feed)
+                raise
+            feed.opened.set()
+            spawn(lambda: self._follow(feed))
+        else:
+            feed.opened.wait(self.outage)
+            if feed.open_failed or not feed.opened.is_set():
+                self.leave(feed)
+                raise StoreUnavailable()
+        return feed
+
+    def leave(self, feed: Feed) -> None:
+        """A client of ``feed`` left (its follower stops :data:`LINGER` seconds after the last)."""
+        with self._lock:
+            feed.clients -= 1
+            if feed.clients <= 0:
+                feed.left_at = time.monotonic()
+
+    def _drop(self, feed: Feed) -> None:
+        with self._lock:
+            if self.feeds.get(feed.name) is feed:
+                del self.feeds[feed.name]
+                self._changed()
+
+    def _changed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.feeds.set(len(self.feeds))
+
+    def _idle(self, feed: Feed) -> bool:
+        # Under the hub's lock: a client that joins now finds the feed gone, and makes another.
+        with self._lock:
+            if feed.clients > 0 or time.monotonic() - feed.left_at < LINGER:
+                return False
+            if self.feeds.get(feed.name) is feed:
+                del self.feeds[feed.name]
+                self._changed()
+            return True
+
+    def _follow(self, feed: Feed) -> None:
+        store, run_id = self.store, feed.run_id
+        down = Outage(self.outage)
+        position = feed.last_seq
+        renewed = time.monotonic()
+        renew_every = min(self.renew_every, max(1.0, getattr(store, "channel_ttl", 600.0) / 3))
+        attached = False
+        try:
+            while not self._idle(feed):
+                try:
+                    if not attached:
+                        store.attach(run_id)
+                        attached = True
+                    if time.monotonic() - renewed >= renew_every:
+                        last = store.open_channel(run_id)
+                        renewed = time.monotonic()
+                        if last < position:
+                            position = last
+                            feed._restart(last)
+                    found = store.read(run_id, position, READ_LIMIT)
+                    if found is None:  # expired under us: made again at once, from seq 0
+                        position = store.open_channel(run_id)
+                        feed._restart(position)
+                        continue
+                    if not found.events:
+                        store.wait(run_id, position, FEED_WAIT, found.mark)
+                        down.answered()
+                        continue
+                    down.answered()
+                except StoreUnavailable:
+                    if down.failed():
+                        continue
+                    feed._fail(f"the run store was unavailable for more than {self.outage:g} s")
+                    self._drop(feed)
+                    return
+                if found.missed:
+                    feed._clear()
+                position = found.events[-1][0]
+                feed._add(list(found.events))
+        finally:
+            if attached:
+                try:
+                    store.detach(run_id)
+                except StoreUnavailable:
+                    pass  # gone: nothing to undo there

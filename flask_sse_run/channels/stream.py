@@ -1,0 +1,157 @@
+"""One client's stream of one or more channels: replay after its position, then live events.
+
+The stream starts with the id of where it stands (a block with only an ``id:`` line: per the
+SSE spec it sets ``EventSource.lastEventId`` and dispatches nothing), so a client cut before
+any event still resumes from where it connected, not from whenever it reconnects.
+
+Then, for each channel in turn, the events after the client's position: from its worker's feed
+(:mod:`.hub`), or from the store when the feed's cache does not reach back that far; a position
+older than the store's history gets one ``missed`` event that says how many events of which
+channel are gone. With one channel the stored bytes go out as they are; with several, each
+event's ``id:`` line is replaced by the positions of all of them (:mod:`.names`), so a
+reconnect resumes each channel exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING
+
+from ..concurrency import new_event
+from ..events import Encoded, Event
+from ..runs.store import RunSlice, StoreUnavailable
+from ..runs.tail import MISSED_EVENT, Outage
+from .hub import Feed, Hub
+from .names import format_position
+
+if TYPE_CHECKING:
+    from ..stream_record import StreamRecord
+
+__all__ = ["ChannelStream"]
+
+#: Longest a client waits without looking again (a safety net for a missed wake-up).
+WAIT = 30.0
+
+
+class ChannelStream:
+    """The body of a channel stream: an iterator of encoded events whose ``close`` lets go of
+    its feeds, whether it ever started or not."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        feeds: list[Feed],
+        positions: dict[str, int],
+        record: StreamRecord | None = None,
+        *,
+        outage: float = 10.0,
+    ) -> None:
+        self._hub = hub
+        self._feeds = feeds
+        self._iterator = _events(feeds, positions, record, outage)
+        self._left = False
+
+    def __iter__(self) -> ChannelStream:
+        return self
+
+    def __next__(self) -> Encoded:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """End the stream: the client left, or its response ended."""
+        try:
+            self._iterator.close()
+        finally:
+            if not self._left:
+                self._left = True
+                for feed in self._feeds:
+                    self._hub.leave(feed)
+
+
+def _missed(name: str, count: int, position: str) -> bytes:
+    return Event(data={"channel": name, "missed": count}, event=MISSED_EVENT, id=position).encode()
+
+
+def _read(feed: Feed, position: int, outage: float) -> RunSlice | None:
+    # The store, for a client behind the feed's cache: tried again while it is away, as a run's
+    # follower does; StoreUnavailable past the bound.
+    down = Outage(outage)
+    while True:
+        try:
+            return feed.read(position)
+        except StoreUnavailable:
+            if not down.failed():
+                raise
+
+
+def _events(
+    feeds: list[Feed], positions: dict[str, int], record: StreamRecord | None, outage: float
+) -> Generator[Encoded, None, None]:
+    single = len(feeds) == 1
+    epochs = [feed.epoch for feed in feeds]
+    yield Encoded(b"id: " + format_position(positions).encode() + b"\n\n")
+    try:
+        while True:
+            sent = False
+            for index, feed in enumerate(feeds):
+                name = feed.name
+                if feed.error is not None:
+                    if record is not None:
+                        record.outcome = "error"
+                    failure = {"type": "StoreUnavailable", "message": feed.error}
+                    yield Encoded(Event(data=failure, event="error").encode())
+                    return
+                if feed.epoch != epochs[index]:  # the channel started again: its seqs from 1
+                    epochs[index] = feed.epoch
+                    positions[name] = 0
+                position = positions[name]
+                events = feed.after(position)
+                missed = 0
+                if events is None:
+                    found = _read(feed, position, outage)
+                    if found is None:  # expired meanwhile: the feed starts it again
+                        continue
+                    missed, events = found.missed, list(found.events)
+                if missed:
+                    positions[name] = position + missed
+                    yield Encoded(_missed(name, missed, format_position(positions)))
+                    sent = True
+                if not events:
+                    continue
+                sent = True
+                if single:
+                    positions[name] = events[-1][0]
+                    yield Encoded(b"".join([data for _, data in events]))
+                    continue
+                out = []
+                for seq, data in events:
+                    positions[name] = seq
+                    # The stored id line names this channel only: the client needs all of them.
+                    out.append(b"id: " + format_position(positions).encode() + data[data.index(b"\n") :])
+                yield Encoded(b"".join(out))
+            if not sent:
+                _wait(feeds, positions)
+    except StoreUnavailable:
+        if record is not None:
+            record.outcome = "error"
+        message = f"the run store was unavailable for more than {outage:g} s"
+        failure = {"type": "StoreUnavailable", "message": message}
+        yield Encoded(Event(data=failure, event="error").encode())
+
+
+def _wait(feeds: list[Feed], positions: dict[str, int]) -> None:
+    if len(feeds) == 1:
+        feed = feeds[0]
+        feed.wait(positions[feed.name], WAIT)
+        return
+    waker = new_event()
+    registered: list[Feed] = []
+    try:
+        for feed in feeds:
+            if not feed.register(waker, positions[feed.name]):
+                return  # news already: read again
+            registered.append(feed)
+        waker.wait(WAIT)
+    finally:
+        for feed in registered:
+            feed.unregister(waker)
