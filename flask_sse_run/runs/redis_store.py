@@ -256,7 +256,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'last_seq', 1)
-local data = 'id: ' .. ARGV[1] .. seq .. '\n' .. ARGV[2]
+local data = 'id: ' .. ARGV[1] .. seq .. '\\n' .. ARGV[2]
 local lengths = struct.pack('<I4', #data)
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], seq .. '-0', 's', seq, 'd', data, 'o', lengths)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
