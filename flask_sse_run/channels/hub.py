@@ -77,13 +77,13 @@ class Feed:
         """The cached events after ``position`` (up to :data:`READ_LIMIT`); ``None`` if the
         cache no longer reaches back there (read the store)."""
         with self._lock:
-            held = self.events
-            if not held or held[-1][0] <= position:
+            if position >= self.last_seq:
                 return []
-            first = held[0][0]
-            if position < first - 1:
+            held = self.events
+            # Empty, with news: the feed started after the position (or cleared its cache).
+            if not held or position < held[0][0] - 1:
                 return None
-            start = position - first + 1
+            start = position - held[0][0] + 1
             return list(itertools.islice(held, start, start + READ_LIMIT))
 
     def read(self, position: int) -> RunSlice | None:
@@ -252,6 +252,12 @@ class Hub:
                     if found is None:  # expired under us: made again at once, from seq 0
                         position = store.open_channel(run_id)
                         feed._restart(position)
+                        continue
+                    if found.last_seq < position:
+                        # Made again since (a Redis restarted without its data): its seqs
+                        # start over, and every event it has now is news.
+                        position = 0
+                        feed._restart(0)
                         continue
                     if not found.events:
                         store.wait(run_id, position, FEED_WAIT, found.mark)

@@ -112,6 +112,10 @@ def _events(
                     if found is None:  # expired meanwhile: the feed starts it again
                         continue
                     missed, events = found.missed, list(found.events)
+                    if not missed and not events and found.last_seq < position:
+                        # The channel started again since (its seqs from 1): the feed is told
+                        # at its next look, and this client starts over with it.
+                        continue
                 if missed:
                     positions[name] = position + missed
                     yield Encoded(_missed(name, missed, format_position(positions)))
