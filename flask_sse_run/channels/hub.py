@@ -236,6 +236,7 @@ class Hub:
         renewed = time.monotonic()
         renew_every = min(self.renew_every, max(1.0, getattr(store, "channel_ttl", 600.0) / 3))
         attached = False
+        born: str | None = None  # the channel's birth, as its first read says
         try:
             while not self._idle(feed):
                 try:
@@ -252,13 +253,17 @@ class Hub:
                     if found is None:  # expired under us: made again at once, from seq 0
                         position = store.open_channel(run_id)
                         feed._restart(position)
+                        born = None
                         continue
-                    if found.last_seq < position:
+                    if found.born != born or found.last_seq < position:
                         # Made again since (a Redis restarted without its data): its seqs
                         # start over, and every event it has now is news.
-                        position = 0
-                        feed._restart(0)
-                        continue
+                        restarted = born is not None or found.last_seq < position
+                        born = found.born
+                        if restarted:
+                            position = 0
+                            feed._restart(0)
+                            continue
                     if not found.events:
                         store.wait(run_id, position, FEED_WAIT, found.mark)
                         down.answered()

@@ -239,29 +239,36 @@ end
 return 1
 """
 # A channel: a run with no producer (no lease; the lost check passes it by), made by its first
-# publish or open. KEYS: the hash, the stream. ARGV: its TTL, the hash's fields.
+# publish or open, with its birth (Redis's clock, us): a channel made again (its keys expired, or
+# a Redis that lost its data) starts its seqs over, and its followers must tell it from the old
+# one even when the new seqs have passed theirs. KEYS: the hash, the stream. ARGV: its TTL, the
+# hash's fields.
 _OPEN_CHANNEL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'born', t[1] .. t[2], unpack(ARGV, 2))
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return tonumber(redis.call('HGET', KEYS[1], 'last_seq'))
 """
 # Publishes on a channel: the seq is the channel's (publishers are many), the stream keeps the
-# last ARGV[3] events exactly. KEYS: the hash, the stream. ARGV: the id line's start, the event,
-# the history, the TTL, the announcement's channel, the publish command, the hash's fields.
+# last ARGV[3] events exactly. Its announcement is a run's, after 'c<birth> '. KEYS: the hash,
+# the stream. ARGV: the id line's start, the event, the history, the TTL, the announcement's
+# channel, the publish command, the hash's fields.
 _PUBLISH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'born', t[1] .. t[2], unpack(ARGV, 7))
 end
+local born = redis.call('HGET', KEYS[1], 'born')
 local seq = redis.call('HINCRBY', KEYS[1], 'last_seq', 1)
 local data = 'id: ' .. ARGV[1] .. seq .. '\\n' .. ARGV[2]
 local lengths = struct.pack('<I4', #data)
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], seq .. '-0', 's', seq, 'd', data, 'o', lengths)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call(ARGV[6], ARGV[5], seq .. ' ' .. seq .. ' ' .. data)
+redis.call(ARGV[6], ARGV[5], 'c' .. born .. ' ' .. seq .. ' ' .. seq .. ' ' .. data)
 return seq
 """
 _FIELDS = ("status", "function", "prefix", "owner", "last_seq", "clients", "idle_since")
@@ -364,7 +371,7 @@ class RedisRunStore(RunStore):
         self._heard: dict[str, int] = {}
         # The last batch announced of each followed run, (first seq, last seq, events), as of
         # its count in _heard: the next read of a follower at its start needs no round trip.
-        self._fresh: dict[str, tuple[int, int, bytes]] = {}
+        self._fresh: dict[str, tuple[int, int, bytes, str | None]] = {}
         self._announcements = itertools.count(1)
         # When each followed run was last heard of (monotonic): the watchdog checks silent ones.
         self._last_heard: dict[str, float] = {}
@@ -617,26 +624,26 @@ class RedisRunStore(RunStore):
                 # The state as of the last announcement heard (the mark is its count): running,
                 # up to the batch's last seq. After the position come the batch's events, or
                 # none (read already). A change since moves the mark, and the caller reads again.
-                first, last, data = fresh
+                first, last, data, born = fresh
                 if after == first - 1:
-                    return RunSlice([(last, data)], 0, RUNNING, last, mark)
+                    return RunSlice([(last, data)], 0, RUNNING, last, mark, born)
                 if after == last:
                     # Once: a follower that waits past its timeout with nothing heard asks Redis
                     # again (a stalled Redis says nothing, and must still be noticed).
                     del self._fresh[run_id]
-                    return RunSlice([], 0, RUNNING, last, mark)
+                    return RunSlice([], 0, RUNNING, last, mark, born)
         hash_key, events_key, _ = self._keys(run_id)
         with self._call():
             state, entries = self._batcher.run(
                 [
-                    ("HMGET", hash_key, "status", "last_seq"),
+                    ("HMGET", hash_key, "status", "last_seq", "born"),
                     ("XRANGE", events_key, f"{after + 1}-0", "+", "COUNT", limit),
                 ]
             )
         for reply in (state, entries):
             if isinstance(reply, Exception):
                 raise reply
-        status, last_seq = state
+        status, last_seq, born = state
         if status is None:
             return None
         batches = [dict(zip(fields[::2], fields[1::2], strict=True)) for _, fields in entries]
@@ -644,7 +651,7 @@ class RedisRunStore(RunStore):
         # The first batch after the position starts later than the next seq: the ones between
         # were trimmed away.
         missed = max(0, int(batches[0][b"s"]) - 1 - after) if batches else 0
-        return RunSlice(events, missed, status.decode(), int(last_seq or 0), mark)
+        return RunSlice(events, missed, status.decode(), int(last_seq or 0), mark, born and born.decode())
 
     def _mark(self, run_id: str) -> tuple[int, int] | None:
         # What the listener has heard of the run, if its channel is subscribed now (under the
@@ -803,8 +810,12 @@ class RedisRunStore(RunStore):
         append's carries its batch, kept for the next read; an end's is empty."""
         fresh = None
         if message:
+            born = None
+            if message[:1] == b"c":  # a channel's: its birth first
+                tag, message = message.split(b" ", 1)
+                born = tag[1:].decode()
             first, last, data = message.split(b" ", 2)
-            fresh = (int(first), int(last), data)
+            fresh = (int(first), int(last), data, born)
         with self._lock:
             if run_id in self._heard:  # followed here
                 self._heard[run_id] = next(self._announcements)

@@ -107,6 +107,9 @@ class RunSlice:
     #: What the store knew of the run's changes when the read began, for :meth:`RunStore.wait`
     #: (a store that hears of changes can then wait without asking again); ``None``: nothing.
     mark: object = None
+    #: When a channel was made (its store's clock), to tell it from one of the same name made
+    #: again since (its seqs started over); ``None`` for a run, or a store where that cannot be.
+    born: str | None = None
 
     @property
     def ended(self) -> bool:
