@@ -345,12 +345,6 @@ def test_a_stream_of_two_channels_on_the_other_replica_carries_both_positions(
         again.close()
 
 
-@pytest.mark.xfail(
-    reason="a channel lost under a feed (expired, evicted, a Redis back empty) and made again by a "
-    "publish before the feed reads it is not noticed: the new seqs up to the old position are "
-    "skipped (see the channels helper's report)",
-    strict=False,
-)
 def test_a_channel_lost_and_made_again_by_a_publish_starts_over_for_its_subscribers(
     replicas: tuple[Server, Server], redis_server: RedisServer, publish: Publish
 ) -> None:
