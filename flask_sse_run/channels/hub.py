@@ -79,7 +79,10 @@ class Feed:
         with self._lock:
             held = self.events
             if not held or held[-1][0] <= position:
-                return []
+                # Nothing cached after it: nothing yet, or news the cache never held (a new feed
+                # starts empty at the channel's last seq; one that started again or fell behind
+                # was emptied): those are read from the store.
+                return [] if self.last_seq <= position else None
             first = held[0][0]
             if position < first - 1:
                 return None
@@ -188,7 +191,7 @@ class Hub:
         if new:
             try:
                 feed.last_seq = self.store.open_channel(feed.run_id)
-            except StoreUnavailable:
+            except BaseException:  # StoreUnavailable, StoreFull: no feed is left half made
                 feed.open_failed = True
                 feed.opened.set()
                 self._drop(feed)
@@ -234,7 +237,7 @@ class Hub:
         down = Outage(self.outage)
         position = feed.last_seq
         renewed = time.monotonic()
-        renew_every = min(self.renew_every, max(1.0, getattr(store, "channel_ttl", 600.0) / 3))
+        renew_every = min(self.renew_every, max(0.25, getattr(store, "channel_ttl", 600.0) / 3))
         attached = False
         try:
             while not self._idle(feed):
@@ -254,7 +257,9 @@ class Hub:
                         feed._restart(position)
                         continue
                     if not found.events:
-                        store.wait(run_id, position, FEED_WAIT, found.mark)
+                        # No longer than the next renewal: a silent channel must not expire.
+                        due = renewed + renew_every - time.monotonic()
+                        store.wait(run_id, position, max(0.0, min(FEED_WAIT, due)), found.mark)
                         down.answered()
                         continue
                     down.answered()
