@@ -188,7 +188,7 @@ class Hub:
         if new:
             try:
                 feed.last_seq = self.store.open_channel(feed.run_id)
-            except StoreUnavailable:
+            except BaseException:  # StoreUnavailable, StoreFull: no feed is left half made
                 feed.open_failed = True
                 feed.opened.set()
                 self._drop(feed)
@@ -234,7 +234,7 @@ class Hub:
         down = Outage(self.outage)
         position = feed.last_seq
         renewed = time.monotonic()
-        renew_every = min(self.renew_every, max(1.0, getattr(store, "channel_ttl", 600.0) / 3))
+        renew_every = min(self.renew_every, max(0.25, getattr(store, "channel_ttl", 600.0) / 3))
         attached = False
         born: str | None = None  # the channel's birth, as its first read says
         try:
@@ -265,7 +265,9 @@ class Hub:
                             feed._restart(0)
                             continue
                     if not found.events:
-                        store.wait(run_id, position, FEED_WAIT, found.mark)
+                        # No longer than the next renewal: a silent channel must not expire.
+                        due = renewed + renew_every - time.monotonic()
+                        store.wait(run_id, position, max(0.0, min(FEED_WAIT, due)), found.mark)
                         down.answered()
                         continue
                     down.answered()

@@ -39,7 +39,12 @@ def publish(state: State, channel: str, data: Any, event: str | None = None) -> 
             " (SSE_RUN_RESUME_MAX_BYTES)"
         )
     seq = state.runs.store.publish(channel_run_id(channel), f"{channel}:".encode(), body)
-    state.runs.ensure_janitor()  # the in-process store forgets idle channels
+    if state.runs.store.pending():
+        # The in-process store forgets idle channels through the janitor. Not started where it
+        # has nothing to do (Redis): it would end at once, and a thread that ends before
+        # ensure_janitor records it is left recorded as the janitor, which then never starts
+        # again (no heartbeats: the runs produced here lose their leases).
+        state.runs.ensure_janitor()
     metrics = state.runs.channels.metrics
     if metrics is not None:
         metrics.published.inc()

@@ -45,10 +45,13 @@ class ChannelStream:
         record: StreamRecord | None = None,
         *,
         outage: float = 10.0,
+        epochs: list[int] | None = None,
     ) -> None:
         self._hub = hub
         self._feeds = feeds
-        self._iterator = _events(feeds, positions, record, outage)
+        # The feeds' epochs when ``positions`` were taken (a restart after them resets them).
+        epochs = [feed.epoch for feed in feeds] if epochs is None else list(epochs)
+        self._iterator = _events(feeds, positions, record, outage, epochs)
         self._left = False
 
     def __iter__(self) -> ChannelStream:
@@ -85,10 +88,13 @@ def _read(feed: Feed, position: int, outage: float) -> RunSlice | None:
 
 
 def _events(
-    feeds: list[Feed], positions: dict[str, int], record: StreamRecord | None, outage: float
+    feeds: list[Feed],
+    positions: dict[str, int],
+    record: StreamRecord | None,
+    outage: float,
+    epochs: list[int],
 ) -> Generator[Encoded, None, None]:
     single = len(feeds) == 1
-    epochs = [feed.epoch for feed in feeds]
     yield Encoded(b"id: " + format_position(positions).encode() + b"\n\n")
     try:
         while True:

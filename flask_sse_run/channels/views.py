@@ -22,7 +22,6 @@ from ..errors import RequestError
 from ..negotiation import STREAM, request_id, wants_stream
 from ..registry import EXTENSION_KEY
 from ..responses import error_response, options_response, stream_response
-from ..runs.store import StoreUnavailable
 from .hub import Feed
 from .names import MAX_CHANNELS, MAX_NAME, is_channel_name, parse_position
 from .stream import ChannelStream
@@ -111,14 +110,16 @@ def _subscribe(
     try:
         for name in names:
             feeds.append(hub.join(name))
+        # Before the positions: a channel that starts again from here on is read from its start.
+        epochs = [feed.epoch for feed in feeds]
         positions = {feed.name: _start(feed, given.get(feed.name)) for feed in feeds}
-    except StoreUnavailable:
+    except BaseException:  # StoreUnavailable, StoreFull (a later channel): the others let go
         for feed in feeds:
             hub.leave(feed)
         raise
     observers = state.observers
     record = None if observers is None else observers.stream(prefix, "channels", rid)
-    body = ChannelStream(hub, feeds, positions, record, outage=state.settings.store_outage)
+    body = ChannelStream(hub, feeds, positions, record, outage=state.settings.store_outage, epochs=epochs)
     try:
         return stream_response(body, req, state.settings, rid, CancelToken(), stored=True, record=record)
     except BaseException:

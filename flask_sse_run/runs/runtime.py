@@ -55,7 +55,7 @@ class Runs:
         self.unfinished: dict[str, tuple[str, bytes, float]] = {}
         #: The app's channels as this process follows them (their events live in ``store``).
         self.channels = Hub(store, outage=outage)
-        self._janitor: Any = None
+        self._janitor = False  # whether a janitor runs
         self._released = 0
         self._trimmed = -TRIM_EVERY
 
@@ -97,8 +97,11 @@ class Runs:
     def ensure_janitor(self) -> None:
         """Start the janitor if it is not running (a publish on an in-process channel needs it
         to forget the channel once idle)."""
-        if self._janitor is None:
-            self._janitor = spawn(self._look_after)
+        if not self._janitor:
+            # Marked before it starts: one with nothing to do ends at once, and its end must not
+            # be overwritten by this mark (the janitor would then never start again).
+            self._janitor = True
+            spawn(self._look_after)
 
     def _look_after(self) -> None:
         sleep = _sleep()
@@ -108,7 +111,7 @@ class Runs:
                 sleep(JANITOR_INTERVAL)
                 self.check()
         finally:
-            self._janitor = None
+            self._janitor = False
 
     def check(self) -> None:
         """One round of the janitor (tests call it to avoid waiting)."""
