@@ -112,6 +112,10 @@ class Runs:
                 self.check()
         finally:
             self._janitor = False
+        if self.producers or self.unfinished:
+            # Work that came while it was ending (in threads: a run started just then, which
+            # found it still marked).
+            self.ensure_janitor()
 
     def check(self) -> None:
         """One round of the janitor (tests call it to avoid waiting)."""
