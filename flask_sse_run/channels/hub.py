@@ -181,8 +181,9 @@ class Hub:
             feed = self.feeds.get(name)
             new = feed is None or feed.error is not None
             if new:
+                if feed is None:
+                    self._changed(1)  # else a failed one is replaced, and not dropped later
                 feed = self.feeds[name] = Feed(name, self.store)
-                self._changed()
             assert feed is not None
             feed.clients += 1
         if new:
@@ -213,11 +214,12 @@ class Hub:
         with self._lock:
             if self.feeds.get(feed.name) is feed:
                 del self.feeds[feed.name]
-                self._changed()
+                self._changed(-1)
 
-    def _changed(self) -> None:
+    def _changed(self, by: int) -> None:
+        # By steps, not set: every app of the process counts in one gauge.
         if self.metrics is not None:
-            self.metrics.feeds.set(len(self.feeds))
+            self.metrics.feeds.inc(by)
 
     def _idle(self, feed: Feed) -> bool:
         # Under the hub's lock: a client that joins now finds the feed gone, and makes another.
@@ -226,7 +228,7 @@ class Hub:
                 return False
             if self.feeds.get(feed.name) is feed:
                 del self.feeds[feed.name]
-                self._changed()
+                self._changed(-1)
             return True
 
     def _follow(self, feed: Feed) -> None:

@@ -117,6 +117,8 @@ def _subscribe(
         for feed in feeds:
             hub.leave(feed)
         raise
+    if state.runs.store.pending():
+        state.runs.ensure_janitor()  # the in-process store forgets the channel once idle
     observers = state.observers
     record = None if observers is None else observers.stream(prefix, "channels", rid)
     body = ChannelStream(hub, feeds, positions, record, outage=state.settings.store_outage, epochs=epochs)

@@ -738,6 +738,7 @@ class RedisRunStore(RunStore):
                 self._heard.pop(run_id, None)
                 self._fresh.pop(run_id, None)
                 self._last_heard.pop(run_id, None)
+                self._channel_runs.discard(run_id)
                 listener = self._routes.pop(run_id, None)
                 if listener is not None:
                     listener.subscribed.discard(run_id)
