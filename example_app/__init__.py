@@ -24,7 +24,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    app.register_blueprint(page)  # GET /: the page that streams run (and Falcon) in a browser
+    app.register_blueprint(page)  # GET /: the page that streams run (and Falcon), and a channel
     sse.init_app(app)
     init_falcon(app)  # POST /falcon/run, GET /falcon/health; 503 until FALCON_MODEL is set
     return app

@@ -1,4 +1,5 @@
-"""The example page: ``GET /`` streams ``run`` (and Falcon, when ready) in the browser.
+"""The example page: ``GET /`` streams ``run`` (and Falcon, when ready) in the browser, and
+follows the channel ``notifications`` (its button publishes with ``POST /notify``).
 
 Plain HTML, CSS and JavaScript in ``static/`` (no build step, nothing from a CDN), served at
 ``GET /`` and ``/page/<file>``. Every URL the page calls is relative to it, so the page works

@@ -12,7 +12,12 @@ A resumable function (``resumable=True``, or ``SSE_RUN_RESUMABLE`` and not ``Fal
 documents ``Last-Event-ID`` and ``Prefer: respond-async``, the ``202`` and ``204`` answers and
 ``X-Run-ID``; an instance that may hold runs documents ``{url_prefix}/runs/{run_id}`` (``GET``:
 ``runs_get``, ``DELETE``: ``runs_delete``, qualified by the prefix like every operationId).
-OperationIds are unique: one that two paths would share gets ``_2``, ``_3`` ... on the later one.
+Every instance also documents its channels (:mod:`flask_sse_run.channels`), which it always
+serves: ``GET {url_prefix}/channels/{channel}`` (``channels_channel_get``) and ``GET
+{url_prefix}/channels?channel=a&channel=b`` (``channels_get``), with ``Last-Event-ID`` or
+``?last_event_id=``, the channel stream and its refusals (``403`` where a ``channel_auth``
+callback is registered). OperationIds are unique: one that two paths would share gets ``_2``,
+``_3`` ... on the later one.
 
 A prefix is a Werkzeug rule's (a blueprint's ``/<tenant>`` and ``<int:org>`` included): its
 variables become OpenAPI path templates (``/{tenant}``), each documented as a path parameter of
@@ -41,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Response, current_app, request
 from pydantic.json_schema import models_json_schema
 
+from .channels.names import MAX_CHANNELS, MAX_NAME
 from .docstrings import parameter_docs
 from .errors import RequestError
 from .negotiation import request_id
@@ -53,11 +59,14 @@ if TYPE_CHECKING:
     from .config import Settings
     from .registry import RegisteredFunction, State
 
-__all__ = ["OPENAPI_PATH", "RUNS_PATH", "build_document", "openapi_view"]
+__all__ = ["CHANNELS_PATH", "CHANNEL_PATH", "OPENAPI_PATH", "RUNS_PATH", "build_document", "openapi_view"]
 
 OPENAPI_PATH = "/openapi.json"
 #: The path of a run, below an instance's url_prefix, as the document writes it.
 RUNS_PATH = "/runs/{run_id}"
+#: The paths of channels, below an instance's url_prefix: several (``?channel=``), and one.
+CHANNELS_PATH = "/channels"
+CHANNEL_PATH = "/channels/{channel}"
 _ALLOW = "GET, HEAD, OPTIONS"
 _REF = "#/components/schemas/{model}"
 # Our own component names hold a dot: pydantic's generated names are identifiers joined by
@@ -74,6 +83,10 @@ _RUN_ID_PATTERN = "^[0-9a-f]{32}$"
 _SEQ = "(?:0|[1-9][0-9]{0,17})"
 _EVENT_ID_PATTERN = f"^[0-9a-f]{{32}}:{_SEQ}$"
 _POSITION_PATTERN = f"^(?:[0-9a-f]{{32}}:)?{_SEQ}$"
+# What flask_sse_run.channels.names accepts: a channel's name, a channel stream's event id.
+_CHANNEL_NAME = f"[A-Za-z0-9_.:@-]{{1,{MAX_NAME}}}"
+_CHANNEL_NAME_PATTERN = f"^{_CHANNEL_NAME}$"
+_CHANNEL_POSITION_PATTERN = f"^{_CHANNEL_NAME}:{_SEQ}(?:,{_CHANNEL_NAME}:{_SEQ})*$"
 # A variable of a Werkzeug rule: <name>, <converter:name>, <converter(arguments):name>.
 _RULE_VARIABLE = re.compile(
     r"<(?:(?P<converter>[a-zA-Z_][a-zA-Z0-9_]*)(?:\((?P<arguments>.*?)\))?:)?(?P<name>[a-zA-Z_][a-zA-Z0-9_]*)>"
@@ -93,6 +106,21 @@ does by itself) to get the events after it; the run goes on for a while without 
 a reconnect asks for events the buffer no longer holds, one `event: {MISSED_EVENT}` with data \
 `{{"{MISSED_EVENT}": N}}` says how many were dropped, then the held events follow."""
 
+_CHANNEL_STREAM_DESCRIPTION = f"""\
+A Server-Sent Events stream of the channels the request names, from the moment of the request \
+(or after the position in `Last-Event-ID`), live: it never ends by itself. It starts with a \
+block that has only an `id:` line (it sets `EventSource.lastEventId` and dispatches no event). \
+Every event's id holds the position of each channel of the stream, in the order of the \
+request: `<channel>:<seq>` for one channel, `news:12,user:42:7` for two (the seq follows the \
+last `:`), seqs counting from 1 per channel; a client that reconnects with it (as \
+`EventSource` does by itself) gets every event after it. `data` is what was published: text as \
+it is, anything else as compact JSON; `event` its name, if it was given one. When a reconnect \
+asks for events older than a channel's history, one `event: {MISSED_EVENT}` with data \
+`{{"channel": "<channel>", "{MISSED_EVENT}": N}}` says how many are gone, then the held events \
+follow. A store that stops answering for longer than `SSE_RUN_STORE_OUTAGE` ends the stream with \
+one `event: error` whose data is `{{"type": "StoreUnavailable", "message": ...}}`. Lines starting \
+with `:` are keep-alive comments."""
+
 _ERRORS: dict[str, tuple[str, str]] = {
     "400": (
         "The body is not a JSON object (invalid JSON or UTF-8, NaN/Infinity, a number out of "
@@ -100,6 +128,7 @@ _ERRORS: dict[str, tuple[str, str]] = {
         _ERROR,
     ),
     "401": ("No bearer token, or one that was refused; see `WWW-Authenticate`.", _ERROR),
+    "403": ("The app's `channel_auth` callback refused one of the channels.", _ERROR),
     "404": (
         "No function of that name (or, under a non-empty url_prefix, any other path below it).",
         _ERROR,
@@ -153,6 +182,7 @@ def build_document(
     title: str = "flask-sse-run",
     server_url: str = "/",
     more: Sequence[tuple[str, Mapping[str, RegisteredFunction]]] = (),
+    channel_auth: bool = False,
 ) -> dict[str, Any]:
     """The OpenAPI 3.1 document for ``functions`` served under ``url_prefix``.
 
@@ -161,6 +191,7 @@ def build_document(
     give one path, the first is documented.
     ``settings`` decides the security scheme (when auth is on), the documented end event, and
     (``SSE_RUN_RESUMABLE``) which functions are resumable and whose ``/runs`` paths appear.
+    ``channel_auth``: a ``channel_auth`` callback decides who reads channels (their ``403``).
     """
     instances = [(*_path_template(prefix), registry) for prefix, registry in [(url_prefix, functions), *more]]
     found: dict[str, tuple[str, RegisteredFunction, list[dict[str, Any]]]] = {}
@@ -197,6 +228,9 @@ def build_document(
     for prefix, path_parameters, registry in instances:
         if settings.resumable or any(_resumable(r, settings) for r in registry.values()):
             paths.setdefault(f"{prefix}{RUNS_PATH}", _runs_path(prefix, registry, settings, path_parameters))
+        for path, several in ((CHANNELS_PATH, True), (CHANNEL_PATH, False)):
+            item = _channels_path(prefix, several, settings, channel_auth, path_parameters)
+            paths.setdefault(f"{prefix}{path}", item)
     paths = dict(sorted(paths.items()))
     _make_operation_ids_unique(paths)
     schemas.update(_own_schemas())
@@ -519,6 +553,105 @@ def _runs_path(
     return {"get": get, "delete": delete}
 
 
+def _channels_path(
+    prefix: str,
+    several: bool,
+    settings: Settings,
+    channel_auth: bool,
+    path_parameters: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """``{prefix}/channels?channel=...`` (``several``) or ``{prefix}/channels/{channel}``:
+    follow channels (``GET``)."""
+    name = {"type": "string", "pattern": _CHANNEL_NAME_PATTERN}
+    if several:
+        channels: dict[str, Any] = {
+            "name": "channel",
+            "in": "query",
+            "required": True,
+            "description": f"The channels to follow, 1 to {MAX_CHANNELS}, each once: "
+            "`?channel=news&channel=user:42`. Event ids name them in this order.",
+            "schema": {"type": "array", "items": name, "minItems": 1, "maxItems": MAX_CHANNELS},
+            "style": "form",
+            "explode": True,
+        }
+        bad = (
+            f"No channel, more than {MAX_CHANNELS}, one named twice, or a name that is not 1 to "
+            f"{MAX_NAME} letters, digits or `_ . : @ -`"
+        )
+    else:
+        channels = {
+            "name": "channel",
+            "in": "path",
+            "required": True,
+            "description": f"The channel's name: 1 to {MAX_NAME} letters, digits or `_ . : @ -` "
+            "(`news`, `user:42`).",
+            "schema": name,
+        }
+        bad = (
+            f"A name that is not 1 to {MAX_NAME} letters, digits or `_ . : @ -`, or channels named "
+            "in `?channel=` too"
+        )
+    position = "The id of the last event received (`<channel>:<seq>[,<channel>:<seq>...]`)"
+    responses: dict[str, Any] = {
+        "200": {
+            "description": "The channels' events, live, for as long as the client reads.",
+            "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}},
+            "content": {
+                "text/event-stream": {
+                    "schema": {"$ref": _REF.format(model=_EVENT), "description": _CHANNEL_STREAM_DESCRIPTION}
+                }
+            },
+        },
+        "400": _error_response(
+            "400", f"{bad}; or a `Last-Event-ID` (or `last_event_id`) that is not a channel stream's id."
+        ),
+        "406": _error_response(
+            "406", "The `Accept` header does not allow `text/event-stream` (a channel is only a stream)."
+        ),
+        "503": _error_response(
+            "503",
+            "The run store cannot open a channel: Redis does not answer, or this worker's in-process "
+            "store holds `SSE_RUN_MAX_RUNS` runs and channels already.",
+        ),
+    }
+    if settings.auth_enabled:
+        responses["401"] = _error_response("401")
+    if channel_auth:
+        responses["403"] = _error_response("403")
+    subject = "several channels in one stream" if several else "a channel"
+    qualifier = _qualified(f"{prefix}{CHANNELS_PATH if several else CHANNEL_PATH}")
+    get = {
+        "operationId": f"{qualifier}_get",
+        "summary": "Follow several channels" if several else "Follow a channel",
+        "description": f"Stream {subject}: every event published on it from now on (`sse.publish` "
+        "in the app, `flask sse publish` in a shell), or after the position in `Last-Event-ID` (the "
+        "header wins over the query), then live. `EventSource` can read it. Any other method is "
+        "answered 405 (`Allow: GET, OPTIONS`).",
+        "parameters": [
+            *path_parameters,
+            channels,
+            {
+                "name": "Last-Event-ID",
+                "in": "header",
+                "required": False,
+                "description": f"{position}: resume every channel after it, as `EventSource` does "
+                "when it reconnects.",
+                "schema": {"type": "string", "pattern": _CHANNEL_POSITION_PATTERN},
+            },
+            {
+                "name": "last_event_id",
+                "in": "query",
+                "required": False,
+                "description": f"{position}: resume after it (for clients that cannot set headers).",
+                "schema": {"type": "string", "pattern": _CHANNEL_POSITION_PATTERN},
+            },
+            dict(_REQUEST_ID_PARAMETER),
+        ],
+        "responses": dict(sorted(responses.items())),
+    }
+    return {"get": get}
+
+
 def _query_parameters(body_schema: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One query parameter per property of the body schema (the binder reads them by the same
     names: a repeated key, or any key of a list parameter, is a list). Registration refused GET
@@ -619,12 +752,15 @@ def _own_schemas() -> dict[str, Any]:
                     "type": "string",
                     "description": "`message` for yielded values, `error` if the function raised, "
                     f"`{MISSED_EVENT}` (a resumable run's events were dropped before a reconnect read "
-                    f'them; data `{{"{MISSED_EVENT}": N}}`), or a name given with flask_sse_run.Event.',
+                    f'them; data `{{"{MISSED_EVENT}": N}}`; a channel\'s: `{{"channel": ..., '
+                    f'"{MISSED_EVENT}": N}}`), or a name given with flask_sse_run.Event (or with '
+                    "a channel's publish).",
                 },
                 "id": {
                     "type": "string",
                     "description": "In a resumable run: `<run_id>:<seq>`, seq counting from 1, what "
-                    "`Last-Event-ID` resumes from. Otherwise an id given with flask_sse_run.Event.",
+                    "`Last-Event-ID` resumes from; in a channel stream: `<channel>:<seq>` for each "
+                    "channel, joined by `,`. Otherwise an id given with flask_sse_run.Event.",
                 },
                 "retry": {"type": "integer", "minimum": 0},
             },
@@ -695,5 +831,6 @@ def openapi_view() -> Response:
         more=[(other.url_prefix, other.extension.functions) for other in others],
         title=state.settings.openapi_title or current_app.name,
         server_url=request.script_root or "/",
+        channel_auth=any(mount.extension.channel_authorizer is not None for mount in state.mounts),
     )
     return Response(json.dumps(document, ensure_ascii=False), mimetype="application/json")

@@ -383,6 +383,7 @@ def test_openapi_json_documents_every_mount_with_path_parameters_for_prefix_valu
     doc = client.get("/v2/openapi.json").get_json()
     assert doc == client.get("/openapi.json").get_json()  # one document, served at every mount
     assert [error.message for error in OpenAPIV31SpecValidator(doc).iter_errors()] == []
+    mounts = ("", "/v1", "/v2", "/orgs/{org}/{tenant}")
     assert set(doc["paths"]) == {
         "/count",
         "/v1/count",
@@ -390,7 +391,12 @@ def test_openapi_json_documents_every_mount_with_path_parameters_for_prefix_valu
         "/v1/runs/{run_id}",
         "/v2/runs/{run_id}",
         "/orgs/{org}/{tenant}/count",
+        *(f"{mount}/channels" for mount in mounts),  # every mount serves the app's channels
+        *(f"{mount}/channels/{{channel}}" for mount in mounts),
     }
+    channel = doc["paths"]["/orgs/{org}/{tenant}/channels/{channel}"]["get"]
+    assert channel["operationId"] == "orgs_org_tenant_channels_channel_get"
+    assert [p["name"] for p in channel["parameters"] if p["in"] == "path"] == ["org", "tenant", "channel"]
     assert doc["paths"]["/v2/count"]["get"]["operationId"] == "v2_count_get"
     assert doc["paths"]["/v1/runs/{run_id}"]["delete"]["operationId"] == "v1_runs_delete"
     org = doc["paths"]["/orgs/{org}/{tenant}/count"]["post"]

@@ -11,7 +11,9 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -23,8 +25,11 @@ import jwt
 import pytest
 import requests
 
+from flask_sse_run.channels.names import channel_run_id
 from flask_sse_run.testing import stream_events
+from tests.channel_followers import follow_client, follow_url, taken
 from tests.live import ROOT, Server, gunicorn
+from tests.redis_server import RedisServer
 from tests.tcp_proxy import cuttable_proxy
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -307,6 +312,240 @@ def check_redis_cluster(code: str, tmp_path: Path) -> None:
         app.extensions["sse_run"].runs.store.close()
 
 
+# --- docs/channels.md -----------------------------------------------------------------------------
+# The followers of tests/channel_followers.py read the channel streams.
+
+
+def check_channel_publish_from_a_view(code: str, tmp_path: Path) -> None:
+    app = run_block(code, APP_PREAMBLE)["app"]
+    client = app.test_client()
+    found = follow_client(client, "/channels/orders", 2)
+    answers = [client.post(f"/orders/{order}/pay").get_json() for order in (7, 8)]
+    assert answers == [{"id": 7, "event": "orders:1"}, {"id": 8, "event": "orders:2"}]
+    assert [(e.event, e.id, json.loads(e.data)) for e in taken(found, 2)] == [
+        ("order", "orders:1", {"id": 7, "status": "paid"}),
+        ("order", "orders:2", {"id": 8, "status": "paid"}),
+    ]
+
+
+def check_channel_publish_from_a_generator(code: str, tmp_path: Path) -> None:
+    app = run_block(code, APP_PREAMBLE)["app"]
+    client = app.test_client()
+    found = follow_client(client, "/channels/imports", 3)
+    steps = ["read", "check", "save"]
+    assert [event.data for event in stream_events(client, "/import_file", json={"name": "a.csv"})] == steps
+    assert [(e.event, e.id, json.loads(e.data)) for e in taken(found, 3)] == [
+        ("message", f"imports:{seq}", {"file": "a.csv", "step": step}) for seq, step in enumerate(steps, 1)
+    ]
+
+
+# The app of the channels page's other processes: its channels in the Redis of REDIS_URL (in
+# each process's memory without it).
+MYAPP = """
+import os
+from flask import Flask
+from flask_sse_run import SSERun
+
+sse = SSERun()
+
+
+def create_app():
+    app = Flask(__name__)
+    app.config["SSE_RUN_REDIS_URL"] = os.environ.get("REDIS_URL")
+    sse.init_app(app)
+    return app
+"""
+
+
+def redis_myapp(url: str) -> Any:
+    """MYAPP's app, made here, on the Redis at ``url``."""
+    os.environ["REDIS_URL"] = url
+    try:
+        return run_block(MYAPP)["create_app"]()
+    finally:
+        del os.environ["REDIS_URL"]
+
+
+def check_channel_publish_from_a_job(code: str, tmp_path: Path) -> None:
+    # The job runs in a process of its own, as an RQ worker would run it, and reaches a client
+    # of gunicorn's worker through Redis.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "myapp.py").write_text(MYAPP)
+    (project / "jobs.py").write_text(code)
+    with RedisServer(tmp_path) as redis_server:
+        env = {"REDIS_URL": redis_server.url, "PYTHONPATH": f"{project}{os.pathsep}{ROOT}"}
+        with gunicorn("myapp:create_app()", tmp_path=tmp_path, cwd=project, env=env) as server:
+            found = follow_url(f"{server.url}/channels/user:42", 1)
+            job = subprocess.run(
+                [sys.executable, "-c", "import jobs; jobs.thumbnail_ready(42, 7)"],
+                cwd=project, env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert job.returncode == 0, job.stderr
+            (event,) = taken(found, 1)
+    assert (event.event, event.id, json.loads(event.data)) == (
+        "image",
+        "user:42:1",
+        {"image": 7, "status": "ready"},
+    )
+
+
+def check_channel_history(code: str, tmp_path: Path) -> None:
+    import redis
+
+    with RedisServer(tmp_path) as redis_server:
+        app = run_block(
+            code,
+            "from flask import Flask\napp = Flask(__name__)\n",
+            replace={"redis://10.0.0.5:6379/0": redis_server.url, "HISTORY=1000": "HISTORY=3"},
+        )["app"]
+        from flask_sse_run import SSERun
+
+        sse = SSERun(app)
+        client = app.test_client()
+        try:
+            with app.app_context():
+                assert [sse.publish("news", f"n{seq}") for seq in range(1, 6)][-1] == "news:5"
+            live = follow_client(client, "/channels/news", 1)
+            with app.app_context():
+                sse.publish("news", "n6")
+            assert [event.data for event in taken(live, 1)] == ["n6"]
+            # The channel keeps its last 3 events, for 600 s after the last publish.
+            key = f"sse-run:run:{{{channel_run_id('news')}}}"
+            server = redis.Redis.from_url(redis_server.url)
+            assert server.xlen(f"{key}:events") == 3
+            assert all(590 <= server.ttl(k) <= 600 for k in (key, f"{key}:events"))
+            # A client back from seq 1: seqs 2 and 3 are gone, it is told so, then gets 4 to 6.
+            resumed = taken(
+                follow_client(client, "/channels/news", 4, headers={"Last-Event-ID": "news:1"}), 4
+            )
+            assert [(e.event, e.id, e.data) for e in resumed] == [
+                ("missed", "news:3", '{"channel":"news","missed":2}'),
+                ("message", "news:4", "n4"),
+                ("message", "news:5", "n5"),
+                ("message", "news:6", "n6"),
+            ]
+        finally:
+            app.extensions["sse_run"].runs.store.close()
+
+
+def _jwt_app(code: str) -> tuple[Any, str]:
+    secret = "s" * 32
+    preamble = f"from flask import Flask\nfrom flask_sse_run import SSERun\napp = Flask(__name__)\n" \
+        f"app.config['SSE_RUN_JWT_KEY'] = {secret!r}\nsse = SSERun(app)\n"  # fmt: skip
+    return run_block(code, preamble), secret
+
+
+def check_channel_auth_by_subject(code: str, tmp_path: Path) -> None:
+    namespace, secret = _jwt_app(code)
+    app, sse = namespace["app"], namespace["sse"]
+    token = jwt.encode({"sub": "42", "exp": int(time.time()) + 60}, secret)
+    auth = {"Authorization": f"Bearer {token}"}
+    client = app.test_client()
+    assert client.get("/channels/news").status_code == 401
+    refused = client.get("/channels/user:43", headers=auth)
+    assert (refused.status_code, refused.get_json()) == (403, {"error": "not allowed to read this channel"})
+    refused = client.get("/channels?channel=news&channel=user:43", headers=auth)
+    assert refused.get_json() == {"error": "not allowed to read channel #2 of the request"}
+    found = follow_client(client, "/channels?channel=news&channel=user:42", 2, headers=auth)
+    with app.app_context():
+        sse.publish("user:42", "yours")
+        sse.publish("news", "everyone's")
+    assert [(e.id, e.data) for e in taken(found, 2)] == [
+        ("news:0,user:42:1", "yours"),
+        ("news:1,user:42:1", "everyone's"),
+    ]
+
+
+def check_channel_auth_by_session(code: str, tmp_path: Path) -> None:
+    app = run_block(code, APP_PREAMBLE + "app.secret_key = 'k'\n")["app"]
+    client = app.test_client()
+    assert [client.get(f"/channels/{name}").status_code for name in ("news", "user:1")] == [403, 403]
+    with client.session_transaction() as session:
+        session["user_id"] = 1
+    assert client.get("/channels/user:2").status_code == 403
+    for name in ("news", "user:1"):
+        response = client.get(f"/channels/{name}", buffered=False)
+        assert response.status_code == 200
+        response.close()
+
+
+def _channels_page() -> str:
+    return (ROOT / "docs" / "channels.md").read_text()
+
+
+def test_the_channels_pages_publish_commands_print_what_it_shows_and_refuse_without_redis(
+    tmp_path: Path,
+) -> None:
+    text = _channels_page()
+    block = re.search(r"```console\n(\$ flask --app myapp sse publish .*?)```", text, re.S)
+    assert block is not None
+    calls = re.findall(r"^\$ (.*)\n(.*)\n", block.group(1), re.M)
+    assert len(calls) == 2
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "myapp.py").write_text(MYAPP)
+    env = {**os.environ, "PYTHONPATH": f"{project}{os.pathsep}{ROOT}"}
+    env.pop("REDIS_URL", None)
+
+    def run(command: str, **more: str) -> subprocess.CompletedProcess[str]:
+        args = [sys.executable, "-m", *shlex.split(command)]
+        return subprocess.run(
+            args, cwd=project, env={**env, **more}, capture_output=True, text=True, timeout=60
+        )
+
+    with RedisServer(tmp_path) as redis_server:
+        for command, printed in calls:
+            done = run(command, REDIS_URL=redis_server.url)
+            assert (done.returncode, done.stdout, done.stderr) == (0, f"{printed}\n", "")
+        app = redis_myapp(redis_server.url)
+        try:
+            stored = app.extensions["sse_run"].runs.store.read(channel_run_id("orders"), 0, 10)
+        finally:
+            app.extensions["sse_run"].runs.store.close()
+    assert stored is not None
+    assert stored.events == [(1, b'id: orders:1\nevent: order\ndata: {"id":7,"status":"shipped"}\n\n')]
+    # Without Redis: the refusal the page quotes.
+    refusal = re.search(r"`(Error: this app keeps[^`]*)`", text)
+    assert refusal is not None
+    refused = run(calls[0][0])
+    assert refused.returncode == 1
+    assert " ".join(refused.stderr.split()) == " ".join(refusal.group(1).split())
+
+
+def test_the_channels_pages_stream_of_two_channels_is_what_curl_prints(tmp_path: Path) -> None:
+    text = _channels_page()
+    shown = re.search(r"```console\n\$ (curl -N '[^']*channels\?[^']*')\n(.*?)```", text, re.S)
+    assert shown is not None
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "myapp.py").write_text(MYAPP)
+    with RedisServer(tmp_path) as redis_server:
+        env = {"REDIS_URL": redis_server.url, "PYTHONPATH": f"{project}{os.pathsep}{ROOT}"}
+        publisher = redis_myapp(redis_server.url)
+        sse = publisher.extensions["sse_run"].extension
+        with gunicorn("myapp:create_app()", tmp_path=tmp_path, cwd=project, env=env) as server:
+            with publisher.app_context():
+                for seq in range(1, 4):
+                    sse.publish("news", f"earlier news {seq}")  # before the request: not sent
+            url = shown.group(1).split("'")[1].replace("http://127.0.0.1:8000", server.url)
+            curl = subprocess.Popen(
+                ["curl", "-sS", "-N", "--max-time", "5", url], stdout=subprocess.PIPE, text=True
+            )
+            try:
+                assert curl.stdout is not None
+                first = curl.stdout.readline()  # the stream has started: the client follows both
+                with publisher.app_context():
+                    sse.publish("news", "The new version is out")
+                    sse.publish("user:42", {"image": 7, "status": "ready"}, event="image")
+                out = first + curl.stdout.read()  # to curl's end, its --max-time at most
+                curl.wait(timeout=30)
+            finally:
+                curl.kill()
+        publisher.extensions["sse_run"].runs.store.close()
+    assert out == shown.group(2)
+
+
 CHECKS: dict[str, Callable[[str, Path], None]] = {
     "resumable-runs.md:app.config.update(": check_redis_cluster,
     "falcon.md:from flask_sse_run.llm import falcon_blu": check_falcon_blueprint,
@@ -328,6 +567,12 @@ CHECKS: dict[str, Callable[[str, Path], None]] = {
     "relay.md:from flask_sse_run import SSERun, open_s": check_relay,
     'resumable-runs.md:@sse.function(resumable=True, methods=("': check_resumable_decorator,
     "testing.md:from flask_sse_run.testing import Server": check_testing_helpers,
+    'channels.md:@app.post("/orders/<int:order_id>/pay")': check_channel_publish_from_a_view,
+    "channels.md:@sse.function": check_channel_publish_from_a_generator,
+    "channels.md:# jobs.py: the functions an RQ worker ru": check_channel_publish_from_a_job,
+    "channels.md:app.config.update(": check_channel_history,
+    "channels.md:@sse.channel_auth": check_channel_auth_by_subject,
+    "channels.md:from flask import session": check_channel_auth_by_session,
 }
 DOCS_BLOCKS = dict(python_blocks())
 

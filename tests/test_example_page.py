@@ -1,10 +1,15 @@
 """The example page (``GET /``): served by the example app, and driven in a real headless
 Chromium through a proxy that cuts the stream: the browser's EventSource reconnects by itself,
-the page ends with every event once and in order, and the function ran once."""
+the page ends with every event once and in order, and the function ran once. Its notifications
+panel follows a channel: what the page's button publishes, what another client publishes, and
+what ``flask sse publish`` publishes from a shell through a real Redis all appear in it."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
@@ -16,7 +21,8 @@ import requests
 
 from example_app import create_app
 from tests.browser import chromium
-from tests.live import Server, gunicorn
+from tests.live import ROOT, Server, gunicorn
+from tests.redis_server import RedisServer
 from tests.tcp_proxy import cuttable_proxy
 
 UPPER_RANGE = 10  # one event a second: the cut after two events leaves eight to resume
@@ -55,6 +61,8 @@ def test_the_page_calls_run_and_falcon_with_get_urls_relative_to_itself() -> Non
     assert "stream.start(`run?${query}`)" in script
     assert "stream.start(`falcon/run?${query}`)" in script
     assert 'fetch("falcon/health"' in script
+    assert 'new EventSource("channels/notifications")' in script
+    assert 'fetch("notify", {' in script
     assert "http://" not in script and "https://" not in script
 
 
@@ -290,3 +298,139 @@ def test_the_pages_falcon_panel_shows_the_install_command_on_one_line(tmp_path: 
     ], message
     assert all(lines == 1 for _, lines in commands), commands
     assert "FALCON_MODEL" in message
+
+
+# --- the notifications panel: a channel -----------------------------------------------------------
+
+#: What the page tells the user to run in the checkout.
+PUBLISH_COMMAND = 'flask --app wsgi sse publish notifications "hello"'
+
+
+def notifications(driver: Any) -> list[list[str]]:
+    """Each list item of the notifications panel: its event id and its text."""
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "return [...document.querySelectorAll('#notifications-events li')]"
+        ".map((li) => [li.dataset.id, li.querySelector('.data').textContent])"
+    )
+
+
+def open_the_panel(driver: Any, server: Server) -> None:
+    """Open the page and wait for its channel's EventSource to be open."""
+    driver.get(f"{server.url}/")
+    wait_for(
+        driver,
+        lambda d: d.find_element("id", "notifications-state").get_attribute("data-state") == "open",
+        60,
+        "the notifications panel's EventSource to open",
+    )
+
+
+def publish_with_the_button(driver: Any, message: str) -> None:
+    field = driver.find_element("id", "notify-message")
+    field.clear()
+    field.send_keys(message)
+    driver.find_element("id", "notify-send").click()
+
+
+def publish_command(message: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The page's command, with ``message``, run in the checkout as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", "sse", "publish", "notifications", message],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_publish_command_the_page_names_refuses_without_redis() -> None:
+    # The example app as command 1 starts it: channels in each process's memory.
+    page = create_app().test_client().get("/").get_data(as_text=True)
+    assert f'id="notifications-command">{PUBLISH_COMMAND}</code>' in page.replace("&#34;", '"')
+    assert "EXAMPLE_SSE_RUN_REDIS_URL=redis://" in page
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("EXAMPLE_")}
+    refused = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", "sse", "publish", "notifications", "hello"],
+        cwd=ROOT,
+        env={**environment, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1, refused
+    assert "set SSE_RUN_REDIS_URL" in refused.stderr, refused.stderr
+
+
+@pytest.mark.timeout(300)
+def test_the_pages_notifications_panel_shows_what_is_published_in_the_servers_process(tmp_path: Path) -> None:
+    with gunicorn("wsgi:app", tmp_path=tmp_path) as server, chromium(tmp_path) as driver:
+        open_the_panel(driver, server)
+        assert driver.find_element("id", "notifications-command").text == PUBLISH_COMMAND
+        assert notifications(driver) == []
+
+        # The page's button: POST /notify, whose function calls sse.publish.
+        publish_with_the_button(driver, "hello from the button")
+        wait_for(
+            driver,
+            lambda d: notifications(d) == [["notifications:1", "hello from the button"]],
+            30,
+            "the button's event in the panel",
+        )
+        wait_for(
+            driver,
+            lambda d: text(d, "notifications-published") == "as notifications:1",
+            30,
+            "the id of the button's event",
+        )
+
+        # A second page on the same channel, and a publish from another client: both pages get it.
+        first = driver.current_window_handle
+        driver.switch_to.new_window("tab")
+        open_the_panel(driver, server)
+        answer = requests.post(f"{server.url}/notify", json={"message": "hello from requests"}, timeout=10)
+        assert answer.status_code == 200 and answer.json()["result"] == "notifications:2"
+        wait_for(
+            driver,
+            lambda d: notifications(d) == [["notifications:2", "hello from requests"]],
+            30,
+            "the event in the second page",
+        )
+        driver.switch_to.window(first)
+        wait_for(
+            driver,
+            lambda d: notifications(d)[-1:] == [["notifications:2", "hello from requests"]],
+            30,
+            "the event in the first page",
+        )
+        assert text(driver, "notifications-count") == "2"
+        assert text(driver, "notifications-last-id") == "notifications:2"
+
+
+@pytest.mark.timeout(300)
+def test_a_publish_from_the_pages_command_appears_in_its_panel_through_redis(tmp_path: Path) -> None:
+    with RedisServer(tmp_path) as redis_server:
+        env = {"EXAMPLE_SSE_RUN_REDIS_URL": redis_server.url}
+        with (
+            gunicorn("wsgi:app", tmp_path=tmp_path, env={**env, "GUNICORN_WORKERS": "2"}) as server,
+            chromium(tmp_path) as driver,
+        ):
+            open_the_panel(driver, server)
+            published = publish_command("hello from the shell", env)
+            assert published.returncode == 0, published
+            assert published.stdout == "notifications:1\n"
+            wait_for(
+                driver,
+                lambda d: notifications(d) == [["notifications:1", "hello from the shell"]],
+                30,
+                "the command's event in the panel",
+            )
+            # The button publishes on the same channel, now in Redis: the next seq.
+            publish_with_the_button(driver, "and from the button")
+            wait_for(
+                driver,
+                lambda d: notifications(d)[-1:] == [["notifications:2", "and from the button"]],
+                30,
+                "the button's event in the panel",
+            )
+            assert published.stderr == ""

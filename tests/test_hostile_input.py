@@ -9,6 +9,7 @@ import json
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -388,6 +389,8 @@ def test_schemathesis_finds_no_5xx_and_no_contract_violation(fuzz_server: Server
     started = time.monotonic()
     for result in schema.get_all_operations():
         operation = result.ok()
+        if "/channels" in operation.path:
+            continue  # a channel's stream never ends: fuzzed below, by a client that leaves
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
             @given(
@@ -423,3 +426,91 @@ def test_schemathesis_finds_no_5xx_and_no_contract_violation(fuzz_server: Server
     log = fuzz_server.log()
     assert "Traceback" not in log  # no stream failed quietly with an error event either
     assert '" 5' not in log  # the access log shows no 5xx status
+
+
+# A channel's name, a channel stream's id, and anything else a client may send in their place.
+CHANNEL_NAME = st.from_regex(r"\A[A-Za-z0-9_.:@-]{1,12}\Z")
+ANY_NAME = CHANNEL_NAME | st.text(max_size=16)
+POSITION = st.lists(st.tuples(CHANNEL_NAME, st.integers(0, 10**18)), min_size=1, max_size=3).map(
+    lambda parts: ",".join(f"{name}:{seq}" for name, seq in parts)
+)
+HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
+REFUSALS = {400, 401, 405, 406}
+
+
+@pytest.mark.timeout(120)
+def test_the_channel_urls_answer_fuzzed_requests_with_a_stream_or_a_json_refusal(fuzz_server: Server) -> None:
+    """The channel URLs, left out of the schemathesis run (which reads every answer whole, and a
+    channel's stream never ends): each answer is a stream that starts with its id, or a JSON
+    refusal, never a 5xx; the client reads a stream's first block and leaves."""
+    session = requests.Session()
+    calls = 0
+
+    @given(
+        names=st.lists(ANY_NAME, max_size=34),
+        in_path=st.booleans(),
+        last=st.none() | POSITION | HEADER_TEXT,
+        method=st.sampled_from(["GET", "GET", "GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD"]),
+        accept=ACCEPT,
+        authorization=AUTHORIZATION,
+    )
+    @hypothesis.example(["news", "user:42"], False, "news:3,user:42:0", "GET", None, f"Bearer {FUZZ_TOKEN}")
+    @hypothesis.example(["user:42"], True, None, "GET", "text/event-stream", f"Bearer {FUZZ_TOKEN}")
+    @hypothesis.example(["news!"], True, None, "GET", None, f"Bearer {FUZZ_TOKEN}")
+    @hypothesis.example([".."], True, None, "GET", None, f"Bearer {FUZZ_TOKEN}")
+    @hypothesis.example(["news"], False, "12", "GET", "*/*", f"Bearer {FUZZ_TOKEN}")
+    @hypothesis.settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    def call(
+        names: list[str],
+        in_path: bool,
+        last: str | None,
+        method: str,
+        accept: str | None,
+        authorization: str | None,
+    ) -> None:
+        nonlocal calls
+        calls += 1
+        url = f"{fuzz_server.url}/channels"
+        if in_path and names:
+            url += "/" + urllib.parse.quote(names[0], safe="")
+        query = [] if in_path else [("channel", name) for name in names]
+        headers = {
+            name: value
+            for name, value in (("Accept", accept), ("Authorization", authorization), ("Last-Event-ID", last))
+            if value is not None
+        }
+        with session.request(method, url, params=query, headers=headers, stream=True, timeout=10) as response:
+            status, kind = response.status_code, response.headers.get("Content-Type", "")
+            where = f"{method} {url} {query} {headers}: {status}"
+            if status == 200:
+                assert method == "GET" and kind == "text/event-stream; charset=utf-8", where
+                first = next(response.iter_content(chunk_size=None))
+                assert first.startswith(b"id: ") and first.endswith(b"\n\n"), (where, first)
+            elif status == 204:
+                assert method == "OPTIONS" and response.headers["Allow"] == "GET, OPTIONS", where
+            elif status == 404:
+                # A name that holds "/", or none, "." or ".." (the client makes "/channels/" or "/"
+                # of them): no channel URL; the app's own 404.
+                assert in_path and (names[0] in ("", ".", "..") or "/" in names[0]), where
+            else:
+                assert status in REFUSALS, where
+                assert response.headers["X-Request-ID"], where
+                if method != "HEAD":
+                    assert kind == "application/json", where
+                    body = response.json()
+                    assert list(body) == ["error"] and isinstance(body["error"], str), where
+
+    try:
+        call()
+    finally:
+        session.close()
+    assert calls >= 100
+    log = fuzz_server.log()
+    assert "Traceback" not in log
+    assert '" 5' not in log

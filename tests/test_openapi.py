@@ -20,6 +20,8 @@ from tests.apps import create_app
 from tests.live import gunicorn
 
 TOKEN = "openapi-test-token-0123"
+#: The channels' paths, which every instance serves and documents.
+CHANNEL_PATHS = ["/channels", "/channels/{channel}"]
 
 
 # Models live at module level: with postponed annotations, a function's hints must resolve there.
@@ -127,14 +129,14 @@ def test_the_document_is_valid_with_auth_a_prefix_and_nested_models() -> None:
 
     doc = document(app, "/api/v1")
     assert_valid(doc)
-    assert list(doc["paths"]) == ["/api/v1/nested"]
+    assert list(doc["paths"]) == ["/api/v1/channels", "/api/v1/channels/{channel}", "/api/v1/nested"]
 
 
 def test_each_function_is_a_post_operation_whose_body_is_its_signature() -> None:
     doc = document(create_app())
     assert list(doc["paths"]) == [
-        "/bad_close", "/big", "/blocking_ticks", "/burst_then_wait", "/busy_after_first", "/count",
-        "/endless", "/events", "/fail_after", "/firehose", "/plain", "/plain_sleeper",
+        "/bad_close", "/big", "/blocking_ticks", "/burst_then_wait", "/busy_after_first", *CHANNEL_PATHS,
+        "/count", "/endless", "/events", "/fail_after", "/firehose", "/plain", "/plain_sleeper",
         "/resumable_fail", "/resumable_ticks", "/run", "/runs/{run_id}", "/shared_ticks", "/sleeper",
         "/ticks", "/watcher", "/whoami",
     ]  # fmt: skip
@@ -368,13 +370,13 @@ def test_options_on_openapi_json_is_204_with_allow() -> None:
 def test_functions_registered_after_the_first_request_appear() -> None:
     app = Flask(__name__)
     sse = SSERun(app)
-    assert document(app)["paths"] == {}
+    assert list(document(app)["paths"]) == CHANNEL_PATHS  # served by every instance
 
     @sse.function
     def late() -> Iterator[str]:
         yield "late"
 
-    assert list(document(app)["paths"]) == ["/late"]
+    assert list(document(app)["paths"]) == [*CHANNEL_PATHS, "/late"]
 
 
 def test_title_version_and_server_come_from_config_and_the_request() -> None:
@@ -471,7 +473,7 @@ def test_a_get_only_function_has_only_a_get_operation_described_by_its_docstring
 
     doc = document(app)
     assert_valid(doc)
-    assert list(doc["paths"]) == ["/feed"]  # not resumable: no /runs
+    assert list(doc["paths"]) == [*CHANNEL_PATHS, "/feed"]  # not resumable: no /runs
     assert list(doc["paths"]["/feed"]) == ["get"]
     operation = doc["paths"]["/feed"]["get"]
     assert operation["operationId"] == "feed_get" and operation["summary"] == "Follow a topic."
@@ -576,7 +578,7 @@ def test_sse_run_resumable_makes_streams_resumable_unless_a_function_says_no() -
 
     doc = document(app)
     assert_valid(doc)
-    assert list(doc["paths"]) == ["/never", "/runs/{run_id}", "/stream", "/value"]
+    assert list(doc["paths"]) == [*CHANNEL_PATHS, "/never", "/runs/{run_id}", "/stream", "/value"]
     assert "202" in doc["paths"]["/stream"]["post"]["responses"]
     assert "202" not in doc["paths"]["/never"]["post"]["responses"]
     assert "202" not in doc["paths"]["/value"]["post"]["responses"]
@@ -854,3 +856,151 @@ def test_the_example_app_documents_run_for_get_and_post_and_its_runs() -> None:
     assert list(doc["paths"]["/falcon/run"]) == ["get", "post"]
     assert doc["paths"]["/falcon/run"]["get"]["operationId"] == "falcon_run_get"
     assert list(doc["paths"]["/falcon/runs/{run_id}"]) == ["get", "delete"]
+
+
+# --- channels -------------------------------------------------------------------------------------
+
+
+def test_every_instance_documents_its_channels_with_qualified_operation_ids() -> None:
+    app = Flask(__name__)
+    plain, api = SSERun(app), SSERun(app, url_prefix="/api-v1")
+
+    @plain.function
+    def one() -> Iterator[int]:
+        yield 1
+
+    doc = document(app)
+    assert_valid(doc)
+    assert api.functions == {}  # an instance without functions still serves channels
+    ids = {(path, method): op["operationId"] for path, method, op in operations(doc)}
+    assert {key: value for key, value in ids.items() if "channels" in key[0]} == {
+        ("/channels", "get"): "channels_get",
+        ("/channels/{channel}", "get"): "channels_channel_get",
+        ("/api-v1/channels", "get"): "api_v1_channels_get",
+        ("/api-v1/channels/{channel}", "get"): "api_v1_channels_channel_get",
+    }
+    one_channel, several = doc["paths"]["/channels/{channel}"]["get"], doc["paths"]["/channels"]["get"]
+    assert set(parameters(one_channel, "path")) == {"channel"}
+    assert set(parameters(one_channel, "query")) == {"last_event_id"}
+    assert set(parameters(one_channel, "header")) == {"Last-Event-ID", "X-Request-ID"}
+    assert set(parameters(several, "query")) == {"channel", "last_event_id"}
+    named = parameters(several, "query")["channel"]
+    assert named["required"] is True and (named["style"], named["explode"]) == ("form", True)
+    assert named["schema"]["maxItems"] == 32
+    name = parameters(one_channel, "path")["channel"]["schema"]
+    assert matches(doc, name, "user:42") and matches(doc, name, "a" * 200)
+    assert not matches(doc, name, "bad name") and not matches(doc, name, "a" * 201)
+    assert matches(doc, named["schema"], ["news", "user:42"]) and not matches(doc, named["schema"], [])
+    position = parameters(one_channel, "header")["Last-Event-ID"]["schema"]
+    assert matches(doc, position, "news:12") and matches(doc, position, "news:12,user:42:7")
+    assert not matches(doc, position, "12") and not matches(doc, position, "news:-1")
+    assert parameters(several, "query")["last_event_id"]["schema"] == position
+    for operation in (one_channel, several):
+        # No auth and no callback: no 401 and no 403.
+        assert sorted(operation["responses"]) == ["200", "400", "406", "503"]
+        assert list(operation["responses"]["200"]["content"]) == ["text/event-stream"]
+        assert "Retry-After" in operation["responses"]["503"]["headers"]
+        stream = response_schema(doc, "/channels/{channel}", 200, "text/event-stream", "get")
+        assert "`news:12,user:42:7`" in stream["description"]
+        assert '`event: missed` with data `{"channel": "<channel>", "missed": N}`' in stream["description"]
+
+
+def test_with_auth_and_a_channel_auth_callback_the_channels_document_401_and_403() -> None:
+    app = Flask(__name__)
+    app.config["SSE_RUN_AUTH_TOKENS"] = [TOKEN]
+    sse = SSERun(app)
+    assert "403" not in document(app)["paths"]["/channels/{channel}"]["get"]["responses"]
+
+    @sse.channel_auth
+    def may_read(channel: str, subject: str | None) -> bool:
+        return channel != "secret"
+
+    doc = document(app)
+    assert_valid(doc)
+    for path in ("/channels", "/channels/{channel}"):
+        operation = doc["paths"][path]["get"]
+        assert sorted(operation["responses"]) == ["200", "400", "401", "403", "406", "503"]
+        assert "security" not in operation  # the document's: a token is needed
+    client = app.test_client()
+    no_token = client.get("/channels/news")
+    assert no_token.status_code == 401
+    assert_documented(doc, "/channels/{channel}", "get", no_token)
+    refused = client.get(
+        "/channels?channel=news&channel=secret", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert refused.status_code == 403
+    assert_documented(doc, "/channels", "get", refused)
+
+
+def test_real_channel_streams_and_refusals_match_the_document() -> None:
+    from tests.channel_followers import follow_client, taken
+
+    app = create_app(SSE_RUN_CHANNEL_HISTORY=2)
+    doc = document(app)
+    client = app.test_client()
+    sse = app.extensions["sse_run"].extension
+    one, several = "/channels/{channel}", "/channels"
+    event_schema = response_schema(doc, one, 200, "text/event-stream", "get")
+    position = parameters(doc["paths"][one]["get"], "header")["Last-Event-ID"]["schema"]
+    with app.app_context():
+        for seq in range(1, 5):  # news keeps 3 and 4
+            sse.publish("news", f"n{seq}")
+
+    stream = client.get("/channels/news", buffered=False)
+    assert_documented(doc, one, "get", stream)
+    assert next(stream.response) == b"id: news:4\n\n"  # where the client stands
+    stream.close()
+    live = follow_client(client, "/channels?channel=news&channel=user:42", 2)
+    with app.app_context():
+        sse.publish("news", {"n": 5}, event="update")
+        sse.publish("user:42", "yours")
+    events = taken(live, 2)
+    assert [(e.id, e.event, e.data) for e in events] == [
+        ("news:5,user:42:0", "update", '{"n":5}'),
+        ("news:5,user:42:1", "message", "yours"),
+    ]
+    # Resumed from before the history: missed, then the events held.
+    resumed = taken(follow_client(client, "/channels/news?last_event_id=news:1", 3), 3)
+    assert [(e.id, e.event, e.data) for e in resumed] == [
+        ("news:3", "missed", '{"channel":"news","missed":2}'),
+        ("news:4", "message", "n4"),
+        ("news:5", "update", '{"n":5}'),
+    ]
+    for event in [*events, *resumed]:
+        fields = {"data": event.data, "event": event.event, "id": event.id}
+        assert matches(doc, event_schema, fields) and matches(doc, position, event.id), event
+
+    refusals = [
+        (one, "/channels/bad%20name", {}, 400),
+        (one, "/channels/news?channel=other", {}, 400),
+        (one, "/channels/news", {"Last-Event-ID": "12"}, 400),
+        (one, "/channels/news", {"Accept": "application/json"}, 406),
+        (one, "/channels/news", {"Accept": "text/html"}, 406),
+        (several, "/channels", {}, 400),
+        (several, "/channels?channel=a&channel=a", {}, 400),
+        (several, "/channels?" + "&".join(f"channel=c{i}" for i in range(33)), {}, 400),
+    ]
+    for path, url, headers, status in refusals:
+        response = client.get(url, headers=headers)
+        assert response.status_code == status, (url, response.get_json())
+        assert_documented(doc, path, "get", response)
+    # Any other method: the document's shared 405, with the Allow the channel URLs answer.
+    wrong = client.put("/channels/news")
+    assert wrong.status_code == 405 and wrong.headers["Allow"] == "GET, OPTIONS"
+    spec = doc["components"]["responses"]["405"]
+    assert matches(doc, spec["content"]["application/json"]["schema"], wrong.get_json())
+    assert client.options("/channels/news").status_code == 204
+
+
+def test_a_store_that_does_not_answer_is_the_documented_503() -> None:
+    from tests.live import free_port
+
+    app = create_app(SSE_RUN_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    try:
+        doc = document(app)
+        response = app.test_client().get("/channels/news")
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "5"
+        assert_documented(doc, "/channels/{channel}", "get", response)
+    finally:
+        app.extensions["sse_run"].runs.store.close()

@@ -19,6 +19,7 @@ import requests
 from openapi_schema_validator import OAS31Validator
 
 from example_app import create_app
+from tests.channel_followers import follow_url, taken
 from tests.live import ROOT, Server, gunicorn
 
 POSTMAN = ROOT / "postman"
@@ -40,8 +41,9 @@ def item_path(item: dict[str, Any]) -> str:
     return "/" + "/".join(item["request"]["url"]["path"])
 
 
-def item_query(item: dict[str, Any]) -> dict[str, str]:
-    return {q["key"]: q["value"] for q in item["request"]["url"].get("query", [])}
+def item_query(item: dict[str, Any]) -> list[tuple[str, str]]:
+    """The query's ``(key, value)`` pairs, in order (a key may repeat: ``?channel=a&channel=b``)."""
+    return [(q["key"], q["value"]) for q in item["request"]["url"].get("query", [])]
 
 
 def documented_path(path: str, openapi: dict[str, Any]) -> str | None:
@@ -84,7 +86,7 @@ def test_each_request_and_its_expected_status_match_the_openapi_document(
     path, method = item_path(item), item["request"]["method"].lower()
     statuses = expected_statuses(item)
     assert statuses, "every request asserts its status"
-    query = "&".join(f"{key}={value}" for key, value in item_query(item).items())
+    query = "&".join(f"{key}={value}" for key, value in item_query(item))
     assert item["request"]["url"]["raw"] == "{{baseUrl}}" + path + (f"?{query}" if query else "")
     if path == "/openapi.json":
         assert method == "get" and statuses == {"200"}
@@ -104,7 +106,7 @@ def test_each_request_and_its_expected_status_match_the_openapi_document(
     documented = {p["name"].lower(): p for p in operation.get("parameters", [])}
     sent = {h["key"].lower() for h in item["request"]["header"]}
     assert sent - _UNDOCUMENTED_HEADERS <= {n for n, p in documented.items() if p["in"] == "header"}
-    queried = set(item_query(item))
+    queried = {key for key, _ in item_query(item)}
     assert queried <= {n for n, p in documented.items() if p["in"] == "query"}
     if statuses & {"200", "202"} and "last-event-id" not in sent:
         # A call that starts the function sends what it requires (a reconnect sends nothing).
@@ -137,7 +139,13 @@ def test_the_collection_calls_every_documented_operation_successfully(openapi: d
     # Falcon run exists to follow or cancel (404).
     falcon = {("/falcon/run", "post"), ("/falcon/run", "get")}
     falcon |= {("/falcon/runs/{run_id}", "get"), ("/falcon/runs/{run_id}", "delete")}
-    assert documented - falcon <= succeeding
+    # A channel's stream never ends, and newman reads every answer to its end: the collection
+    # publishes (POST /notify) and asks the channel URLs for their refusals; the newman test
+    # below follows the channel and gets the collection's publish.
+    channels = {(path, "get") for path in openapi["paths"] if re.search(r"/channels(/\{channel\})?$", path)}
+    assert len(channels) == 4  # /channels and /channels/{channel}, at / and under /falcon
+    assert channels <= called
+    assert documented - falcon - channels <= succeeding
     assert any(item_path(i) == "/openapi.json" and expected_statuses(i) == {"200"} for i in items())
 
 
@@ -195,6 +203,9 @@ def test_newman_runs_the_collection_against_live_gunicorn(
     with gunicorn("wsgi:app", tmp_path=tmp_path, env=env) as server:
         if falcon:
             falcon_ready(server, 120)
+        # A client of the channel the collection publishes on, for as long as newman runs.
+        token = {"Authorization": f"Bearer {TOKEN}"} if auth else {}
+        notified = follow_url(f"{server.url}/channels/notifications", 1, **token)
         run = subprocess.run(
             [
                 str(newman), "run", str(COLLECTION),
@@ -207,7 +218,9 @@ def test_newman_runs_the_collection_against_live_gunicorn(
             text=True,
             timeout=180,
         )  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
+        assert run.returncode == 0, run.stdout + run.stderr
+        # The collection's publish reached the channel's client, with the id it answered.
+        (event,) = taken(notified, 1)
     stats = json.loads(report.read_text())["run"]
     assert stats["failures"] == []
     assert stats["stats"]["requests"] == {"total": len(items()), "pending": 0, "failed": 0}
@@ -229,6 +242,14 @@ def test_newman_runs_the_collection_against_live_gunicorn(
     )
     assert codes["Unknown Falcon run: DELETE /falcon/runs/..., 404"] == 404
     assert codes["No bearer token: 401 when auth is on"] == (401 if auth else 200)
+    assert codes["Publish on the notifications channel: POST /notify"] == 200
+    assert codes["Follow a channel as JSON: 406, a channel is only a stream"] == 406
+    assert codes["Wrong method on a channel: 405"] == 405
+    assert codes["No bearer token on a channel: 401 when auth is on"] == (401 if auth else 406)
+    published = next(e for e in stats["executions"] if e["item"]["name"].startswith("Publish on the"))
+    answered = json.loads(bytes(published["response"]["stream"]["data"]))
+    assert answered["result"] == event.id == "notifications:1"
+    assert event.data == "hello from Postman"
 
 
 def documented_newman_command() -> str:

@@ -1,6 +1,6 @@
 "use strict";
-// The example page: stream a function with EventSource and show each event as it arrives.
-// No framework and no build step. Every URL is relative to the page, so the app may be
+// The example page: stream a function with EventSource and show each event as it arrives, and
+// follow a channel that anyone may publish on. No framework and no build step. Every URL is relative to the page, so the app may be
 // mounted under a path behind a proxy.
 
 const $ = (id) => document.getElementById(id);
@@ -299,5 +299,83 @@ function checkFalcon() {
     .catch(() => say("unknown", "/falcon/health did not answer; trying again.", true));
 }
 
+// The notifications panel: one EventSource on the channel `notifications` for as long as the
+// page is open. Each plain message is a list item with its seq (ids are "notifications:<seq>");
+// a `missed` event (a reconnect after more events than the channel keeps) says how many went by.
+// After a cut the browser reconnects by itself with the last id and gets what it missed.
+function setUpNotifications() {
+  const list = $("notifications-events");
+  const state = $("notifications-state");
+  let count = 0;
+  const setState = (name, detail = "") => {
+    state.dataset.state = name;
+    state.textContent = detail ? `${STATE_TEXT[name]}: ${detail}` : STATE_TEXT[name];
+  };
+  const add = (event, text, className) => {
+    count += 1;
+    const item = document.createElement("li");
+    item.dataset.id = event.lastEventId;
+    if (className) item.className = className;
+    const seq = document.createElement("span");
+    seq.className = "seq";
+    seq.textContent = `#${event.lastEventId.slice(event.lastEventId.lastIndexOf(":") + 1)}`;
+    const data = document.createElement("span");
+    data.className = "data";
+    data.textContent = text;
+    const time = document.createElement("span");
+    time.className = "time";
+    time.textContent = new Date().toLocaleTimeString();
+    item.append(seq, data, time);
+    list.append(item);
+    $("notifications-count").textContent = String(count);
+    $("notifications-last-id").textContent = event.lastEventId;
+  };
+
+  const source = new EventSource("channels/notifications");
+  source.onopen = () => setState("open");
+  source.onmessage = (event) => add(event, event.data);
+  source.addEventListener("missed", (event) => {
+    const body = JSON.parse(event.data);
+    add(event, `${body.missed} events missed: older than what the channel keeps`, "missed");
+  });
+  // The connection's errors, and the server's `event: error` (a MessageEvent: its store was
+  // away too long), after which the stream ends and the browser reconnects.
+  source.addEventListener("error", (event) => {
+    if (event instanceof MessageEvent) {
+      setState("reconnecting", errorMessage(event.data));
+    } else if (source.readyState === EventSource.CONNECTING) {
+      setState("reconnecting");
+    } else {
+      setState("failed", "the server refused the stream (reload the page to try again)");
+    }
+  });
+
+  $("notify-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    publishNotification($("notify-message").value);
+  });
+}
+
+// The button: POST /notify, the example app's function that publishes on the channel. Its id
+// comes back in the answer; the event itself arrives through the EventSource, as on every page.
+async function publishNotification(message) {
+  const shown = $("notifications-published");
+  shown.textContent = "publishing…";
+  try {
+    const response = await fetch("notify", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify({ message }),
+    });
+    const body = await response.json();
+    shown.textContent = response.ok
+      ? `as ${body.result}`
+      : `refused: ${response.status}: ${refusalMessage(body)}`;
+  } catch {
+    shown.textContent = "the server did not answer";
+  }
+}
+
 setUpRun();
 setUpFalcon();
+setUpNotifications();
