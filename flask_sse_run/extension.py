@@ -242,8 +242,10 @@ class SSERun:
         It is called as ``func(channel, subject)`` for each channel a request asks to follow, in
         the request's context, with the JWT's ``sub`` (``None`` for a static token, or when
         auth is off), and returns whether the caller may read it; a ``False`` answers 403 before
-        the stream starts. Without a callback, channels are open when auth is off, and open to
-        any authenticated caller when it is on.
+        the stream starts. Channels are the app's: the callback guards them at the channel URLs
+        of every instance on the app (with callbacks on several, each must allow). Without a
+        callback, channels are open when auth is off, and open to any authenticated caller
+        when it is on.
         """
         self.channel_authorizer = func
         return func

@@ -60,11 +60,11 @@ def add_rules(app: Flask, mount: Mount, defaults: Mapping[str, Any] | None = Non
 
     def channel(channel: str, **_url_values: Any) -> Response:
         served = prefix if fixed else request.path.rsplit("/", 2)[0]
-        return channels_view(channel, mount.extension.channel_authorizer, served)
+        return channels_view(channel, served)
 
     def channels(**_url_values: Any) -> Response:
         served = prefix if fixed else request.path.rsplit("/", 1)[0]
-        return channels_view(None, mount.extension.channel_authorizer, served)
+        return channels_view(None, served)
 
     def openapi(**_url_values: Any) -> Response:
         return openapi_view()

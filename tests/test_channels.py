@@ -669,6 +669,26 @@ def test_who_may_read_a_channel(
     assert not hub(app).feeds
 
 
+def test_a_callback_on_one_instance_guards_the_channels_at_every_instances_urls(env: Env) -> None:
+    # The channels are the app's: a second instance (here under /other, as the Falcon
+    # blueprint's under /falcon) must not serve what the first one's callback refuses.
+    app, sse = env.app()
+    other = SSERun(url_prefix="/other")
+    other.init_app(app)
+    sse.channel_auth(authorize)
+    for path in ("/channels/user:alice", "/other/channels/user:alice", "/other/channels?channel=user:bob"):
+        response = app.test_client().get(path)
+        assert response.status_code == 403, path
+        assert "not allowed to read" in error_of(response)
+    stream = env.open(app, "/other/channels/public-news")
+    assert stream.status_code == 200
+    stream.first()
+    # With callbacks on both, each must allow the channel.
+    other.channel_auth(lambda channel, subject: channel != "public-secret")
+    assert app.test_client().get("/channels/public-secret").status_code == 403
+    assert app.test_client().get("/other/channels/public-secret").status_code == 403
+
+
 def test_a_redis_that_does_not_answer_is_503_json(env: Env) -> None:
     app, sse = env.app("redis", SSE_RUN_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     response = app.test_client().get("/channels/news")

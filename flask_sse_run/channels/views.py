@@ -61,13 +61,25 @@ def _subject() -> str | None:
     return None if sub is None else str(sub)
 
 
-def _authorize(state: State, names: list[str], authorizer: ChannelAuthorizer | None, rid: str) -> None:
+def _authorizers(state: State) -> list[ChannelAuthorizer]:
+    """The callbacks of every instance on the app: its channels are the app's, served under
+    each instance's prefix, so each callback has its say at every one of them."""
+    found: list[ChannelAuthorizer] = []
+    for mount in state.mounts:
+        authorizer = mount.extension.channel_authorizer
+        if authorizer is not None and authorizer not in found:
+            found.append(authorizer)
+    return found
+
+
+def _authorize(state: State, names: list[str], rid: str) -> None:
     authenticate(state.auth, request.environ.get("HTTP_AUTHORIZATION"), rid)
-    if authorizer is None:
+    authorizers = _authorizers(state)
+    if not authorizers:
         return
     subject = _subject()
     for index, name in enumerate(names, 1):
-        if not authorizer(name, subject):
+        if not all(authorizer(name, subject) for authorizer in authorizers):
             where = "this channel" if len(names) == 1 else f"channel #{index} of the request"
             raise RequestError(403, f"not allowed to read {where}")
 
@@ -82,7 +94,7 @@ def _positions(req: Request, names: list[str]) -> dict[str, int]:
     return parsed
 
 
-def channels_view(name: str | None, authorizer: ChannelAuthorizer | None, prefix: str = "") -> Response:
+def channels_view(name: str | None, prefix: str = "") -> Response:
     """Stream the channels the request names; see the module docstring."""
     state: State = current_app.extensions[EXTENSION_KEY]
     req: Request = request._get_current_object()  # type: ignore[attr-defined]
@@ -93,7 +105,7 @@ def channels_view(name: str | None, authorizer: ChannelAuthorizer | None, prefix
         if req.method != "GET":
             raise RequestError(405, "this endpoint accepts GET only", headers={"Allow": CHANNELS_ALLOW})
         names = _names(name, req)
-        _authorize(state, names, authorizer, rid)
+        _authorize(state, names, rid)
         if not wants_stream(req.environ.get("HTTP_ACCEPT"), req):
             raise RequestError(406, f"a channel is read as {STREAM}")
         given = _positions(req, names)
