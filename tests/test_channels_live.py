@@ -567,6 +567,7 @@ def test_a_redis_that_stops_ends_the_streams_with_an_error_refuses_new_ones_then
     # sigstop: Redis stops answering (its sockets stay open), then goes on with its data.
     # killed: its connections are refused, and it comes back empty (the channels start over).
     x, y = unique("x"), unique("y")
+    waiting: Subscriber | None = None
     with (
         RedisServer(tmp_path) as store,
         replica(store.url, tmp_path, SSE_RUN_STORE_OUTAGE=OUTAGE, SSE_RUN_KEEPALIVE=0.5) as server,
@@ -595,6 +596,11 @@ def test_a_redis_that_stops_ends_the_streams_with_an_error_refuses_new_ones_then
                 assert refused.headers["Content-Type"].startswith("application/json")
                 assert refused.headers["Retry-After"]
                 assert "error" in json.loads(refused.body)
+                if outage == "sigstop":
+                    # But a browser's reconnect (Last-Event-ID) is answered 200 and waits for
+                    # the store: EventSource gives up for good on a 503.
+                    waiting = Subscriber(server, [x], last_event_id=f"{x}:1")
+                    assert waiting.status == 200, (waiting.status, waiting.body)
             finally:
                 if outage == "sigstop":
                     os.kill(pid, signal.SIGCONT)
@@ -616,8 +622,13 @@ def test_a_redis_that_stops_ends_the_streams_with_an_error_refuses_new_ones_then
             publish(y, "after")
             publish(x, "x after")
             assert in_turn(again.wait_for(2), {x: x_seq, y: 0}) == {x: ["x after"], y: ["after"]}
+            if waiting is not None:  # the reconnect that waited resumed where it was
+                assert seen(waiting.wait_for(1)) == [("message", f"{x}:2", "x after")]
+                assert f"id: {x}:1\n\n".encode() in waiting.raw  # after the pings, if any
         finally:
             again.close()
+            if waiting is not None:
+                waiting.close()
         assert server.log().count("Booting worker") == 2  # the same workers throughout
 
 

@@ -54,6 +54,41 @@ class ChannelStream:
         self._iterator = _events(feeds, positions, record, outage, epochs)
         self._left = False
 
+    @classmethod
+    def when_store_answers(
+        cls,
+        hub: Hub,
+        names: list[str],
+        given: dict[str, int],
+        record: StreamRecord | None = None,
+        *,
+        outage: float = 10.0,
+    ) -> ChannelStream:
+        """A stream that opens its channels first, waiting up to ``outage`` seconds for a store
+        that does not answer (keep-alive pings go on meanwhile): a browser's reconnect, which
+        ``EventSource`` would give up for good on a 503. Past the bound it ends with an
+        ``error`` event, and the browser tries again."""
+        stream = cls(hub, [], {}, record, outage=outage)
+        stream._iterator = stream._open_then_follow(names, given, record, outage)
+        return stream
+
+    def _open_then_follow(
+        self, names: list[str], given: dict[str, int], record: StreamRecord | None, outage: float
+    ) -> Generator[Encoded, None, None]:
+        down = Outage(outage)
+        while True:
+            try:
+                feeds, positions, epochs = open_feeds(self._hub, names, given)
+                break
+            except StoreUnavailable:
+                if not down.failed():
+                    if record is not None:
+                        record.outcome = "error"
+                    yield Encoded(_unavailable(outage))
+                    return
+        self._feeds = feeds
+        yield from _events(feeds, positions, record, outage, epochs)
+
     def __iter__(self) -> ChannelStream:
         return self
 
@@ -69,6 +104,44 @@ class ChannelStream:
                 self._left = True
                 for feed in self._feeds:
                     self._hub.leave(feed)
+
+
+def open_feeds(
+    hub: Hub, names: list[str], given: dict[str, int]
+) -> tuple[list[Feed], dict[str, int], list[int]]:
+    """Join the feeds of ``names``; return them, where the client starts in each (after its
+    position in ``given``, else at the newest event), and their epochs as of then. Raises what
+    :meth:`Hub.join` raises (``StoreUnavailable``, ``StoreFull``), the joined feeds let go."""
+    feeds: list[Feed] = []
+    try:
+        for name in names:
+            feeds.append(hub.join(name))
+        # Before the positions: a channel that starts again from here on is read from its start.
+        epochs = [feed.epoch for feed in feeds]
+        positions = {feed.name: _start(feed, given.get(feed.name)) for feed in feeds}
+    except BaseException:  # StoreUnavailable, StoreFull (a later channel): the others let go
+        for feed in feeds:
+            hub.leave(feed)
+        raise
+    return feeds, positions, epochs
+
+
+def _start(feed: Feed, given: int | None) -> int:
+    """Where a client starts: after its ``Last-Event-ID`` position, else at the newest event."""
+    if given is None:
+        return feed.last_seq
+    if given <= feed.last_seq:
+        return given
+    # Ahead of this worker's feed: an event another worker served, not read here yet; or the
+    # channel expired and started again since the client read it (its seqs start over).
+    info = feed.store.get(feed.run_id)
+    last = 0 if info is None else info.last_seq
+    return given if given <= last else 0
+
+
+def _unavailable(outage: float) -> bytes:
+    message = f"the run store was unavailable for more than {outage:g} s"
+    return Event(data={"type": "StoreUnavailable", "message": message}, event="error").encode()
 
 
 def _missed(name: str, count: int, position: str) -> bytes:
@@ -144,9 +217,7 @@ def _events(
     except StoreUnavailable:
         if record is not None:
             record.outcome = "error"
-        message = f"the run store was unavailable for more than {outage:g} s"
-        failure = {"type": "StoreUnavailable", "message": message}
-        yield Encoded(Event(data=failure, event="error").encode())
+        yield Encoded(_unavailable(outage))
 
 
 def _wait(feeds: list[Feed], positions: dict[str, int]) -> None:

@@ -2,7 +2,11 @@
 
 Everything that can refuse a subscription is decided before the stream starts, as JSON: a bad
 name or position (400), no bearer token where auth is on (401), the app's callback saying no
-(403), a client that takes no stream (406), a store that cannot open the channel (503).
+(403), a client that takes no stream (406), a store that cannot open the channel (503). A
+browser's reconnect (``Last-Event-ID``) is the exception to the last: ``EventSource`` gives up
+for good on any status but 200, so it gets a stream that waits for the store (as a run's
+reconnect does), with keep-alive pings, and ends with an ``error`` event if the store stays away
+longer than ``SSE_RUN_STORE_OUTAGE``.
 
 Who may read a channel: with a callback registered (``@sse.channel_auth``) it decides, given the
 channel's name and the request's identity (the JWT's ``sub``; ``None`` for a static token or
@@ -22,9 +26,9 @@ from ..errors import RequestError
 from ..negotiation import STREAM, request_id, wants_stream
 from ..registry import EXTENSION_KEY
 from ..responses import error_response, options_response, stream_response
-from .hub import Feed
+from ..runs.store import StoreUnavailable
 from .names import MAX_CHANNELS, MAX_NAME, is_channel_name, parse_position
-from .stream import ChannelStream
+from .stream import ChannelStream, open_feeds
 
 if TYPE_CHECKING:
     from ..registry import State
@@ -118,37 +122,24 @@ def _subscribe(
     state: State, names: list[str], given: dict[str, int], req: Request, rid: str, prefix: str
 ) -> Response:
     hub = state.runs.channels
-    feeds: list[Feed] = []
     try:
-        for name in names:
-            feeds.append(hub.join(name))
-        # Before the positions: a channel that starts again from here on is read from its start.
-        epochs = [feed.epoch for feed in feeds]
-        positions = {feed.name: _start(feed, given.get(feed.name)) for feed in feeds}
-    except BaseException:  # StoreUnavailable, StoreFull (a later channel): the others let go
-        for feed in feeds:
-            hub.leave(feed)
-        raise
+        opened = open_feeds(hub, names, given)
+    except StoreUnavailable:
+        if not req.environ.get("HTTP_LAST_EVENT_ID"):
+            raise
+        opened = None  # a browser's reconnect: 200 and wait for the store, as runs do
     if state.runs.store.pending():
         state.runs.ensure_janitor()  # the in-process store forgets the channel once idle
     observers = state.observers
     record = None if observers is None else observers.stream(prefix, "channels", rid)
-    body = ChannelStream(hub, feeds, positions, record, outage=state.settings.store_outage, epochs=epochs)
+    outage = state.settings.store_outage
+    if opened is None:
+        body = ChannelStream.when_store_answers(hub, names, given, record, outage=outage)
+    else:
+        feeds, positions, epochs = opened
+        body = ChannelStream(hub, feeds, positions, record, outage=outage, epochs=epochs)
     try:
         return stream_response(body, req, state.settings, rid, CancelToken(), stored=True, record=record)
     except BaseException:
         body.close()
         raise
-
-
-def _start(feed: Feed, given: int | None) -> int:
-    """Where a client starts: after its ``Last-Event-ID`` position, else at the newest event."""
-    if given is None:
-        return feed.last_seq
-    if given <= feed.last_seq:
-        return given
-    # Ahead of this worker's feed: an event another worker served, not read here yet; or the
-    # channel expired and started again since the client read it (its seqs start over).
-    info = feed.store.get(feed.run_id)
-    last = 0 if info is None else info.last_seq
-    return given if given <= last else 0
