@@ -1285,3 +1285,73 @@ def test_channels_is_no_functions_name(how: str) -> None:
                 yield "x"
 
     assert sse.functions == {}
+
+
+class CountingStore(MemoryRunStore):
+    """The in-process store, counting its reads and, when told, failing them."""
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(max_events=100, max_bytes=1 << 20, max_runs=100, ttl=60.0, **settings)
+        self.reads: list[int] = []  # the positions read after
+        self.fail_with: BaseException | None = None
+        self.slow = 0.0
+
+    def read(self, run_id: str, after: int, limit: int) -> Any:
+        self.reads.append(after)
+        if self.fail_with is not None:
+            raise self.fail_with
+        time.sleep(self.slow)  # a round trip's length: clients behind meet during it
+        return super().read(run_id, after, limit)
+
+
+def test_clients_behind_the_cache_share_one_store_read_and_one_copy(quick: None) -> None:
+    # After a burst, thousands of clients stand at the same position behind the feed's cache:
+    # one store read for all of them (each read its own, and a burst at 10,000 subscribers
+    # stalled them for 33 s while the worker grew to 5 GiB), and one joined copy of the events.
+    store = CountingStore(channel_history=500)
+    channels = Hub(store)
+    run_id = channel_run_id("news")
+    feed = channels.join("news")
+    try:
+        for i in range(300):
+            store.publish(run_id, b"news:", b"data: %d\n\n" % i)
+        wait_for(lambda: feed.last_seq == 300, what="the feed to read the burst")
+        feed._clear()  # the cache no longer reaches back (as after a gap)
+        assert feed.after(10) is None
+        store.reads, store.slow = [], 0.2
+        found: list[Any] = []
+        readers = [threading.Thread(target=lambda: found.append(feed.read(10))) for _ in range(20)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(WAIT)
+        assert len(found) == 20 and store.reads.count(10) == 1
+        assert all(each is found[0] for each in found)
+        assert feed.read(10) is found[0] and store.reads.count(10) == 1  # kept for the ones just after
+        events = list(found[0].events)
+        assert events[0][0] == 11 and events[-1][0] == 300
+        first, again = feed.joined(events), feed.joined(list(events))
+        assert first is again and first.startswith(b"id: news:11\ndata: 10\n\n")
+    finally:
+        channels.leave(feed)
+        wait_for(lambda: not channels.feeds, what="the feed to stop")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the feed's
+def test_a_feed_that_stops_on_an_unexpected_error_tells_its_clients(quick: None) -> None:
+    store = CountingStore()
+    channels = Hub(store)
+    feed = channels.join("news")
+    body = ChannelStream(channels, [feed], {"news": 0})
+    try:
+        assert next(body).data == b"id: news:0\n\n"
+        store.fail_with = RuntimeError("a bug")
+        store.publish(channel_run_id("news"), b"news:", b"data: x\n\n")  # wakes the feed to read
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(next(body).data), daemon=True)
+        reader.start()
+        reader.join(WAIT)
+        assert got and b"event: error" in got[0] and b"feed stopped (RuntimeError)" in got[0], got
+        assert "news" not in channels.feeds  # the next client makes a new feed
+    finally:
+        body.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import TYPE_CHECKING
 
-from ..concurrency import new_event
+from ..concurrency import gevent_patched, new_event
 from ..events import Encoded, Event
 from ..runs.store import RunSlice, StoreUnavailable
 from ..runs.tail import MISSED_EVENT, Outage
@@ -204,7 +204,7 @@ def _events(
                 sent = True
                 if single:
                     positions[name] = events[-1][0]
-                    yield Encoded(b"".join([data for _, data in events]))
+                    yield Encoded(feed.joined(events))
                     continue
                 out = []
                 for seq, data in events:
@@ -232,7 +232,7 @@ def _wait(feeds: list[Feed], positions: dict[str, int]) -> None:
             if not feed.register(waker, positions[feed.name]):
                 return  # news already: read again
             registered.append(feed)
-        waker.wait(WAIT)
+        waker.wait(None if gevent_patched() else WAIT)  # see Feed.wait
     finally:
         for feed in registered:
             feed.unregister(waker)
