@@ -97,6 +97,7 @@ class CuttableProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return  # the listener was closed
+            self._accepted()
             try:
                 upstream = socket.create_connection(self.target, timeout=10)
                 upstream.settimeout(None)
@@ -110,6 +111,9 @@ class CuttableProxy:
                 self._pairs.append(pair)
             self._spawn(self._pump, pair, client, upstream, True)
             self._spawn(self._pump, pair, upstream, client, False)
+
+    def _accepted(self) -> None:
+        """Called with each connection accepted, before it is passed on (a subclass may hold it)."""
 
     def _pump(self, pair: _Pair, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
         # Either side ending (or the cut) ends the pair: HTTP needs no half-closed connections.

@@ -33,7 +33,7 @@ from tests.browser import chromium
 from tests.channel_app import DEFAULTS, create_app, sse
 from tests.live import ROOT, Server, gunicorn
 from tests.redis_server import RedisServer
-from tests.tcp_proxy import CuttableProxy, _Pair
+from tests.tcp_proxy import CuttableProxy
 
 PREFIX = DEFAULTS["SSE_RUN_REDIS_PREFIX"]
 APP = "tests.channel_app:create_app()"
@@ -448,26 +448,8 @@ class GatedProxy(CuttableProxy):
         self.gate.set()
         super().__init__(target)
 
-    def _accept(self) -> None:  # CuttableProxy's, with the gate
-        while not self._stopped.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            self.gate.wait(60)
-            try:
-                upstream = socket.create_connection(self.target, timeout=10)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            for sock in (client, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            pair = _Pair(client, upstream)
-            with self._lock:
-                self._pairs.append(pair)
-            self._spawn(self._pump, pair, client, upstream, True)
-            self._spawn(self._pump, pair, upstream, client, False)
+    def _accepted(self) -> None:
+        self.gate.wait(60)
 
 
 def browser_wait(driver: Any, script: str, timeout: float, what: str) -> Any:
