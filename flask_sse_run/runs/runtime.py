@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..channels.hub import Hub
-from ..concurrency import gevent_patched, spawn
+from ..concurrency import gevent_patched, raw_lock, spawn
 from ..streaming import StreamOptions
 from .endings import cancelled_event
 from .ids import new_run_id
@@ -56,6 +56,7 @@ class Runs:
         #: The app's channels as this process follows them (their events live in ``store``).
         self.channels = Hub(store, outage=outage)
         self._janitor = False  # whether a janitor runs
+        self._janitor_lock = raw_lock()  # threads may start runs at once: one janitor
         self._released = 0
         self._trimmed = -TRIM_EVERY
 
@@ -97,11 +98,13 @@ class Runs:
     def ensure_janitor(self) -> None:
         """Start the janitor if it is not running (a publish on an in-process channel needs it
         to forget the channel once idle)."""
-        if not self._janitor:
+        with self._janitor_lock:
+            if self._janitor:
+                return
             # Marked before it starts: one with nothing to do ends at once, and its end must not
             # be overwritten by this mark (the janitor would then never start again).
             self._janitor = True
-            spawn(self._look_after)
+        spawn(self._look_after)
 
     def _look_after(self) -> None:
         sleep = _sleep()
@@ -111,7 +114,8 @@ class Runs:
                 sleep(JANITOR_INTERVAL)
                 self.check()
         finally:
-            self._janitor = False
+            with self._janitor_lock:
+                self._janitor = False
         if self.producers or self.unfinished:
             # Work that came while it was ending (in threads: a run started just then, which
             # found it still marked).
@@ -141,9 +145,13 @@ class Runs:
             self.store.expire()
         except Exception:
             pass  # tried again next round
-        self._released += self.store.released()
-        if self._released >= TRIM_AFTER and time.monotonic() - self._trimmed >= TRIM_EVERY:
-            self._released, self._trimmed = 0, time.monotonic()
+        with self._janitor_lock:  # a test's own call may race the janitor's
+            self._released += self.store.released()
+            clock = time.monotonic()
+            due = self._released >= TRIM_AFTER and clock - self._trimmed >= TRIM_EVERY
+            if due:
+                self._released, self._trimmed = 0, clock
+        if due:
             trim_heap()
 
     def _finish_unfinished(self) -> None:
