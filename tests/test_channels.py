@@ -38,7 +38,7 @@ from flask_sse_run.runs.memory import MemoryRunStore
 from flask_sse_run.runs.redis_store import RedisRunStore
 from flask_sse_run.runs.store import RunStore, StoreUnavailable
 from tests.live import free_port
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisCluster, RedisServer
 
 TOKEN = "static-token-0123456789"
 SECRET = "a-jwt-secret-that-is-32-bytes-ok"
@@ -1355,3 +1355,36 @@ def test_a_feed_that_stops_on_an_unexpected_error_tells_its_clients(quick: None)
         assert "news" not in channels.feeds  # the next client makes a new feed
     finally:
         body.close()
+
+
+def test_channels_on_a_redis_cluster_spread_over_its_nodes_and_resume(
+    env: Env, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # A channel is a run: its keys and announcements share its hash tag, so each lives on one
+    # primary, and a worker follows it through the listener of that node.
+    with RedisCluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        app, sse = env.app(
+            SSE_RUN_REDIS_URL=cluster.url,
+            SSE_RUN_REDIS_CLUSTER=True,
+            SSE_RUN_REDIS_PREFIX=f"t-{uuid.uuid4().hex[:12]}:",
+        )
+        names = [f"c{i}" for i in range(8)]
+        stream = env.open(app, "/channels?" + "&".join(f"channel={name}" for name in names))
+        assert stream.first() == ",".join(f"{name}:0" for name in names)
+        for name in names:
+            assert sse.publish(name, f"to {name}", app=app) == f"{name}:1"
+            (block,) = stream.events(1)
+            assert block.data == f"to {name}"
+        store = state(app).runs.store
+        assert isinstance(store, RedisRunStore)
+        owners = {
+            store._redis.get_node_from_key(f"{store.prefix}run:{{{channel_run_id(name)}}}").name
+            for name in names
+        }
+        assert len(owners) >= 2  # spread over the primaries
+        resumed = env.open(app, "/channels/c3", headers={"Last-Event-ID": "c3:0"})
+        assert resumed.first() == "c3:0"
+        assert [block.data for block in resumed.events(1)] == ["to c3"]
+        stream.close()
+        resumed.close()
+        wait_for(lambda: not hub(app).feeds, what="the feeds to stop")
