@@ -42,6 +42,7 @@ __all__ = [
     "authenticate",
     "check_jwt_settings",
     "check_static_tokens",
+    "jwt_subject",
 ]
 
 #: Shorter static tokens are refused at start-up: they could be guessed.
@@ -196,3 +197,11 @@ def authenticate(authenticator: Authenticator | None, authorization: str | None,
         if refused.invalid_token:
             challenge += f' error="invalid_token", error_description="{refused.message}"'
         raise RequestError(401, refused.message, headers={"WWW-Authenticate": challenge}) from None
+
+
+def jwt_subject() -> str | None:
+    """The ``sub`` of this request's JWT (as :func:`authenticate` stored its claims), or
+    ``None``: no JWT, a static token, or auth off."""
+    claims = g.get("sse_run_claims")
+    sub = claims.get("sub") if isinstance(claims, dict) else None
+    return None if sub is None else str(sub)

@@ -1351,7 +1351,8 @@ def test_a_feed_that_stops_on_an_unexpected_error_tells_its_clients(quick: None)
         reader = threading.Thread(target=lambda: got.append(next(body).data), daemon=True)
         reader.start()
         reader.join(WAIT)
-        assert got and b"event: error" in got[0] and b"feed stopped (RuntimeError)" in got[0], got
+        assert got and b"event: error" in got[0] and b'"type":"FeedStopped"' in got[0], got
+        assert b"feed stopped (RuntimeError)" in got[0]
         assert "news" not in channels.feeds  # the next client makes a new feed
     finally:
         body.close()

@@ -44,6 +44,8 @@ LINGER = 5.0
 #: Longest a feed's wait on the store lasts: a safety net for a missed wake-up, and how often
 #: it looks whether it still has clients.
 FEED_WAIT = 2.5
+#: Most seconds between two renewals of a followed channel's TTL (a third of the TTL, if less).
+RENEW_EVERY = 60.0
 #: Store reads a feed keeps for its clients behind the cache.
 SHARED_SLICES = 8
 
@@ -69,8 +71,9 @@ class Feed:
         self.nbytes = 0
         #: The last seq this worker has read of the channel.
         self.last_seq = 0
-        #: Why the feed stopped (a store away too long), for its clients; ``None`` while it runs.
-        self.error: str | None = None
+        #: Why the feed stopped, the data of its clients' ``error`` event (``type``,
+        #: ``message``); ``None`` while it runs.
+        self.error: dict[str, str] | None = None
         #: How many times the channel started again (expired, and made anew: its seqs start over
         #: at 1), for clients to start over too.
         self.epoch = 0
@@ -209,9 +212,9 @@ class Feed:
             self._joined.clear()
         self._wake()
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, kind: str, message: str) -> None:
         with self._lock:
-            self.error = message
+            self.error = {"type": kind, "message": message}
         self._wake()
 
     def _wake(self) -> None:
@@ -227,17 +230,9 @@ class Feed:
 class Hub:
     """The channels one app follows in this process; see the module docstring."""
 
-    def __init__(
-        self,
-        store: RunStore,
-        *,
-        outage: float = 10.0,
-        renew_every: float = 60.0,
-    ) -> None:
+    def __init__(self, store: RunStore, *, outage: float = 10.0) -> None:
         self.store = store
         self.outage = outage
-        #: How often a followed channel's TTL is renewed in the store (a third of it, at most).
-        self.renew_every = renew_every
         self.feeds: dict[str, Feed] = {}
         #: Set by the extension when the app records metrics.
         self.metrics: ChannelMetrics | None = None
@@ -305,7 +300,7 @@ class Hub:
         down = Outage(self.outage)
         position = feed.last_seq
         renewed = time.monotonic()
-        renew_every = min(self.renew_every, max(0.25, getattr(store, "channel_ttl", 600.0) / 3))
+        renew_every = min(RENEW_EVERY, max(0.25, store.channel_ttl / 3))
         attached = False
         born: str | None = None  # the channel's birth, as its first read says
         try:
@@ -315,26 +310,20 @@ class Hub:
                         store.attach(run_id)
                         attached = True
                     if time.monotonic() - renewed >= renew_every:
-                        last = store.open_channel(run_id)
+                        store.open_channel(run_id)  # made again if it was gone: read below
                         renewed = time.monotonic()
-                        if last < position:
-                            position = last
-                            feed._restart(last)
                     found = store.read(run_id, position, READ_LIMIT)
-                    if found is None:  # expired under us: made again at once, from seq 0
-                        position = store.open_channel(run_id)
-                        feed._restart(position)
-                        born = None
+                    if found is None:  # expired under us: made again, and read next round
+                        store.open_channel(run_id)
                         continue
-                    if found.born != born or found.last_seq < position:
-                        # Made again since (a Redis restarted without its data): its seqs
-                        # start over, and every event it has now is news.
-                        restarted = born is not None or found.last_seq < position
-                        born = found.born
-                        if restarted:
-                            position = 0
-                            feed._restart(0)
-                            continue
+                    # Made again since it was last read (expired, or a Redis restarted without
+                    # its data): its seqs start over, and every event it has now is news.
+                    restarted = found.last_seq < position or (born is not None and found.born != born)
+                    born = found.born
+                    if restarted:
+                        position = 0
+                        feed._restart(0)
+                        continue
                     if not found.events:
                         # No longer than the next renewal: a silent channel must not expire.
                         due = renewed + renew_every - time.monotonic()
@@ -345,7 +334,8 @@ class Hub:
                 except StoreUnavailable:
                     if down.failed():
                         continue
-                    feed._fail(f"the run store was unavailable for more than {self.outage:g} s")
+                    message = f"the run store was unavailable for more than {self.outage:g} s"
+                    feed._fail("StoreUnavailable", message)
                     self._drop(feed)
                     return
                 if found.missed:
@@ -355,7 +345,7 @@ class Hub:
         except BaseException as exc:
             # Anything else (a bug, the worker ending): its clients are told, not left waiting
             # on a feed that no longer follows, and the next client makes a new one.
-            feed._fail(f"the channel's feed stopped ({type(exc).__name__})")
+            feed._fail("FeedStopped", f"the channel's feed stopped ({type(exc).__name__})")
             self._drop(feed)
             raise
         finally:

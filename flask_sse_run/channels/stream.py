@@ -177,8 +177,7 @@ def _events(
                 if feed.error is not None:
                     if record is not None:
                         record.outcome = "error"
-                    failure = {"type": "StoreUnavailable", "message": feed.error}
-                    yield Encoded(Event(data=failure, event="error").encode())
+                    yield Encoded(Event(data=feed.error, event="error").encode())
                     return
                 if feed.epoch != epochs[index]:  # the channel started again: its seqs from 1
                     epochs[index] = feed.epoch

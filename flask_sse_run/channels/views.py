@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from flask import Request, Response, current_app, g, request
+from flask import Request, Response, current_app, request
 
-from ..auth import authenticate
+from ..auth import authenticate, jwt_subject
 from ..cancellation import CancelToken
 from ..errors import RequestError
 from ..negotiation import STREAM, request_id, wants_stream
@@ -59,12 +59,6 @@ def _names(name: str | None, req: Request) -> list[str]:
     return names
 
 
-def _subject() -> str | None:
-    claims = g.get("sse_run_claims")
-    sub = claims.get("sub") if isinstance(claims, dict) else None
-    return None if sub is None else str(sub)
-
-
 def _authorizers(state: State) -> list[ChannelAuthorizer]:
     """The callbacks of every instance on the app: its channels are the app's, served under
     each instance's prefix, so each callback has its say at every one of them."""
@@ -81,14 +75,14 @@ def _authorize(state: State, names: list[str], rid: str) -> None:
     authorizers = _authorizers(state)
     if not authorizers:
         return
-    subject = _subject()
+    subject = jwt_subject()
     for index, name in enumerate(names, 1):
         if not all(authorizer(name, subject) for authorizer in authorizers):
             where = "this channel" if len(names) == 1 else f"channel #{index} of the request"
             raise RequestError(403, f"not allowed to read {where}")
 
 
-def _positions(req: Request, names: list[str]) -> dict[str, int]:
+def _positions(req: Request) -> dict[str, int]:
     text = req.environ.get("HTTP_LAST_EVENT_ID") or req.args.get("last_event_id")
     if not text:
         return {}
@@ -112,7 +106,7 @@ def channels_view(name: str | None, prefix: str = "") -> Response:
         _authorize(state, names, rid)
         if not wants_stream(req.environ.get("HTTP_ACCEPT"), req):
             raise RequestError(406, f"a channel is read as {STREAM}")
-        given = _positions(req, names)
+        given = _positions(req)
         return _subscribe(state, names, given, req, rid, prefix)
     except RequestError as exc:
         return error_response(exc, rid)

@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from flask import Request, Response, current_app, g, request
+from flask import Request, Response, current_app, request
 
-from ..auth import authenticate
+from ..auth import authenticate, jwt_subject
 from ..cancellation import CancelToken
 from ..concurrency import gevent_patched
 from ..errors import RequestError
@@ -57,20 +57,13 @@ def respond_async(req: Request) -> bool:
     )
 
 
-def _owner() -> str | None:
-    # The JWT subject of this request (authenticate stored the claims), or None.
-    claims = g.get("sse_run_claims")
-    sub = claims.get("sub") if isinstance(claims, dict) else None
-    return None if sub is None else str(sub)
-
-
 def _reachable(info: RunInfo | None, name: str | None, prefix: str, owner: str | None = None) -> bool:
     """Whether this request may see the run: it exists, belongs to the function (when one is
     named) of this instance, and to this request's JWT subject (``owner``, when the check comes
     after the request), if the run has one."""
     if info is None or info.prefix != prefix or (name is not None and info.function != name):
         return False
-    return info.owner is None or info.owner == (owner if owner is not None else _owner())
+    return info.owner is None or info.owner == (owner if owner is not None else jwt_subject())
 
 
 def start_run(
@@ -86,7 +79,7 @@ def start_run(
         shutdown_event=settings.shutdown_event,
     )
     try:
-        run_id = state.runs.start(name, prefix, _owner(), source, options)
+        run_id = state.runs.start(name, prefix, jwt_subject(), source, options)
     except RequestError as exc:  # the store is full or unreachable: nothing ran
         source_close = getattr(source, "close", None)
         if source_close is not None:
@@ -126,7 +119,7 @@ def resume_on_function_url(state: State, name: str, prefix: str, req: Request, r
     except StoreUnavailable:
         # A reconnect while the store is away: 200 and wait for it (a browser's EventSource
         # gives up for good on any other status), checking the run once it answers.
-        owner = _owner()
+        owner = jwt_subject()
         return _follow_later(
             state, run_id, after, req, rid, lambda found: _reachable(found, name, prefix, owner)
         )
@@ -219,7 +212,7 @@ def _follow_unseen(
     """``GET /runs/<run_id>`` while the store is away: which function the run belongs to is not
     known yet, so a token is needed whenever auth is on (a public function's run included)."""
     authenticate(state.auth, req.environ.get("HTTP_AUTHORIZATION"), rid)
-    after, owner = _position(req, run_id), _owner()
+    after, owner = _position(req, run_id), jwt_subject()
 
     def admit(found: RunInfo | None) -> bool:
         registered = functions.get(found.function) if found is not None else None

@@ -120,6 +120,10 @@ class RunSlice:
 class RunStore(ABC):
     """Where runs' events and state live; see the module docstring for the contract."""
 
+    #: Seconds a channel's history lives after its last publish, once no one follows it (a
+    #: store with channels sets its own).
+    channel_ttl: float = 600.0
+
     @abstractmethod
     def create(self, run_id: str, function: str, prefix: str, owner: str | None) -> None:
         """Record a new run (running, no client yet). Raises :class:`StoreFull`,
